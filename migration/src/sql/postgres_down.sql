@@ -1,0 +1,10 @@
+DROP TABLE IF EXISTS container_status;
+DROP TRIGGER IF EXISTS desired_containers_deleted ON desired_containers;
+DROP TRIGGER IF EXISTS desired_containers_changed ON desired_containers;
+DROP FUNCTION IF EXISTS clawfleet_desired_deleted();
+DROP FUNCTION IF EXISTS clawfleet_desired_changed();
+DROP FUNCTION IF EXISTS clawfleet_record_deletion(text);
+DROP FUNCTION IF EXISTS clawfleet_notify_payload(text);
+DROP TABLE IF EXISTS desired_deletions;
+DROP TABLE IF EXISTS desired_containers;
+DROP SEQUENCE IF EXISTS clawfleet_revision_seq;

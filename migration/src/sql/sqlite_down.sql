@@ -1,0 +1,9 @@
+DROP TABLE IF EXISTS container_status;
+DROP TRIGGER IF EXISTS desired_containers_on_delete;
+DROP TRIGGER IF EXISTS desired_containers_rename;
+DROP TRIGGER IF EXISTS desired_containers_revision_guard;
+DROP TRIGGER IF EXISTS desired_containers_revision_on_update;
+DROP TRIGGER IF EXISTS desired_containers_revision_on_insert;
+DROP TABLE IF EXISTS desired_deletions;
+DROP TABLE IF EXISTS clawfleet_revision;
+DROP TABLE IF EXISTS desired_containers;

@@ -1,0 +1,304 @@
+//! The command line: flags (each with its environment variable), commands,
+//! and what each command prints.
+//!
+//! Secrets are never flags (they would show in `ps`): the key ring comes from
+//! `CLAWFLEET_ENCRYPTION_KEYS` or the key file, the API token from
+//! `CLAWFLEET_API_TOKEN`. `--help` shows which environment variable sets each
+//! flag but never the variable's current value.
+
+mod table;
+mod users;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{
+    parse_duration, parse_image, parse_image_patterns, parse_instance, parse_name_prefix,
+    parse_network, resolve_port_range, ContainerSettings, LogFormat, PortRange, RuntimeSettings,
+    ENCRYPTION_KEYS_ENV, PORT_RANGE_START_ENV,
+};
+use crate::image_ref::{ImagePattern, ImageRef};
+use crate::secrets::{self, SecretsError};
+use crate::store::{Store, StoreError};
+
+pub use users::UsersCommand;
+
+const AFTER_HELP: &str = "\
+Secrets are read from the environment only, never from flags:
+  CLAWFLEET_ENCRYPTION_KEYS  id:base64key,... (first seals, all open); without it
+                             the key file <data-dir>/encryption.keys is used
+                             (`clawfleet run` creates one if missing)
+  CLAWFLEET_API_TOKEN        bearer token of the JSON API; unset: the API is off
+
+Durations are humantime: 30s, 5m, 1h 30m.";
+
+/// clawfleet: keeps per-user agent containers on a Docker engine converged to
+/// the rows other services write in `desired_containers`.
+#[derive(Debug, Parser)]
+#[command(name = "clawfleet", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Settings shared by every command.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    /// Default image for users whose row names none [default: alpine/openclaw:latest]
+    #[arg(long = "image", env = "OPENCLAW_IMAGE", value_parser = parse_image, hide_env_values = true)]
+    pub default_image: Option<ImageRef>,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags accepted before or after any subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Database holding desired_containers and container_status (sqlite://PATH or postgres://...)
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://./data/clawfleet.db?mode=rwc",
+        global = true,
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Docker endpoint: unix:///path, tcp://host:port, http(s)://host:port, or a socket path
+    #[arg(
+        long,
+        env = "DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock",
+        global = true,
+        hide_env_values = true
+    )]
+    pub docker_host: String,
+
+    /// Instance name: only Docker objects labelled with it are listed, watched or removed
+    #[arg(long, env = "CLAWFLEET_INSTANCE", default_value = "default", value_parser = parse_instance, global = true, hide_env_values = true)]
+    pub instance: String,
+
+    /// Docker network the containers join
+    #[arg(long, env = "OPENCLAW_NETWORK", default_value = "mosaic-internal", value_parser = parse_network, global = true, hide_env_values = true)]
+    pub network: String,
+
+    /// Container name prefix (`<prefix><user>`; volume `<prefix><user>-state`)
+    #[arg(long, env = "CLAWFLEET_NAME_PREFIX", default_value = "mosaic-user-", value_parser = parse_name_prefix, global = true, hide_env_values = true)]
+    pub name_prefix: String,
+
+    /// Host ports for gateways, START-END [default: 19000-19999, or 1000 ports from OPENCLAW_PORT_RANGE_START]
+    #[arg(
+        long,
+        env = "CLAWFLEET_PORT_RANGE",
+        global = true,
+        hide_env_values = true
+    )]
+    pub port_range: Option<PortRange>,
+
+    /// Host address gateway ports are published on
+    #[arg(
+        long,
+        env = "CLAWFLEET_PUBLISH_IP",
+        default_value = "127.0.0.1",
+        global = true,
+        hide_env_values = true
+    )]
+    pub publish_ip: IpAddr,
+
+    /// MOSAIC_API_URL given to every container
+    #[arg(
+        long,
+        env = "MOSAIC_API_URL",
+        default_value = "http://mosaic-api:3000/api",
+        global = true,
+        hide_env_values = true
+    )]
+    pub mosaic_api_url: String,
+
+    /// Listener for /metrics, /healthz, /readyz and the JSON API
+    #[arg(
+        long,
+        env = "CLAWFLEET_LISTEN",
+        default_value = "127.0.0.1:8089",
+        global = true,
+        hide_env_values = true
+    )]
+    pub listen: SocketAddr,
+
+    /// Comma-separated image patterns rows may ask for (`*` is a wildcard) [default: any]
+    #[arg(long, env = "CLAWFLEET_ALLOWED_IMAGES", value_parser = parse_image_patterns, global = true, hide_env_values = true)]
+    pub allowed_images: Option<Vec<ImagePattern>>,
+
+    /// Grace period of `docker stop` before the container is killed
+    #[arg(long, env = "CLAWFLEET_STOP_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true, hide_env_values = true)]
+    pub stop_timeout: Duration,
+
+    /// Period of the full resync that catches anything missed
+    #[arg(long, env = "CLAWFLEET_RESYNC_PERIOD", default_value = "5m", value_parser = parse_duration, global = true, hide_env_values = true)]
+    pub resync_period: Duration,
+
+    /// Reconciles running at once
+    #[arg(long, env = "CLAWFLEET_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024), global = true, hide_env_values = true)]
+    pub concurrency: u16,
+
+    /// Log format
+    #[arg(
+        long,
+        env = "CLAWFLEET_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty",
+        global = true,
+        hide_env_values = true
+    )]
+    pub log_format: LogFormat,
+
+    /// Folder for the key file (and the default SQLite database)
+    #[arg(
+        long,
+        env = "CLAWFLEET_DATA_DIR",
+        default_value = "./data",
+        global = true,
+        hide_env_values = true
+    )]
+    pub data_dir: PathBuf,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controller (migrates first)
+    Run(RunArgs),
+    /// Apply database migrations and exit
+    Migrate,
+    /// Read and write users' desired rows
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// Print a new encryption key entry for CLAWFLEET_ENCRYPTION_KEYS
+    Keygen(KeygenArgs),
+}
+
+/// Flags of `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Default image (overrides the one given before the subcommand)
+    #[arg(long = "image", value_parser = parse_image)]
+    pub default_image: Option<ImageRef>,
+}
+
+/// Flags of `keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Key id to put in sealed tokens [default: k<today's date>]
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+/// A command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A database operation failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A key or token operation failed.
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    /// A setting is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// A user has no desired row.
+    #[error("no user {0}: it has no desired row (create it with `clawfleet users set`)")]
+    NoSuchUser(String),
+    /// Writing output failed.
+    #[error("cannot write output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl GlobalArgs {
+    /// The container settings these flags describe.
+    pub fn container_settings(
+        &self,
+        image: Option<ImageRef>,
+    ) -> Result<ContainerSettings, CliError> {
+        let legacy = std::env::var(PORT_RANGE_START_ENV).ok();
+        Ok(ContainerSettings {
+            instance: self.instance.clone(),
+            image: image.unwrap_or_else(|| {
+                ImageRef::parse("alpine/openclaw:latest").expect("the default image is valid")
+            }),
+            network: self.network.clone(),
+            name_prefix: self.name_prefix.clone(),
+            port_range: resolve_port_range(self.port_range, legacy.as_deref())
+                .map_err(CliError::Config)?,
+            publish_ip: self.publish_ip,
+            mosaic_api_url: self.mosaic_api_url.clone(),
+            allowed_images: self.allowed_images.clone().unwrap_or_default(),
+            stop_timeout: self.stop_timeout,
+        })
+    }
+
+    /// The process settings these flags describe.
+    pub fn runtime_settings(&self) -> RuntimeSettings {
+        RuntimeSettings {
+            database_url: self.database_url.clone(),
+            docker_host: self.docker_host.clone(),
+            listen: self.listen,
+            resync_period: self.resync_period,
+            concurrency: usize::from(self.concurrency),
+            data_dir: self.data_dir.clone(),
+            log_format: self.log_format,
+        }
+    }
+
+    /// Connects to the database and applies migrations.
+    pub async fn open_store(&self) -> Result<Store, CliError> {
+        let store = Store::connect(&self.database_url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Loads the key ring; with `create`, makes a key file when none is configured.
+    pub fn key_ring(
+        &self,
+        create: bool,
+    ) -> Result<(secrets::KeyRing, secrets::KeySource), CliError> {
+        let env = std::env::var(ENCRYPTION_KEYS_ENV).ok();
+        Ok(secrets::load_key_ring(
+            env.as_deref(),
+            &self.data_dir,
+            create,
+        )?)
+    }
+}
+
+/// `clawfleet migrate`.
+pub async fn migrate(global: &GlobalArgs) -> Result<(), CliError> {
+    let store = Store::connect(&global.database_url).await?;
+    let pending = store.pending_migrations().await?;
+    store.migrate().await?;
+    if pending.is_empty() {
+        println!("database is up to date");
+    } else {
+        for name in pending {
+            println!("applied {name}");
+        }
+    }
+    Ok(())
+}
+
+/// `clawfleet keygen`: prints one `id:base64key` entry.
+pub fn keygen(args: &KeygenArgs) -> Result<(), CliError> {
+    let id = args.id.clone().unwrap_or_else(secrets::default_key_id);
+    let key = secrets::EncryptionKey::generate(&id)?;
+    println!("{}", key.to_config_entry().as_str());
+    eprintln!(
+        "new key {id:?}: put it FIRST in {ENCRYPTION_KEYS_ENV} (comma-separated) to seal with it; keep older keys after it so existing tokens still open"
+    );
+    Ok(())
+}
+
+/// Runs a users subcommand.
+pub async fn users(global: &GlobalArgs, command: &UsersCommand) -> Result<(), CliError> {
+    users::run(global, command).await
+}

@@ -1,0 +1,387 @@
+//! `clawfleet users ...`: the desired rows, written the way any other service
+//! would write them, and what the controller reports about them.
+
+use chrono::Utc;
+use clap::{Args, Subcommand};
+use serde_json::json;
+use std::io::Write;
+
+use super::table::Table;
+use super::{CliError, GlobalArgs};
+use crate::config::{parse_idle_timeout, parse_image, IdleTimeout};
+use crate::desired::{quote_short, DesiredContainer, DesiredState, InvalidRow};
+use crate::image_ref::ImageRef;
+use crate::status::ContainerStatus;
+use crate::store::{DesiredRow, DesiredUpdate, Store};
+
+/// The `users` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Create or update a user's desired row (unnamed fields keep their value)
+    Set(SetArgs),
+    /// Record activity now (moves the idle deadline; starts an idle container)
+    Touch(UserArg),
+    /// Recreate the user's container with fresh configuration (bumps restart_nonce)
+    Restart(UserArg),
+    /// Delete the desired row: the container is removed, its volume kept
+    Delete(UserArg),
+    /// Show one user's desired and observed state
+    Show(ShowArgs),
+    /// List every user's desired and observed state
+    List(ListArgs),
+}
+
+/// A user id argument.
+#[derive(Debug, Args)]
+pub struct UserArg {
+    /// The user id (1-128 bytes, any characters)
+    pub id: String,
+}
+
+/// Flags of `users set`.
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// The user id (1-128 bytes, any characters)
+    pub id: String,
+    /// Desired state
+    #[arg(long, value_parser = ["running", "stopped"])]
+    pub state: Option<String>,
+    /// Stop after this long without activity (e.g. 30m), or `off`
+    #[arg(long, value_parser = parse_idle_timeout)]
+    pub idle_timeout: Option<IdleTimeout>,
+    /// Image for this user (instead of the configured default)
+    #[arg(long, value_parser = parse_image, conflicts_with = "default_image")]
+    pub image: Option<ImageRef>,
+    /// Go back to the configured default image
+    #[arg(long)]
+    pub default_image: bool,
+    /// Also record activity now
+    #[arg(long)]
+    pub touch: bool,
+}
+
+/// Flags of `users show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The user id
+    pub id: String,
+    /// Print the gateway token in clear (it is a secret: only where needed)
+    #[arg(long)]
+    pub show_token: bool,
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `users list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON (one array) instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub(super) async fn run(global: &GlobalArgs, command: &UsersCommand) -> Result<(), CliError> {
+    let store = global.open_store().await?;
+    match command {
+        UsersCommand::Set(args) => set(&store, args).await,
+        UsersCommand::Touch(UserArg { id }) => {
+            store
+                .touch(id, Utc::now())
+                .await
+                .map_err(no_such_user(id))?;
+            println!("touched {}", quote_short(id));
+            Ok(())
+        }
+        UsersCommand::Restart(UserArg { id }) => {
+            store.request_restart(id).await.map_err(no_such_user(id))?;
+            println!(
+                "restart requested for {}: the container will be recreated",
+                quote_short(id)
+            );
+            Ok(())
+        }
+        UsersCommand::Delete(UserArg { id }) => {
+            if !store.delete_desired(id).await? {
+                return Err(CliError::NoSuchUser(quote_short(id)));
+            }
+            println!(
+                "deleted {}: its container will be removed, its volume kept",
+                quote_short(id)
+            );
+            Ok(())
+        }
+        UsersCommand::Show(args) => show(global, &store, args).await,
+        UsersCommand::List(args) => list(&store, args).await,
+    }
+}
+
+fn no_such_user(id: &str) -> impl FnOnce(crate::store::StoreError) -> CliError + '_ {
+    move |e| match e {
+        crate::store::StoreError::NoSuchUser(_) => CliError::NoSuchUser(quote_short(id)),
+        other => other.into(),
+    }
+}
+
+async fn set(store: &Store, args: &SetArgs) -> Result<(), CliError> {
+    let image = match (&args.image, args.default_image) {
+        (Some(image), _) => Some(Some(image.clone())),
+        (None, true) => Some(None),
+        (None, false) => None,
+    };
+    let update = DesiredUpdate {
+        user_id: args.id.clone(),
+        state: args.state.as_deref().and_then(DesiredState::parse),
+        idle_timeout_secs: args.idle_timeout.map(|t| t.0.map(|d| d.as_secs())),
+        image,
+        touch: args.touch.then(Utc::now),
+    };
+    store.upsert_desired(&update).await?;
+    println!("set {}", quote_short(&args.id));
+    Ok(())
+}
+
+async fn show(global: &GlobalArgs, store: &Store, args: &ShowArgs) -> Result<(), CliError> {
+    let desired = store.desired(&args.id).await?;
+    let status = store.status(&args.id).await?;
+    if desired.is_none() && status.is_none() {
+        return Err(CliError::NoSuchUser(quote_short(&args.id)));
+    }
+    let token = match (&status, args.show_token) {
+        (
+            Some(ContainerStatus {
+                gateway_token: Some(sealed),
+                ..
+            }),
+            true,
+        ) => {
+            let (ring, _) = global.key_ring(false)?;
+            Some(ring.open(sealed)?)
+        }
+        _ => None,
+    };
+    let now = Utc::now();
+    let mut view = user_json(&args.id, desired.as_ref(), status.as_ref(), now);
+    if let Some(token) = &token {
+        view["gateway_token"] = json!(token.expose());
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&view).unwrap_or_default()
+        )?;
+        return Ok(());
+    }
+    writeln!(out, "user:              {}", args.id)?;
+    match &desired {
+        Some(Ok(d)) => {
+            writeln!(out, "desired state:     {}", d.state)?;
+            writeln!(out, "effective state:   {}", d.effective_state(now))?;
+            writeln!(out, "idle timeout:      {}", idle_text(d))?;
+            if let Some(deadline) = d.idle_deadline() {
+                writeln!(out, "idle deadline:     {}", deadline.to_rfc3339())?;
+            }
+            writeln!(
+                out,
+                "last active:       {}",
+                d.last_active_at.map_or("never".into(), |t| t.to_rfc3339())
+            )?;
+            writeln!(
+                out,
+                "image:             {}",
+                d.image.as_ref().map_or("(default)", |i| i.as_str())
+            )?;
+            writeln!(out, "restart nonce:     {}", d.restart_nonce)?;
+            writeln!(out, "revision:          {}", d.revision)?;
+        }
+        Some(Err(invalid)) => writeln!(
+            out,
+            "desired row:       INVALID: {}: {}",
+            invalid.field, invalid.reason
+        )?,
+        None => writeln!(out, "desired row:       none (deleted)")?,
+    }
+    match &status {
+        Some(s) => {
+            let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+            writeln!(out, "phase:             {}", s.phase)?;
+            writeln!(
+                out,
+                "health:            {}",
+                s.health.map_or("-", |h| h.as_str())
+            )?;
+            writeln!(
+                out,
+                "container:         {} ({})",
+                opt(&s.container_name),
+                opt(&s.container_id)
+            )?;
+            writeln!(
+                out,
+                "host port:         {}",
+                s.host_port.map_or("-".into(), |p| p.to_string())
+            )?;
+            writeln!(out, "url:               {}", opt(&s.url))?;
+            writeln!(out, "host url:          {}", opt(&s.host_url))?;
+            writeln!(out, "restarts:          {}", s.restarts)?;
+            writeln!(
+                out,
+                "observed revision: {}",
+                s.observed_revision.map_or("-".into(), |r| r.to_string())
+            )?;
+            writeln!(out, "message:           {}", opt(&s.message))?;
+            writeln!(
+                out,
+                "since:             {}",
+                s.last_transition_at.to_rfc3339()
+            )?;
+            match (&token, &s.gateway_token) {
+                (Some(token), _) => writeln!(out, "gateway token:     {}", token.expose())?,
+                (None, Some(_)) => {
+                    writeln!(out, "gateway token:     (sealed; --show-token prints it)")?
+                }
+                (None, None) => writeln!(out, "gateway token:     none yet")?,
+            }
+        }
+        None => writeln!(out, "phase:             - (not yet reconciled)")?,
+    }
+    Ok(())
+}
+
+fn idle_text(d: &DesiredContainer) -> String {
+    d.idle_timeout
+        .map_or("off".into(), |t| humantime::format_duration(t).to_string())
+}
+
+fn user_json(
+    user_id: &str,
+    desired: Option<&DesiredRow>,
+    status: Option<&ContainerStatus>,
+    now: chrono::DateTime<Utc>,
+) -> serde_json::Value {
+    let desired = match desired {
+        Some(Ok(d)) => json!({
+            "state": d.state.as_str(),
+            "effective_state": d.effective_state(now).as_str(),
+            "idle_timeout_secs": d.idle_timeout.map(|t| t.as_secs()),
+            "idle_deadline": d.idle_deadline().map(|t| t.to_rfc3339()),
+            "last_active_at": d.last_active_at.map(|t| t.to_rfc3339()),
+            "image": d.image.as_ref().map(|i| i.as_str()),
+            "restart_nonce": d.restart_nonce,
+            "revision": d.revision,
+        }),
+        Some(Err(InvalidRow {
+            field,
+            reason,
+            revision,
+            ..
+        })) => json!({
+            "invalid": { "field": field, "reason": reason },
+            "revision": revision,
+        }),
+        None => serde_json::Value::Null,
+    };
+    let status = status.map(|s| {
+        json!({
+            "phase": s.phase.as_str(),
+            "health": s.health.map(|h| h.as_str()),
+            "container_id": s.container_id,
+            "container_name": s.container_name,
+            "host_port": s.host_port,
+            "url": s.url,
+            "host_url": s.host_url,
+            "restarts": s.restarts,
+            "observed_revision": s.observed_revision,
+            "message": s.message,
+            "last_transition_at": s.last_transition_at.to_rfc3339(),
+        })
+    });
+    json!({
+        "user_id": user_id,
+        "desired": desired,
+        "status": status,
+    })
+}
+
+async fn list(store: &Store, args: &ListArgs) -> Result<(), CliError> {
+    let desired = store.desired_all().await?;
+    let statuses = store.status_all().await?;
+    let now = Utc::now();
+    let mut by_user: std::collections::BTreeMap<
+        String,
+        (Option<DesiredRow>, Option<ContainerStatus>),
+    > = Default::default();
+    for row in desired {
+        let id = match &row {
+            Ok(d) => d.user_id.clone(),
+            Err(e) => e.user_id.clone(),
+        };
+        by_user.entry(id).or_default().0 = Some(row);
+    }
+    for s in statuses {
+        let id = s.user_id.clone();
+        by_user.entry(id).or_default().1 = Some(s);
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let rows: Vec<_> = by_user
+            .iter()
+            .map(|(id, (d, s))| user_json(id, d.as_ref(), s.as_ref(), now))
+            .collect();
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        )?;
+        return Ok(());
+    }
+    let mut table = Table::new([
+        "USER", "DESIRED", "PHASE", "HEALTH", "PORT", "IDLE", "RESTARTS", "MESSAGE",
+    ]);
+    for (id, (d, s)) in &by_user {
+        let desired = match d {
+            Some(Ok(d)) if d.is_idle(now) => "running (idle)".to_owned(),
+            Some(Ok(d)) => d.state.to_string(),
+            Some(Err(_)) => "invalid".to_owned(),
+            None => "deleted".to_owned(),
+        };
+        let idle = match d {
+            Some(Ok(d)) => idle_text(d),
+            _ => "-".into(),
+        };
+        let dash = || "-".to_owned();
+        table.row([
+            display_id(id),
+            desired,
+            s.as_ref().map_or("-".into(), |s| s.phase.to_string()),
+            s.as_ref()
+                .and_then(|s| s.health)
+                .map_or_else(dash, |h| h.to_string()),
+            s.as_ref()
+                .and_then(|s| s.host_port)
+                .map_or_else(dash, |p| p.to_string()),
+            idle,
+            s.as_ref().map_or_else(dash, |s| s.restarts.to_string()),
+            match (d, s) {
+                (Some(Err(e)), _) => e.status_message(),
+                (_, Some(s)) => s.message.clone().unwrap_or_default(),
+                _ => String::new(),
+            },
+        ]);
+    }
+    table.write(&mut out)?;
+    writeln!(out, "{} users", by_user.len())?;
+    Ok(())
+}
+
+/// A user id as shown in a table: control characters escaped, cut at 40 characters.
+fn display_id(id: &str) -> String {
+    let escaped: String = id.chars().flat_map(char::escape_debug).collect();
+    if escaped.chars().count() > 40 {
+        format!("{}…", escaped.chars().take(39).collect::<String>())
+    } else {
+        escaped
+    }
+}

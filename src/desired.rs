@@ -1,0 +1,545 @@
+//! The desired state of one user, as other services wrote it, and the
+//! validation that turns a raw row into it.
+//!
+//! Rows come from writers clawfleet does not control, so every column is
+//! first read as a [`RawValue`] (whatever the database holds) and only then
+//! checked. A bad row becomes an [`InvalidRow`] naming the user and the field;
+//! it never panics and never stops the other rows being read.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+
+use crate::image_ref::ImageRef;
+
+/// Longest user id, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 128;
+/// Longest idle timeout accepted: a year. Anything longer is a unit mistake.
+pub const MAX_IDLE_TIMEOUT_SECS: i64 = 365 * 24 * 3600;
+
+/// A column value as the database held it, before validation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RawValue {
+    /// SQL NULL.
+    Null,
+    /// An integer.
+    Integer(i64),
+    /// A floating-point number (SQLite stores overflowing integer literals this way).
+    Real(f64),
+    /// Text.
+    Text(String),
+    /// A typed timestamp (PostgreSQL `timestamptz`).
+    Timestamp(DateTime<Utc>),
+    /// Bytes that are not text, with their length.
+    Blob(usize),
+}
+
+impl RawValue {
+    fn describe(&self) -> String {
+        match self {
+            Self::Null => "null".into(),
+            Self::Integer(i) => format!("integer {i}"),
+            Self::Real(r) => format!("number {r}"),
+            Self::Text(t) => format!("text {}", quote_short(t)),
+            Self::Timestamp(t) => format!("timestamp {}", t.to_rfc3339()),
+            Self::Blob(n) => format!("{n} bytes of binary data"),
+        }
+    }
+}
+
+/// A `desired_containers` row with every column as the database held it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawDesiredRow {
+    /// The primary key, as text.
+    pub user_id: String,
+    /// `state`.
+    pub state: RawValue,
+    /// `idle_timeout_secs`.
+    pub idle_timeout_secs: RawValue,
+    /// `last_active_at`.
+    pub last_active_at: RawValue,
+    /// `image`.
+    pub image: RawValue,
+    /// `restart_nonce`.
+    pub restart_nonce: RawValue,
+    /// `revision` (assigned by the database's trigger).
+    pub revision: i64,
+}
+
+/// What a user's container should be doing, before idleness is considered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DesiredState {
+    /// The container should run.
+    Running,
+    /// The container should exist but not run.
+    Stopped,
+}
+
+impl DesiredState {
+    /// The value stored in the `state` column.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    /// Parses the `state` column (exactly `running` or `stopped`).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "running" => Some(Self::Running),
+            "stopped" => Some(Self::Stopped),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DesiredState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One user's validated desired container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredContainer {
+    /// The user.
+    pub user_id: String,
+    /// `running` or `stopped` as written.
+    pub state: DesiredState,
+    /// Stop after this long without activity; `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Last activity.
+    pub last_active_at: Option<DateTime<Utc>>,
+    /// Per-user image; `None`: the configured default.
+    pub image: Option<ImageRef>,
+    /// Bumped to force a recreate.
+    pub restart_nonce: i64,
+    /// The database revision of this version of the row.
+    pub revision: i64,
+}
+
+impl DesiredContainer {
+    /// When the container falls idle, if it can: `last_active_at + idle_timeout`,
+    /// only for a running row with both set.
+    pub fn idle_deadline(&self) -> Option<DateTime<Utc>> {
+        if self.state != DesiredState::Running {
+            return None;
+        }
+        let timeout = chrono::Duration::from_std(self.idle_timeout?).ok()?;
+        self.last_active_at?.checked_add_signed(timeout)
+    }
+
+    /// The state to converge to at `now`: running when `state = running` and
+    /// the idle deadline (if any) is still ahead; otherwise stopped.
+    pub fn effective_state(&self, now: DateTime<Utc>) -> DesiredState {
+        match (self.state, self.idle_deadline()) {
+            (DesiredState::Running, Some(deadline)) if deadline <= now => DesiredState::Stopped,
+            (state, _) => state,
+        }
+    }
+
+    /// True when the row wants the container running but idleness stops it.
+    pub fn is_idle(&self, now: DateTime<Utc>) -> bool {
+        self.state == DesiredState::Running && self.effective_state(now) == DesiredState::Stopped
+    }
+}
+
+/// A desired row that failed validation.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("desired row {}: {field}: {reason}", quote_short(user_id))]
+pub struct InvalidRow {
+    /// The row's user id (possibly itself the invalid field).
+    pub user_id: String,
+    /// The column at fault.
+    pub field: &'static str,
+    /// What is wrong, in words.
+    pub reason: String,
+    /// The row's revision.
+    pub revision: i64,
+}
+
+impl InvalidRow {
+    /// The text for `container_status.message`.
+    pub fn status_message(&self) -> String {
+        format!("invalid desired row: {}: {}", self.field, self.reason)
+    }
+}
+
+/// Quotes `text` for a message, cutting it to 64 characters so a 10 KB value
+/// cannot flood a log line.
+pub fn quote_short(text: &str) -> String {
+    const MAX: usize = 64;
+    if text.chars().count() <= MAX {
+        format!("{text:?}")
+    } else {
+        let head: String = text.chars().take(MAX).collect();
+        format!("{head:?}… ({} bytes)", text.len())
+    }
+}
+
+/// Checks a user id: 1–128 bytes, no NUL (the id travels in an environment variable).
+pub fn validate_user_id(user_id: &str) -> Result<(), String> {
+    if user_id.is_empty() {
+        return Err("empty; a user id is 1 to 128 bytes".into());
+    }
+    if user_id.len() > MAX_USER_ID_BYTES {
+        return Err(format!(
+            "{} bytes long; the limit is {MAX_USER_ID_BYTES}",
+            user_id.len()
+        ));
+    }
+    if user_id.contains('\0') {
+        return Err("holds a NUL byte".into());
+    }
+    Ok(())
+}
+
+/// Parses a timestamp: RFC 3339 (any offset), or SQLite's `datetime('now')`
+/// form `YYYY-MM-DD HH:MM:SS[.fff]`, which is UTC.
+pub fn parse_timestamp(text: &str) -> Result<DateTime<Utc>, String> {
+    let text = text.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(text, format) {
+            return Ok(t.and_utc());
+        }
+    }
+    Err(format!(
+        "{} is not a timestamp (expected RFC 3339 like 2026-01-02T03:04:05Z, or YYYY-MM-DD HH:MM:SS in UTC)",
+        quote_short(text)
+    ))
+}
+
+/// Validates a raw row.
+pub fn validate(raw: RawDesiredRow) -> Result<DesiredContainer, InvalidRow> {
+    let invalid = |field: &'static str, reason: String| InvalidRow {
+        user_id: raw.user_id.clone(),
+        field,
+        reason,
+        revision: raw.revision,
+    };
+    validate_user_id(&raw.user_id).map_err(|r| invalid("user_id", r))?;
+
+    let state = match &raw.state {
+        RawValue::Text(text) => DesiredState::parse(text).ok_or_else(|| {
+            invalid(
+                "state",
+                format!("{} is not 'running' or 'stopped'", quote_short(text)),
+            )
+        })?,
+        other => {
+            return Err(invalid(
+                "state",
+                format!("expected 'running' or 'stopped', got {}", other.describe()),
+            ))
+        }
+    };
+
+    let idle_timeout = match &raw.idle_timeout_secs {
+        RawValue::Null | RawValue::Integer(0) => None,
+        RawValue::Integer(secs) if *secs < 0 => {
+            return Err(invalid(
+                "idle_timeout_secs",
+                format!("{secs} is negative; use null or 0 for no idle timeout"),
+            ))
+        }
+        RawValue::Integer(secs) if *secs > MAX_IDLE_TIMEOUT_SECS => {
+            return Err(invalid(
+                "idle_timeout_secs",
+                format!("{secs} seconds is more than a year (limit {MAX_IDLE_TIMEOUT_SECS})"),
+            ))
+        }
+        RawValue::Integer(secs) => Some(Duration::from_secs(*secs as u64)),
+        other => {
+            return Err(invalid(
+                "idle_timeout_secs",
+                format!("expected whole seconds, got {}", other.describe()),
+            ))
+        }
+    };
+
+    let last_active_at = match &raw.last_active_at {
+        RawValue::Null => None,
+        RawValue::Timestamp(t) => Some(*t),
+        RawValue::Text(text) => {
+            Some(parse_timestamp(text).map_err(|r| invalid("last_active_at", r))?)
+        }
+        other => {
+            return Err(invalid(
+                "last_active_at",
+                format!("expected an RFC 3339 timestamp, got {}", other.describe()),
+            ))
+        }
+    };
+
+    let image = match &raw.image {
+        RawValue::Null => None,
+        RawValue::Text(text) if text.is_empty() => {
+            return Err(invalid(
+                "image",
+                "empty; use null for the configured default image".into(),
+            ))
+        }
+        RawValue::Text(text) => Some(ImageRef::parse(text).map_err(|r| invalid("image", r))?),
+        other => {
+            return Err(invalid(
+                "image",
+                format!("expected an image reference, got {}", other.describe()),
+            ))
+        }
+    };
+
+    let restart_nonce = match &raw.restart_nonce {
+        RawValue::Integer(n) => *n,
+        other => {
+            return Err(invalid(
+                "restart_nonce",
+                format!("expected an integer, got {}", other.describe()),
+            ))
+        }
+    };
+
+    Ok(DesiredContainer {
+        user_id: raw.user_id,
+        state,
+        idle_timeout,
+        last_active_at,
+        image,
+        restart_nonce,
+        revision: raw.revision,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn row() -> RawDesiredRow {
+        RawDesiredRow {
+            user_id: "alice".into(),
+            state: RawValue::Text("running".into()),
+            idle_timeout_secs: RawValue::Null,
+            last_active_at: RawValue::Null,
+            image: RawValue::Null,
+            restart_nonce: RawValue::Integer(0),
+            revision: 7,
+        }
+    }
+
+    fn error_of(raw: RawDesiredRow) -> InvalidRow {
+        validate(raw).unwrap_err()
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        parse_timestamp(text).unwrap()
+    }
+
+    #[test]
+    fn a_minimal_row_is_running_forever_on_the_default_image() {
+        let d = validate(row()).unwrap();
+        assert_eq!(d.state, DesiredState::Running);
+        assert_eq!(d.idle_timeout, None);
+        assert_eq!(d.image, None);
+        assert_eq!(d.idle_deadline(), None);
+        assert_eq!(d.effective_state(Utc::now()), DesiredState::Running);
+    }
+
+    #[test]
+    fn unknown_states_name_the_state_field() {
+        for state in ["RUNNING", "banana", "", "running "] {
+            let err = error_of(RawDesiredRow {
+                state: RawValue::Text(state.into()),
+                ..row()
+            });
+            assert_eq!(err.field, "state");
+            assert!(err
+                .status_message()
+                .starts_with("invalid desired row: state: "));
+        }
+        let err = error_of(RawDesiredRow {
+            state: RawValue::Integer(1),
+            ..row()
+        });
+        assert_eq!(err.reason, "expected 'running' or 'stopped', got integer 1");
+    }
+
+    #[test]
+    fn negative_absurd_and_non_integer_timeouts_name_the_timeout_field() {
+        for value in [
+            RawValue::Integer(-1),
+            RawValue::Integer(MAX_IDLE_TIMEOUT_SECS + 1),
+            RawValue::Integer(i64::MAX),
+            RawValue::Real(1e20),
+            RawValue::Text("30m".into()),
+        ] {
+            let err = error_of(RawDesiredRow {
+                idle_timeout_secs: value.clone(),
+                ..row()
+            });
+            assert_eq!(err.field, "idle_timeout_secs", "{value:?}");
+        }
+    }
+
+    #[test]
+    fn zero_or_null_timeout_means_never_idle() {
+        for value in [RawValue::Null, RawValue::Integer(0)] {
+            let d = validate(RawDesiredRow {
+                idle_timeout_secs: value,
+                last_active_at: RawValue::Text("2000-01-01T00:00:00Z".into()),
+                ..row()
+            })
+            .unwrap();
+            assert_eq!(d.effective_state(Utc::now()), DesiredState::Running);
+        }
+    }
+
+    #[test]
+    fn empty_long_and_nul_user_ids_name_the_user_id_field() {
+        for id in [String::new(), "x".repeat(129), "a\0b".into()] {
+            let err = error_of(RawDesiredRow {
+                user_id: id.clone(),
+                ..row()
+            });
+            assert_eq!(err.field, "user_id");
+            assert!(err.to_string().len() < 300, "message stays short");
+        }
+        assert!(validate(RawDesiredRow {
+            user_id: "é".repeat(64),
+            ..row()
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn invalid_images_name_the_image_field() {
+        for image in ["", "../x", "UPPER", &"a".repeat(500)] {
+            let err = error_of(RawDesiredRow {
+                image: RawValue::Text(image.into()),
+                ..row()
+            });
+            assert_eq!(err.field, "image", "{image}");
+        }
+        let d = validate(RawDesiredRow {
+            image: RawValue::Text("clawfleet-agent-stub:dev".into()),
+            ..row()
+        })
+        .unwrap();
+        assert_eq!(d.image.unwrap().as_str(), "clawfleet-agent-stub:dev");
+    }
+
+    #[test]
+    fn both_sqlite_timestamp_forms_parse_as_utc() {
+        let rfc = at("2026-11-29T10:20:30Z");
+        assert_eq!(at("2026-11-29 10:20:30"), rfc);
+        assert_eq!(at("2026-11-29T11:20:30+01:00"), rfc);
+        assert_eq!(
+            at("2026-11-29 10:20:30.250"),
+            rfc + chrono::Duration::milliseconds(250)
+        );
+        assert_eq!(at("2026-11-29T10:20:30.000+00:00"), rfc);
+    }
+
+    #[test]
+    fn broken_timestamps_name_the_last_active_at_field() {
+        for value in [
+            RawValue::Text("yesterday".into()),
+            RawValue::Text("2026-13-01 00:00:00".into()),
+            RawValue::Text("".into()),
+            RawValue::Integer(1_700_000_000),
+        ] {
+            let err = error_of(RawDesiredRow {
+                last_active_at: value.clone(),
+                ..row()
+            });
+            assert_eq!(err.field, "last_active_at", "{value:?}");
+        }
+    }
+
+    #[test]
+    fn idle_container_is_stopped_at_its_deadline() {
+        let d = validate(RawDesiredRow {
+            idle_timeout_secs: RawValue::Integer(1800),
+            last_active_at: RawValue::Text("2026-11-29T10:00:00Z".into()),
+            ..row()
+        })
+        .unwrap();
+        assert_eq!(d.idle_deadline(), Some(at("2026-11-29T10:30:00Z")));
+        assert_eq!(
+            d.effective_state(at("2026-11-29T10:29:59Z")),
+            DesiredState::Running
+        );
+        assert_eq!(
+            d.effective_state(at("2026-11-29T10:30:00Z")),
+            DesiredState::Stopped
+        );
+        assert!(d.is_idle(at("2026-11-29T11:00:00Z")));
+    }
+
+    #[test]
+    fn a_running_row_never_touched_is_not_idle() {
+        let d = validate(RawDesiredRow {
+            idle_timeout_secs: RawValue::Integer(60),
+            ..row()
+        })
+        .unwrap();
+        assert_eq!(d.idle_deadline(), None);
+        assert_eq!(d.effective_state(Utc::now()), DesiredState::Running);
+    }
+
+    #[test]
+    fn a_stopped_row_has_no_deadline_and_stays_stopped() {
+        let d = validate(RawDesiredRow {
+            state: RawValue::Text("stopped".into()),
+            idle_timeout_secs: RawValue::Integer(60),
+            last_active_at: RawValue::Text("2026-11-29T10:00:00Z".into()),
+            ..row()
+        })
+        .unwrap();
+        assert_eq!(d.idle_deadline(), None);
+        assert!(!d.is_idle(at("2030-01-01T00:00:00Z")));
+        assert_eq!(
+            d.effective_state(at("2000-01-01T00:00:00Z")),
+            DesiredState::Stopped
+        );
+    }
+
+    fn raw_value() -> impl Strategy<Value = RawValue> {
+        prop_oneof![
+            Just(RawValue::Null),
+            any::<i64>().prop_map(RawValue::Integer),
+            any::<f64>().prop_map(RawValue::Real),
+            any::<String>().prop_map(RawValue::Text),
+            "(running|stopped|[0-9]{4}-[0-9]{2}-[0-9]{2}[ T][0-9:.]{8,12}Z?)"
+                .prop_map(RawValue::Text),
+            (0usize..100).prop_map(RawValue::Blob),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn validation_of_any_row_never_panics_and_names_a_real_column(
+            user_id in any::<String>(),
+            state in raw_value(),
+            idle in raw_value(),
+            active in raw_value(),
+            image in raw_value(),
+            nonce in raw_value(),
+        ) {
+            let raw = RawDesiredRow { user_id, state, idle_timeout_secs: idle, last_active_at: active, image, restart_nonce: nonce, revision: 1 };
+            if let Err(e) = validate(raw) {
+                prop_assert!(["user_id", "state", "idle_timeout_secs", "last_active_at", "image", "restart_nonce"].contains(&e.field));
+                prop_assert!(e.to_string().len() < 1024);
+            }
+        }
+
+        #[test]
+        fn parsing_any_timestamp_text_never_panics(text in any::<String>()) {
+            let _ = parse_timestamp(&text);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! clawfleet: a Kubernetes-style reconciling controller for per-user agent
+//! containers on a Docker engine.
+//!
+//! Other services write what they want in `desired_containers`; clawfleet
+//! converges the engine to it and reports in `container_status`. The modules
+//! are the pieces of that loop:
+//!
+//! - [`desired`]: a desired row and its validation; [`status`]: the phases it reports.
+//! - [`store`]: the database edge (sea-orm): reads desired rows, writes status rows.
+//! - [`naming`]: the one place a user id becomes a Docker name.
+//! - [`secrets`]: gateway tokens and the key ring that seals them.
+//! - [`config`], [`image_ref`]: typed settings and their validation.
+//! - [`cli`]: the command line.
+
+pub mod cli;
+pub mod config;
+pub mod desired;
+pub mod image_ref;
+pub mod naming;
+pub mod secrets;
+pub mod status;
+pub mod store;

@@ -1,0 +1,232 @@
+//! Docker object names for a user: the one place a user id becomes a name.
+//!
+//! Invariants (pinned by the tests below):
+//! - an id of only `[a-z0-9]`, at most 64 bytes, is used as it is;
+//! - any other id is lowercased, every character outside `[a-z0-9]` becomes
+//!   `-`, the result is cut to [`MAX_ESCAPED_BODY`] characters and gets a
+//!   `-<12 hex of sha256(id)>` suffix;
+//! - a raw body never contains `-` and an escaped body always does, so an
+//!   escaped name can never equal a raw one, and two escaped names collide
+//!   only if 48 bits of SHA-256 do;
+//! - with a valid prefix (see [`validate_prefix`]) every name is a valid
+//!   Docker container and volume name.
+//!
+//! Names identify; they never match. The controller finds a container by
+//! exact name or by label, and checks the `user-id` label (the original
+//! service's `name.includes(...)` made user `1` match `mosaic-user-10`).
+
+use sha2::{Digest, Sha256};
+
+/// Longest id used verbatim.
+pub const MAX_RAW_ID: usize = 64;
+/// Longest escaped body kept before the hash suffix.
+pub const MAX_ESCAPED_BODY: usize = 40;
+/// Hex digits of SHA-256 appended to an escaped id.
+pub const HASH_SUFFIX_HEX: usize = 12;
+
+/// Suffix of the state volume's name.
+const VOLUME_SUFFIX: &str = "-state";
+
+/// True when `user_id` is used in a name exactly as it is.
+pub fn is_raw_id(user_id: &str) -> bool {
+    !user_id.is_empty()
+        && user_id.len() <= MAX_RAW_ID
+        && user_id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// The part of a name that stands for the user: the id itself, or its escaped form.
+pub fn name_body(user_id: &str) -> String {
+    if is_raw_id(user_id) {
+        return user_id.to_owned();
+    }
+    let mut body: String = user_id
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(MAX_ESCAPED_BODY)
+        .collect();
+    let digest = Sha256::digest(user_id.as_bytes());
+    body.push('-');
+    body.push_str(&hex::encode(digest)[..HASH_SUFFIX_HEX]);
+    body
+}
+
+/// The container name of `user_id`: `<prefix><body>`.
+pub fn container_name(prefix: &str, user_id: &str) -> String {
+    format!("{prefix}{}", name_body(user_id))
+}
+
+/// The state volume of `user_id`: `<container name>-state`.
+pub fn volume_name(prefix: &str, user_id: &str) -> String {
+    format!("{}{VOLUME_SUFFIX}", container_name(prefix, user_id))
+}
+
+/// Why a name prefix was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PrefixError {
+    /// The prefix is empty.
+    #[error("name prefix must not be empty")]
+    Empty,
+    /// The prefix does not start with a letter or digit.
+    #[error("name prefix {0:?} must start with a letter or digit")]
+    BadStart(String),
+    /// The prefix holds a character Docker refuses in names.
+    #[error(
+        "name prefix {prefix:?} holds {bad:?}; only letters, digits, '_', '.' and '-' are allowed"
+    )]
+    BadCharacter {
+        /// The prefix as given.
+        prefix: String,
+        /// The first character refused.
+        bad: char,
+    },
+    /// The prefix leaves no room for the user part within Docker's name length.
+    #[error("name prefix {0:?} is longer than 100 characters")]
+    TooLong(String),
+}
+
+/// Checks that `prefix` makes valid Docker names (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`).
+pub fn validate_prefix(prefix: &str) -> Result<(), PrefixError> {
+    let first = prefix.chars().next().ok_or(PrefixError::Empty)?;
+    if !first.is_ascii_alphanumeric() {
+        return Err(PrefixError::BadStart(prefix.to_owned()));
+    }
+    if let Some(bad) = prefix
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(PrefixError::BadCharacter {
+            prefix: prefix.to_owned(),
+            bad,
+        });
+    }
+    if prefix.len() > 100 {
+        return Err(PrefixError::TooLong(prefix.to_owned()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    const PREFIX: &str = "mosaic-user-";
+
+    fn is_valid_docker_name(name: &str) -> bool {
+        let mut chars = name.chars();
+        matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    }
+
+    #[test]
+    fn user_1_and_user_10_get_different_names_neither_a_substring_match() {
+        // Regression: the original matched containers by `name.includes(...)`.
+        let one = container_name(PREFIX, "1");
+        let ten = container_name(PREFIX, "10");
+        assert_eq!(one, "mosaic-user-1");
+        assert_eq!(ten, "mosaic-user-10");
+        assert_ne!(one, ten);
+    }
+
+    #[test]
+    fn plain_lowercase_ids_are_used_verbatim() {
+        assert_eq!(container_name(PREFIX, "alice42"), "mosaic-user-alice42");
+        assert_eq!(volume_name(PREFIX, "alice42"), "mosaic-user-alice42-state");
+    }
+
+    #[test]
+    fn email_ids_are_escaped_with_a_hash_suffix() {
+        let name = container_name(PREFIX, "Alice@Example.com");
+        let digest = hex::encode(Sha256::digest(b"Alice@Example.com"));
+        assert_eq!(
+            name,
+            format!("mosaic-user-alice-example-com-{}", &digest[..12])
+        );
+        assert!(is_valid_docker_name(&name));
+    }
+
+    #[test]
+    fn ids_differing_only_in_punctuation_or_case_never_collide() {
+        let ids = ["a-b", "a_b", "A-B", "ab", "a.b", "A_B", "a b"];
+        let names: HashSet<_> = ids.iter().map(|id| container_name(PREFIX, id)).collect();
+        assert_eq!(names.len(), ids.len(), "{names:?}");
+        assert_eq!(container_name(PREFIX, "ab"), "mosaic-user-ab");
+    }
+
+    #[test]
+    fn a_128_byte_id_is_cut_short_and_stays_valid() {
+        let id = "X".repeat(128);
+        let name = container_name(PREFIX, &id);
+        assert_eq!(
+            name.len(),
+            PREFIX.len() + MAX_ESCAPED_BODY + 1 + HASH_SUFFIX_HEX
+        );
+        assert!(is_valid_docker_name(&name));
+        // Two long ids sharing their first 40 characters still differ.
+        let other = format!("{}Y", "X".repeat(127));
+        assert_ne!(name, container_name(PREFIX, &other));
+    }
+
+    #[test]
+    fn a_65_byte_lowercase_id_is_escaped_not_raw() {
+        let id = "a".repeat(65);
+        assert!(!is_raw_id(&id));
+        assert!(container_name(PREFIX, &id).contains('-'));
+        assert!(is_raw_id(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn non_ascii_ids_become_valid_distinct_names() {
+        let ids = ["josé", "jose", "Jösé", "用户", "用戶", "🦀", "\u{0}"];
+        let names: HashSet<_> = ids.iter().map(|id| container_name(PREFIX, id)).collect();
+        assert_eq!(names.len(), ids.len());
+        for name in &names {
+            assert!(is_valid_docker_name(name), "{name}");
+        }
+        assert!(container_name(PREFIX, "用户").starts_with("mosaic-user---"));
+    }
+
+    #[test]
+    fn prefixes_that_would_make_invalid_names_are_refused() {
+        assert_eq!(validate_prefix(""), Err(PrefixError::Empty));
+        assert!(matches!(
+            validate_prefix("-x"),
+            Err(PrefixError::BadStart(_))
+        ));
+        assert!(matches!(
+            validate_prefix("a/b"),
+            Err(PrefixError::BadCharacter { bad: '/', .. })
+        ));
+        assert!(validate_prefix(PREFIX).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn every_name_is_a_valid_docker_name(id in any::<String>()) {
+            prop_assert!(is_valid_docker_name(&container_name(PREFIX, &id)));
+            prop_assert!(is_valid_docker_name(&volume_name(PREFIX, &id)));
+        }
+
+        #[test]
+        fn distinct_ids_get_distinct_names(a in any::<String>(), b in any::<String>()) {
+            prop_assume!(a != b);
+            prop_assert_ne!(name_body(&a), name_body(&b));
+        }
+
+        #[test]
+        fn escaped_names_never_equal_raw_ones(a in "[a-z0-9]{1,64}", b in any::<String>()) {
+            prop_assume!(!is_raw_id(&b));
+            prop_assert_ne!(name_body(&a), name_body(&b));
+        }
+    }
+}

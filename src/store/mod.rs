@@ -1,0 +1,247 @@
+//! The database edge: connecting, migrating, reading desired rows, writing
+//! status rows. Everything SQL lives under this module.
+//!
+//! SQLite runs in WAL mode with a busy timeout so other services can write
+//! `desired_containers` while the controller reads and writes; PostgreSQL
+//! uses a small pool. Both go through sea-orm; the raw sqlx pool is kept for
+//! what sea-orm does not cover (PostgreSQL LISTEN).
+
+mod desired;
+mod status;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sea_orm::{
+    ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, SqlxPostgresConnector,
+    SqlxSqliteConnector,
+};
+use sea_orm_migration::MigratorTrait;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::Connection as _;
+
+pub use desired::{DesiredChange, DesiredRow, DesiredUpdate};
+pub use status::{StatusPage, StatusWrite};
+
+/// How long a SQLite writer waits for a lock held by another writer.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for a pooled connection before reporting the database unreachable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What went wrong talking to the database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database URL could not be understood.
+    #[error("database url {url:?} is not valid: {reason}")]
+    BadUrl {
+        /// The URL with any password removed.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// Connecting failed.
+    #[error("cannot connect to database {url}: {source}")]
+    Connect {
+        /// The URL with any password removed.
+        url: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[source] DbErr),
+    /// A query failed.
+    #[error("database {operation} failed: {source}")]
+    Query {
+        /// What was being done, e.g. "read of desired row".
+        operation: &'static str,
+        /// The driver's error.
+        #[source]
+        source: DbErr,
+    },
+    /// A status write chose a host port another row already holds.
+    #[error("host port {0} is already held by another user's status row")]
+    PortTaken(u16),
+    /// A write named a user that has no desired row.
+    #[error("no desired row for user {0}")]
+    NoSuchUser(String),
+    /// A value to write was refused before reaching the database.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field at fault.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn query(operation: &'static str) -> impl FnOnce(DbErr) -> Self {
+        move |source| Self::Query { operation, source }
+    }
+
+    /// True for errors worth retrying (the database was unreachable or busy),
+    /// false for those a retry cannot fix.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect { .. } | Self::Query { .. } | Self::PortTaken(_)
+        )
+    }
+}
+
+/// The database behind clawfleet: desired rows in, status rows out.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: DatabaseConnection,
+    pool: Pool,
+}
+
+/// The raw pool under the sea-orm connection.
+#[derive(Clone, Debug)]
+pub enum Pool {
+    /// SQLite.
+    Sqlite(sqlx::SqlitePool),
+    /// PostgreSQL.
+    Postgres(sqlx::PgPool),
+}
+
+/// Removes a password from a database URL so it can be shown.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://...` or `postgres://...`). For SQLite the
+    /// folder of the database file is created if missing.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let shown = redact_url(url);
+        let bad_url = |reason: String| StoreError::BadUrl {
+            url: shown.clone(),
+            reason,
+        };
+        let connect_err = |source| StoreError::Connect {
+            url: shown.clone(),
+            source,
+        };
+        if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(|e| bad_url(e.to_string()))?
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                .foreign_keys(true);
+            if let Some(dir) = options.get_filename().parent() {
+                if !dir.as_os_str().is_empty() && !Path::new(dir).exists() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| bad_url(format!("cannot create {}: {e}", dir.display())))?;
+                }
+            }
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await
+                .map_err(connect_err)?;
+            Ok(Self {
+                db: SqlxSqliteConnector::from_sqlx_sqlite_pool(pool.clone()),
+                pool: Pool::Sqlite(pool),
+            })
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let options = PgConnectOptions::from_str(url).map_err(|e| bad_url(e.to_string()))?;
+            // One direct connection first: a pool only reports "timed out",
+            // hiding "connection refused" or "password authentication failed".
+            sqlx::PgConnection::connect_with(&options)
+                .await
+                .map_err(connect_err)?
+                .close()
+                .await
+                .map_err(connect_err)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(10)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await
+                .map_err(connect_err)?;
+            Ok(Self {
+                db: SqlxPostgresConnector::from_sqlx_postgres_pool(pool.clone()),
+                pool: Pool::Postgres(pool),
+            })
+        } else {
+            Err(bad_url(
+                "expected sqlite://PATH or postgres://USER@HOST/DB".into(),
+            ))
+        }
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        clawfleet_migration::Migrator::up(&self.db, None)
+            .await
+            .map_err(StoreError::Migrate)
+    }
+
+    /// Names of migrations not yet applied.
+    pub async fn pending_migrations(&self) -> Result<Vec<String>, StoreError> {
+        let pending = clawfleet_migration::Migrator::get_pending_migrations(&self.db)
+            .await
+            .map_err(StoreError::Migrate)?;
+        Ok(pending.iter().map(|m| m.name().to_owned()).collect())
+    }
+
+    /// A cheap round trip, for readiness checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db
+            .execute_unprepared("SELECT 1")
+            .await
+            .map(drop)
+            .map_err(StoreError::query("ping"))
+    }
+
+    /// SQLite or PostgreSQL.
+    pub fn backend(&self) -> DatabaseBackend {
+        self.db.get_database_backend()
+    }
+
+    /// The sea-orm connection.
+    pub fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// The raw pool (for LISTEN on PostgreSQL).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_removed_from_shown_urls() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/clawfleet"),
+            "postgres://app:***@db:5432/clawfleet"
+        );
+        assert_eq!(
+            redact_url("sqlite://./data/clawfleet.db?mode=rwc"),
+            "sqlite://./data/clawfleet.db?mode=rwc"
+        );
+    }
+}
