@@ -8,6 +8,7 @@
 //! - [`desired`]: a desired row and its validation; [`status`]: the phases it reports.
 //! - [`store`]: the database edge (sea-orm): reads desired rows, writes status rows.
 //! - [`naming`]: the one place a user id becomes a Docker name.
+//! - [`docker`]: the engine seam (bollard, and an in-memory engine for simulations).
 //! - [`secrets`]: gateway tokens and the key ring that seals them.
 //! - [`config`], [`image_ref`]: typed settings and their validation.
 //! - [`cli`]: the command line.
@@ -15,6 +16,7 @@
 pub mod cli;
 pub mod config;
 pub mod desired;
+pub mod docker;
 pub mod image_ref;
 pub mod naming;
 pub mod secrets;

@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod docker;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clawfleet::store::Store;

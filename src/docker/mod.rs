@@ -1,0 +1,421 @@
+//! The Docker engine seam: the few calls the controller makes, behind a small
+//! trait so the reconciler runs against the real engine ([`DockerEngine`], bollard)
+//! in integration tests and production, and against [`MemoryEngine`] in large
+//! simulations and property tests.
+//!
+//! The trait speaks the project's own types: nothing of bollard leaks out.
+//! Its contract, which both implementations keep:
+//! - `stop`/`start` of a container already in that state succeed;
+//! - `remove` forces removal of a running container, never removes volumes,
+//!   and succeeds when the container is already gone;
+//! - `inspect` of a missing container is `Ok(None)`, not an error;
+//! - `create` of a name in use is [`EngineError::NameConflict`]; of an image
+//!   not present locally, [`EngineError::ImageNotFound`] (the caller pulls);
+//! - `start` refused because the host port is taken is [`EngineError::PortAllocated`];
+//! - lists and events only ever show containers labelled
+//!   `io.clawfleet.managed=true` and `io.clawfleet.instance=<instance>`.
+
+mod bollard_engine;
+mod memory;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+
+use crate::secrets::GatewayToken;
+use crate::status::Health;
+
+pub use bollard_engine::DockerEngine;
+pub use memory::{MemoryEngine, Op};
+
+/// Label marking every object clawfleet made.
+pub const LABEL_MANAGED: &str = "io.clawfleet.managed";
+/// Label naming the controller instance that owns an object.
+pub const LABEL_INSTANCE: &str = "io.clawfleet.instance";
+/// Label holding the raw user id.
+pub const LABEL_USER_ID: &str = "io.clawfleet.user-id";
+/// Label holding the hash of the container's effective configuration.
+pub const LABEL_SPEC_HASH: &str = "io.clawfleet.spec-hash";
+/// The gateway's port inside the container.
+pub const GATEWAY_PORT: u16 = 18789;
+/// Where the state volume is mounted.
+pub const STATE_PATH: &str = "/home/node/.openclaw";
+
+/// A container's run state, as Docker reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RunState {
+    /// Created, never started.
+    Created,
+    /// Running.
+    Running,
+    /// Paused.
+    Paused,
+    /// Being restarted by Docker.
+    Restarting,
+    /// Being removed.
+    Removing,
+    /// Exited (stopped, crashed or killed).
+    Exited,
+    /// Dead: removal failed half-way.
+    Dead,
+}
+
+impl RunState {
+    /// Parses Docker's state name; unknown names are `Dead` (the safest to leave alone).
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "created" => Self::Created,
+            "running" => Self::Running,
+            "paused" => Self::Paused,
+            "restarting" => Self::Restarting,
+            "removing" => Self::Removing,
+            "exited" => Self::Exited,
+            _ => Self::Dead,
+        }
+    }
+}
+
+/// A container as listed: enough to find a user's containers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerSummary {
+    /// Docker's id.
+    pub id: String,
+    /// Name without the leading `/`.
+    pub name: String,
+    /// All labels.
+    pub labels: BTreeMap<String, String>,
+    /// Run state.
+    pub state: RunState,
+}
+
+impl ContainerSummary {
+    /// The `io.clawfleet.user-id` label.
+    pub fn user_id(&self) -> Option<&str> {
+        self.labels.get(LABEL_USER_ID).map(String::as_str)
+    }
+}
+
+/// A container as inspected: the truth a reconcile acts on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedContainer {
+    /// Docker's id.
+    pub id: String,
+    /// Name without the leading `/`.
+    pub name: String,
+    /// All labels.
+    pub labels: BTreeMap<String, String>,
+    /// Image reference the container was created from.
+    pub image: String,
+    /// Run state.
+    pub state: RunState,
+    /// Exit code of the last run (meaningful when exited).
+    pub exit_code: Option<i64>,
+    /// Docker health, for images with a HEALTHCHECK.
+    pub health: Option<Health>,
+    /// When the last run started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When the last run ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Host port bound to the gateway port (from the container's configuration).
+    pub host_port: Option<u16>,
+}
+
+impl ObservedContainer {
+    /// The `io.clawfleet.user-id` label.
+    pub fn user_id(&self) -> Option<&str> {
+        self.labels.get(LABEL_USER_ID).map(String::as_str)
+    }
+
+    /// The `io.clawfleet.instance` label.
+    pub fn instance(&self) -> Option<&str> {
+        self.labels.get(LABEL_INSTANCE).map(String::as_str)
+    }
+
+    /// The `io.clawfleet.spec-hash` label.
+    pub fn spec_hash(&self) -> Option<&str> {
+        self.labels.get(LABEL_SPEC_HASH).map(String::as_str)
+    }
+
+    /// True when labelled `io.clawfleet.managed=true`.
+    pub fn is_managed(&self) -> bool {
+        self.labels.get(LABEL_MANAGED).is_some_and(|v| v == "true")
+    }
+}
+
+/// An environment variable's value; secrets are redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum EnvValue {
+    /// An ordinary value.
+    Plain(String),
+    /// A secret (the gateway token).
+    Secret(GatewayToken),
+}
+
+impl EnvValue {
+    /// The value as the container sees it.
+    pub fn expose(&self) -> &str {
+        match self {
+            Self::Plain(v) => v,
+            Self::Secret(t) => t.expose(),
+        }
+    }
+}
+
+impl fmt::Debug for EnvValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Plain(v) => write!(f, "{v:?}"),
+            Self::Secret(_) => f.write_str("<redacted>"),
+        }
+    }
+}
+
+/// Optional resource limits of a container.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ResourceLimits {
+    /// Memory limit in bytes.
+    pub memory_bytes: Option<i64>,
+    /// CPU limit in billionths of a CPU (Docker's NanoCpus).
+    pub nano_cpus: Option<i64>,
+    /// Maximum number of processes.
+    pub pids: Option<i64>,
+}
+
+/// Everything needed to create one user's container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerSpec {
+    /// Container name.
+    pub name: String,
+    /// Image reference.
+    pub image: String,
+    /// Environment, in order.
+    pub env: Vec<(String, EnvValue)>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Named volume mounted at [`STATE_PATH`].
+    pub volume: String,
+    /// Network to join (name or id).
+    pub network: String,
+    /// Host address and port the gateway port is published on.
+    pub publish: Option<(IpAddr, u16)>,
+    /// Grace period of `docker stop` (the container's StopTimeout).
+    pub stop_timeout: Duration,
+    /// Resource limits.
+    pub limits: ResourceLimits,
+}
+
+/// Which managed containers a list or an event subscription covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerFilter {
+    /// The `io.clawfleet.instance` label value; always applied, with `managed=true`.
+    pub instance: String,
+    /// Only containers labelled with this `io.clawfleet.user-id`.
+    pub user_id: Option<String>,
+}
+
+/// A container event: a nudge to reconcile a user, never the truth.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineEvent {
+    /// The container's `io.clawfleet.user-id` label.
+    pub user_id: Option<String>,
+    /// Docker's action (`create`, `start`, `die`, `health_status: unhealthy`, ...).
+    pub action: String,
+    /// The container's id.
+    pub container_id: String,
+    /// Event time in nanoseconds since the Unix epoch (pass it back as `since`).
+    pub time_nanos: i64,
+}
+
+/// The engine's version, for `doctor` and logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EngineVersion {
+    /// Engine version, e.g. `20.10.24`.
+    pub version: String,
+    /// API version in use after negotiation, e.g. `1.41`.
+    pub api_version: String,
+}
+
+/// A Docker call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine could not be reached (socket missing, connection refused or cut).
+    #[error("docker engine unreachable at {host}: {message}")]
+    Unreachable {
+        /// The endpoint.
+        host: String,
+        /// What the transport said.
+        message: String,
+    },
+    /// The object does not exist.
+    #[error("docker {op} of {target} failed: not found")]
+    NotFound {
+        /// The operation.
+        op: &'static str,
+        /// The name or id.
+        target: String,
+    },
+    /// A container of that name already exists.
+    #[error("docker create of {name} failed: the name is already in use")]
+    NameConflict {
+        /// The name.
+        name: String,
+    },
+    /// The image is not present locally (create) or could not be pulled (pull).
+    #[error("image {image} is not available: {message}")]
+    ImageNotFound {
+        /// The image reference.
+        image: String,
+        /// What the engine said.
+        message: String,
+    },
+    /// Start failed because the host port is held by another container or process.
+    #[error("host port {} is already in use: {message}", port.map_or("?".into(), |p| p.to_string()))]
+    PortAllocated {
+        /// The port, when the engine's message names it.
+        port: Option<u16>,
+        /// What the engine said.
+        message: String,
+    },
+    /// Any other refusal by the engine.
+    #[error("docker {op} of {target} failed ({status}): {message}")]
+    Api {
+        /// The operation.
+        op: &'static str,
+        /// The name or id.
+        target: String,
+        /// HTTP status.
+        status: u16,
+        /// What the engine said.
+        message: String,
+    },
+}
+
+impl EngineError {
+    /// True for failures a retry may fix without a human (engine unreachable
+    /// or overloaded, port race); false for those that need a human.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } | Self::PortAllocated { .. } | Self::NameConflict { .. } => true,
+            Self::NotFound { .. } => true,
+            Self::ImageNotFound { .. } => false,
+            Self::Api { status, .. } => *status >= 500 || *status == 409 || *status == 429,
+        }
+    }
+
+    /// A short bounded label for metrics (`unreachable`, `not_found`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Unreachable { .. } => "unreachable",
+            Self::NotFound { .. } => "not_found",
+            Self::NameConflict { .. } => "name_conflict",
+            Self::ImageNotFound { .. } => "image_not_found",
+            Self::PortAllocated { .. } => "port_allocated",
+            Self::Api { .. } => "api",
+        }
+    }
+}
+
+/// The calls the controller makes on a Docker engine.
+pub trait Engine: Send + Sync + 'static {
+    /// Engine and negotiated API version.
+    fn version(&self) -> impl Future<Output = Result<EngineVersion, EngineError>> + Send;
+
+    /// Managed containers matching `filter`, running or not.
+    fn list_containers(
+        &self,
+        filter: &ContainerFilter,
+    ) -> impl Future<Output = Result<Vec<ContainerSummary>, EngineError>> + Send;
+
+    /// One container by exact name or id; `None` when there is none.
+    fn inspect_container(
+        &self,
+        name_or_id: &str,
+    ) -> impl Future<Output = Result<Option<ObservedContainer>, EngineError>> + Send;
+
+    /// Creates (does not start) a container; returns its id.
+    fn create_container(
+        &self,
+        spec: &ContainerSpec,
+    ) -> impl Future<Output = Result<String, EngineError>> + Send;
+
+    /// Starts a container; a running one is left as it is.
+    fn start_container(&self, id: &str) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// Stops a container, killing it after `timeout`; a stopped one is left as it is.
+    fn stop_container(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// Stops (with `timeout`) and starts a container.
+    fn restart_container(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// Removes a container, running or not, keeping its volumes; a missing one is fine.
+    fn remove_container(&self, id: &str) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// Renames a container.
+    fn rename_container(
+        &self,
+        id: &str,
+        new_name: &str,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// Creates a named volume with `labels` unless one of that name exists.
+    fn ensure_volume(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// Returns the id of the network called `name`, creating it (with
+    /// `labels`) when missing. When old engines let several networks share
+    /// the name, the oldest wins, so every caller agrees.
+    fn ensure_network(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<String, EngineError>> + Send;
+
+    /// True when `image` is present locally.
+    fn image_present(&self, image: &str)
+        -> impl Future<Output = Result<bool, EngineError>> + Send;
+
+    /// Pulls `image`; [`EngineError::ImageNotFound`] when it cannot be had.
+    fn pull_image(&self, image: &str) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// Container events of managed containers of `filter.instance` from
+    /// `since_nanos` on (or from now). The stream ends or yields an error when
+    /// the connection breaks; the caller resubscribes.
+    fn events(
+        &self,
+        filter: &ContainerFilter,
+        since_nanos: Option<i64>,
+    ) -> BoxStream<'static, Result<EngineEvent, EngineError>>;
+}
+
+/// The labels every object made for `user_id` carries.
+pub fn object_labels(instance: &str, user_id: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (LABEL_INSTANCE.to_owned(), instance.to_owned()),
+        (LABEL_USER_ID.to_owned(), user_id.to_owned()),
+    ])
+}
+
+/// The labels of shared objects (the network).
+pub fn shared_labels(instance: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (LABEL_INSTANCE.to_owned(), instance.to_owned()),
+    ])
+}

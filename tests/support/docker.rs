@@ -1,0 +1,1 @@
+//! Docker fixtures of the integration tests (written with the bollard engine).
