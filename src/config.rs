@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::docker::ResourceLimits;
 use crate::image_ref::{ImagePattern, ImageRef};
 
 /// Environment variable of the original service that sets the start of the port range.
@@ -213,6 +214,41 @@ pub fn parse_image_patterns(s: &str) -> Result<Vec<ImagePattern>, String> {
         .collect())
 }
 
+/// Parses a memory size: bytes, or a number with `k`, `m`, `g` (binary units, as Docker's `--memory`).
+pub fn parse_memory(s: &str) -> Result<i64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (digits, unit) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1i64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: i64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a memory size; write e.g. 512m or 2g"))?;
+    let bytes = n
+        .checked_mul(unit)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    // Docker refuses memory limits under 6 MiB.
+    if bytes < 6 << 20 {
+        return Err(format!("{s:?} is below Docker's minimum of 6m"));
+    }
+    Ok(bytes)
+}
+
+/// Parses a CPU limit in cores (`1.5`) into Docker's billionths of a CPU.
+pub fn parse_cpus(s: &str) -> Result<i64, String> {
+    let cpus: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of CPUs; write e.g. 0.5 or 2"))?;
+    if !(cpus > 0.0 && cpus <= 1024.0) {
+        return Err(format!("{s:?} CPUs is out of range (0 to 1024)"));
+    }
+    Ok((cpus * 1e9).round() as i64)
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -243,6 +279,8 @@ pub struct ContainerSettings {
     pub allowed_images: Vec<ImagePattern>,
     /// Grace period `docker stop` gives a container.
     pub stop_timeout: Duration,
+    /// Optional memory, CPU and process limits of every container.
+    pub limits: ResourceLimits,
 }
 
 impl ContainerSettings {
@@ -348,6 +386,18 @@ mod tests {
     }
 
     #[test]
+    fn memory_and_cpu_limits_parse_like_docker() {
+        assert_eq!(parse_memory("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_memory("2g").unwrap(), 2 << 30);
+        assert_eq!(parse_memory("2GB").unwrap(), 2 << 30);
+        assert!(parse_memory("1k").unwrap_err().contains("minimum"));
+        assert!(parse_memory("lots").is_err());
+        assert_eq!(parse_cpus("1.5").unwrap(), 1_500_000_000);
+        assert!(parse_cpus("0").is_err());
+        assert!(parse_cpus("x").is_err());
+    }
+
+    #[test]
     fn an_empty_allow_list_allows_any_image() {
         let mut s = ContainerSettings {
             instance: "t".into(),
@@ -359,6 +409,7 @@ mod tests {
             mosaic_api_url: "http://x".into(),
             allowed_images: parse_image_patterns("").unwrap(),
             stop_timeout: Duration::from_secs(10),
+            limits: ResourceLimits::default(),
         };
         let img = ImageRef::parse("evil:latest").unwrap();
         assert!(s.image_allowed(&img));

@@ -15,10 +15,20 @@
 
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod desired;
 pub mod docker;
+pub mod events;
+pub mod feed;
 pub mod image_ref;
 pub mod naming;
+pub mod plan;
+pub mod ports;
+pub mod progress;
+pub mod queue;
+pub mod reconcile;
+pub mod resync;
 pub mod secrets;
+pub mod spec;
 pub mod status;
 pub mod store;

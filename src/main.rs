@@ -5,10 +5,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use clawfleet::cli::{self, Cli, Command};
+use clawfleet::config::LogFormat;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(&cli);
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -21,12 +23,46 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Run(_) => anyhow::bail!(
-            "`clawfleet run` is not available yet: the reconciler lands with the next change; `migrate`, `users` and `keygen` work"
-        ),
+        Command::Run(args) => cli::run(&cli.global, cli.default_image.clone(), args).await?,
         Command::Migrate => cli::migrate(&cli.global).await?,
         Command::Users(command) => cli::users(&cli.global, command).await?,
         Command::Keygen(args) => cli::keygen(args)?,
     }
     Ok(())
+}
+
+/// Logs to stderr: `info` for the controller, `warn` for one-shot commands;
+/// `RUST_LOG` overrides. The format is `--log-format`.
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let default = match cli.command {
+        Command::Run(_) => "info",
+        _ => "warn",
+    };
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // These crates log request and response bodies at debug level, and a
+    // container create carries the gateway token: never below warn, whatever
+    // RUST_LOG says.
+    for directive in [
+        "bollard=warn",
+        "hyper=warn",
+        "hyper_util=warn",
+        "sqlx=warn",
+        "sea_orm=warn",
+    ] {
+        if let Ok(d) = directive.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.global.log_format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
 }

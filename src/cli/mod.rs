@@ -6,6 +6,7 @@
 //! `CLAWFLEET_API_TOKEN`. `--help` shows which environment variable sets each
 //! flag but never the variable's current value.
 
+mod run;
 mod table;
 mod users;
 
@@ -16,14 +17,16 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    parse_duration, parse_image, parse_image_patterns, parse_instance, parse_name_prefix,
-    parse_network, resolve_port_range, ContainerSettings, LogFormat, PortRange, RuntimeSettings,
-    ENCRYPTION_KEYS_ENV, PORT_RANGE_START_ENV,
+    parse_cpus, parse_duration, parse_image, parse_image_patterns, parse_instance, parse_memory,
+    parse_name_prefix, parse_network, resolve_port_range, ContainerSettings, LogFormat, PortRange,
+    RuntimeSettings, ENCRYPTION_KEYS_ENV, PORT_RANGE_START_ENV,
 };
+use crate::docker::ResourceLimits;
 use crate::image_ref::{ImagePattern, ImageRef};
 use crate::secrets::{self, SecretsError};
 use crate::store::{Store, StoreError};
 
+pub use run::{run, shutdown_signal, RunArgs};
 pub use users::UsersCommand;
 
 const AFTER_HELP: &str = "\
@@ -143,6 +146,18 @@ pub struct GlobalArgs {
     #[arg(long, env = "CLAWFLEET_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024), global = true, hide_env_values = true)]
     pub concurrency: u16,
 
+    /// Memory limit of each container (e.g. 512m, 2g) [default: none]
+    #[arg(long, env = "CLAWFLEET_MEMORY_LIMIT", value_parser = parse_memory, global = true, hide_env_values = true)]
+    pub memory_limit: Option<i64>,
+
+    /// CPU limit of each container in cores (e.g. 0.5, 2) [default: none]
+    #[arg(long, env = "CLAWFLEET_CPU_LIMIT", value_parser = parse_cpus, global = true, hide_env_values = true)]
+    pub cpu_limit: Option<i64>,
+
+    /// Process limit of each container [default: none]
+    #[arg(long, env = "CLAWFLEET_PIDS_LIMIT", value_parser = clap::value_parser!(i64).range(1..), global = true, hide_env_values = true)]
+    pub pids_limit: Option<i64>,
+
     /// Log format
     #[arg(
         long,
@@ -177,14 +192,6 @@ pub enum Command {
     Users(UsersCommand),
     /// Print a new encryption key entry for CLAWFLEET_ENCRYPTION_KEYS
     Keygen(KeygenArgs),
-}
-
-/// Flags of `run`.
-#[derive(Debug, Args)]
-pub struct RunArgs {
-    /// Default image (overrides the one given before the subcommand)
-    #[arg(long = "image", value_parser = parse_image)]
-    pub default_image: Option<ImageRef>,
 }
 
 /// Flags of `keygen`.
@@ -235,6 +242,11 @@ impl GlobalArgs {
             mosaic_api_url: self.mosaic_api_url.clone(),
             allowed_images: self.allowed_images.clone().unwrap_or_default(),
             stop_timeout: self.stop_timeout,
+            limits: ResourceLimits {
+                memory_bytes: self.memory_limit,
+                nano_cpus: self.cpu_limit,
+                pids: self.pids_limit,
+            },
         })
     }
 

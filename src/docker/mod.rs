@@ -300,7 +300,9 @@ impl EngineError {
     /// or overloaded, port race); false for those that need a human.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Unreachable { .. } | Self::PortAllocated { .. } | Self::NameConflict { .. } => true,
+            Self::Unreachable { .. } | Self::PortAllocated { .. } | Self::NameConflict { .. } => {
+                true
+            }
             Self::NotFound { .. } => true,
             Self::ImageNotFound { .. } => false,
             Self::Api { status, .. } => *status >= 500 || *status == 409 || *status == 429,
@@ -387,8 +389,7 @@ pub trait Engine: Send + Sync + 'static {
     ) -> impl Future<Output = Result<String, EngineError>> + Send;
 
     /// True when `image` is present locally.
-    fn image_present(&self, image: &str)
-        -> impl Future<Output = Result<bool, EngineError>> + Send;
+    fn image_present(&self, image: &str) -> impl Future<Output = Result<bool, EngineError>> + Send;
 
     /// Pulls `image`; [`EngineError::ImageNotFound`] when it cannot be had.
     fn pull_image(&self, image: &str) -> impl Future<Output = Result<(), EngineError>> + Send;

@@ -288,6 +288,21 @@ impl Store {
         Ok(changes)
     }
 
+    /// The revision of the user's deletion tombstone, if the row was deleted.
+    pub async fn deleted_revision(&self, user_id: &str) -> Result<Option<i64>, StoreError> {
+        let select = Query::select()
+            .column("revision")
+            .from(deletions::Entity)
+            .and_where(Expr::col("user_id").eq(user_id))
+            .to_owned();
+        let row = self
+            .db
+            .query_one(&select)
+            .await
+            .map_err(StoreError::query("read of deletion tombstone"))?;
+        Ok(row.and_then(|r| r.try_get::<i64>("", "revision").ok()))
+    }
+
     /// The highest revision handed out so far (0 on an empty database).
     pub async fn max_revision(&self) -> Result<i64, StoreError> {
         let sql = "SELECT MAX(r) AS max_revision FROM (\

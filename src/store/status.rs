@@ -110,6 +110,17 @@ impl Store {
             .collect())
     }
 
+    /// Ids of every user with a status row.
+    pub async fn status_user_ids(&self) -> Result<Vec<String>, StoreError> {
+        status::Entity::find()
+            .select_only()
+            .column(status::Column::UserId)
+            .into_tuple()
+            .all(&self.db)
+            .await
+            .map_err(StoreError::query("read of status user ids"))
+    }
+
     /// Host ports held by any status row.
     pub async fn ports_in_use(&self) -> Result<Vec<u16>, StoreError> {
         let ports: Vec<Option<i32>> = status::Entity::find()

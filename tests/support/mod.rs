@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+pub mod controller;
 pub mod docker;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

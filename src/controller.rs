@@ -1,0 +1,349 @@
+//! Wires the loop together: the event watcher, the desired-row feed and the
+//! resync timer feed user ids into the work queue; workers reconcile them.
+//!
+//! ```text
+//!  desired feed ──┐
+//!  docker events ─┼─▶ work queue (dedup, back-off, timers) ─▶ workers ─▶ Reconciler
+//!  resync timer ──┘
+//! ```
+//!
+//! Shutting down stops new work, lets in-flight reconciles finish (bounded
+//! by a timeout) and leaves every user's container as it is.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tracing::{info, warn, Instrument};
+
+use crate::docker::Engine;
+use crate::events::{self, EventObserver};
+use crate::feed::{self, FeedOptions};
+use crate::progress::{Progress, ProgressSummary};
+use crate::queue::{run_workers, BackoffPolicy, Outcome, QueueObserver, WorkQueue};
+use crate::reconcile::Reconciler;
+use crate::resync;
+use crate::store::{Store, StoreError};
+
+/// How often progress is logged while something changes.
+const PROGRESS_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// Settings of the loop around the reconciler.
+#[derive(Clone, Debug)]
+pub struct ControllerOptions {
+    /// Reconciles at once.
+    pub concurrency: usize,
+    /// Period of the full resync.
+    pub resync_period: Duration,
+    /// The desired-row feed.
+    pub feed: FeedOptions,
+    /// Retry back-off of failed reconciles.
+    pub backoff: BackoffPolicy,
+    /// How long shutdown waits for in-flight reconciles.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ControllerOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            resync_period: Duration::from_secs(300),
+            feed: FeedOptions::default(),
+            backoff: BackoffPolicy::default(),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Hooks for metrics (the defaults do nothing).
+#[derive(Clone)]
+pub struct Observers {
+    /// Work queue events.
+    pub queue: Arc<dyn QueueObserver>,
+    /// Docker event stream events.
+    pub events: Arc<dyn EventObserver>,
+    /// Reconcile results.
+    pub reconciles: Arc<dyn ReconcileObserver>,
+}
+
+impl Default for Observers {
+    fn default() -> Self {
+        Self {
+            queue: Arc::new(NoObserver),
+            events: Arc::new(events::NoObserver),
+            reconciles: Arc::new(NoObserver),
+        }
+    }
+}
+
+/// Receives reconcile results and resync times.
+pub trait ReconcileObserver: Send + Sync {
+    /// A reconcile finished after `seconds` with `result` (`success`,
+    /// `requeue_after`, `error`) and, on error, its `kind`.
+    fn reconciled(&self, _result: &'static str, _error_kind: Option<&'static str>, _seconds: f64) {}
+    /// A full resync listed `users` users.
+    fn resynced(&self, _users: usize) {}
+}
+
+struct NoObserver;
+
+impl QueueObserver for NoObserver {}
+impl ReconcileObserver for NoObserver {}
+
+/// A controller failed to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The database could not be read at start.
+    #[error("controller start: {0}")]
+    Store(#[from] StoreError),
+    /// The first full resync could not list its sources.
+    #[error(transparent)]
+    Resync(#[from] resync::ResyncError),
+}
+
+/// The running loop's shared parts, for the HTTP surface.
+#[derive(Clone)]
+pub struct Handle {
+    /// Convergence bookkeeping.
+    pub progress: Arc<Progress>,
+    /// The work queue.
+    pub queue: Arc<WorkQueue<String>>,
+}
+
+/// The controller: a reconciler plus the streams that tell it whom to look at.
+pub struct Controller<E: Engine> {
+    store: Store,
+    reconciler: Arc<Reconciler<E>>,
+    options: ControllerOptions,
+    observers: Observers,
+    handle: Handle,
+}
+
+impl<E: Engine> Controller<E> {
+    /// A controller around `reconciler`.
+    pub fn new(
+        store: Store,
+        reconciler: Reconciler<E>,
+        options: ControllerOptions,
+        observers: Observers,
+    ) -> Self {
+        let queue = Arc::new(WorkQueue::with_observer(
+            options.backoff,
+            observers.queue.clone(),
+        ));
+        Self {
+            store,
+            reconciler: Arc::new(reconciler),
+            options,
+            observers,
+            handle: Handle {
+                progress: Arc::new(Progress::new()),
+                queue,
+            },
+        }
+    }
+
+    /// The shared parts (progress, queue).
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Runs until `shutdown` resolves, then stops taking work, lets in-flight
+    /// reconciles finish (up to the shutdown timeout) and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
+        let Self {
+            store,
+            reconciler,
+            options,
+            observers,
+            handle,
+        } = self;
+        let queue = handle.queue.clone();
+        let progress = handle.progress.clone();
+        let engine = reconciler.engine().clone();
+        let instance = reconciler.settings().instance.clone();
+        let mut tasks = JoinSet::new();
+
+        // Subscribe before listing, asking for events from a little before
+        // now, so nothing that happens between the list and the subscription
+        // is missed.
+        let since = Utc::now().timestamp_nanos_opt().map(|n| n - 1_000_000_000);
+        let relist = Arc::new(Notify::new());
+        {
+            let sink_queue = queue.clone();
+            let observer: Arc<dyn EventObserver> = Arc::new(RelistOnReconnect {
+                inner: observers.events.clone(),
+                relist: relist.clone(),
+            });
+            tasks.spawn(events::run(
+                engine.clone(),
+                instance.clone(),
+                since,
+                observer,
+                move |user| sink_queue.add(user),
+            ));
+        }
+        let start_revision = store.max_revision().await?;
+        {
+            let sink_queue = queue.clone();
+            tasks.spawn(feed::run(
+                store.clone(),
+                start_revision,
+                options.feed,
+                move |user| sink_queue.add(user),
+            ));
+        }
+
+        let users = resync::all_users(&store, engine.as_ref(), &instance).await?;
+        info!(
+            users = users.len(),
+            "first full sync: reconciling every user"
+        );
+        observers.reconciles.resynced(users.len());
+        progress.begin_first_sync(users.iter().cloned());
+        for user in users {
+            queue.add(user);
+        }
+        tasks.spawn(resync_loop(
+            store.clone(),
+            engine.clone(),
+            instance,
+            queue.clone(),
+            options.resync_period,
+            relist,
+            observers.reconciles.clone(),
+        ));
+        tasks.spawn(log_progress(progress.clone(), queue.clone()));
+
+        let workers = {
+            let reconciler = reconciler.clone();
+            let progress = progress.clone();
+            let observer = observers.reconciles.clone();
+            tokio::spawn(run_workers(
+                queue.clone(),
+                options.concurrency,
+                move |user: String| {
+                    let reconciler = reconciler.clone();
+                    let progress = progress.clone();
+                    let observer = observer.clone();
+                    async move { reconcile_one(&reconciler, &progress, observer.as_ref(), user).await }
+                },
+            ))
+        };
+
+        shutdown.await;
+        info!("shutting down: no new reconciles; waiting for those in flight; containers are left running");
+        queue.shutdown();
+        tasks.shutdown().await;
+        match tokio::time::timeout(options.shutdown_timeout, workers).await {
+            Ok(_) => info!("all reconciles finished"),
+            Err(_) => warn!(
+                timeout_s = options.shutdown_timeout.as_secs(),
+                "reconciles still running at the shutdown timeout; abandoning them"
+            ),
+        }
+        Ok(())
+    }
+}
+
+async fn reconcile_one<E: Engine>(
+    reconciler: &Reconciler<E>,
+    progress: &Progress,
+    observer: &dyn ReconcileObserver,
+    user: String,
+) -> Outcome {
+    let span = tracing::info_span!("reconcile", user_id = %crate::desired::quote_short(&user));
+    let started = std::time::Instant::now();
+    let result = reconciler.reconcile(&user).instrument(span.clone()).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let _entered = span.enter();
+    match result {
+        Ok(outcome) => {
+            progress.record(&user, outcome.phase, outcome.converged);
+            match outcome.requeue_after {
+                Some(after) => {
+                    observer.reconciled("requeue_after", None, seconds);
+                    Outcome::RequeueAfter(after)
+                }
+                None => {
+                    observer.reconciled("success", None, seconds);
+                    Outcome::Done
+                }
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "reconcile failed; retrying with back-off");
+            observer.reconciled("error", Some(e.kind()), seconds);
+            progress.record_error(&user);
+            Outcome::Retry
+        }
+    }
+}
+
+struct RelistOnReconnect {
+    inner: Arc<dyn EventObserver>,
+    relist: Arc<Notify>,
+}
+
+impl EventObserver for RelistOnReconnect {
+    fn event(&self, event: &crate::docker::EngineEvent) {
+        self.inner.event(event)
+    }
+    fn connected(&self, connected: bool) {
+        self.inner.connected(connected)
+    }
+    fn reconnected(&self) {
+        self.inner.reconnected();
+        self.relist.notify_one();
+    }
+}
+
+async fn resync_loop<E: Engine>(
+    store: Store,
+    engine: Arc<E>,
+    instance: String,
+    queue: Arc<WorkQueue<String>>,
+    period: Duration,
+    relist: Arc<Notify>,
+    observer: Arc<dyn ReconcileObserver>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = relist.notified() => info!("event stream re-established: relisting"),
+        }
+        match resync::all_users(&store, engine.as_ref(), &instance).await {
+            Ok(users) => {
+                observer.resynced(users.len());
+                for user in users {
+                    queue.add(user);
+                }
+            }
+            Err(e) => warn!(error = %e, "full resync failed; trying again next period"),
+        }
+    }
+}
+
+async fn log_progress(progress: Arc<Progress>, queue: Arc<WorkQueue<String>>) {
+    let mut last = ProgressSummary::default();
+    loop {
+        tokio::time::sleep(PROGRESS_LOG_PERIOD).await;
+        let now = progress.summary();
+        if now != last {
+            let stats = queue.stats();
+            info!(
+                users = now.users,
+                converged = now.converged,
+                failed = now.failed,
+                queued = stats.ready + stats.delayed,
+                in_flight = stats.processing,
+                synced = now.synced,
+                "progress"
+            );
+            last = now;
+        }
+    }
+}

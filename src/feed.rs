@@ -1,0 +1,242 @@
+//! The desired-row change feed: which users' rows changed, as soon as the
+//! database can tell.
+//!
+//! SQLite: poll for revisions above the last seen (cheap: an index range
+//! scan that returns nothing when nothing changed). PostgreSQL: LISTEN on the
+//! triggers' channel for the user id itself, plus the same poll as a safety
+//! net (a notification is lost when the listening connection drops).
+//!
+//! PostgreSQL assigns a revision when a row is written but transactions
+//! commit in any order, so a poll that saw revision N+1 may later find N
+//! committed. The [`Cursor`] remembers such gaps and asks for them again
+//! until they fill or age out (a rolled-back transaction leaves a gap that
+//! never fills); the periodic full resync covers anything older.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::store::{DesiredChange, Pool, Store};
+
+/// Rows read per poll; a full page is followed by another poll at once.
+const PAGE: u64 = 1000;
+/// Gaps remembered at most; beyond this the oldest are dropped (the resync covers them).
+const MAX_GAPS: usize = 4096;
+
+/// Where the feed is: the highest revision seen and the revisions below it
+/// not yet seen (maybe still uncommitted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    last: i64,
+    gaps: BTreeMap<i64, Instant>,
+    gap_ttl: Duration,
+}
+
+impl Cursor {
+    /// A cursor after revision `last`; gaps are asked for during `gap_ttl`.
+    pub fn new(last: i64, gap_ttl: Duration) -> Self {
+        Self {
+            last,
+            gaps: BTreeMap::new(),
+            gap_ttl,
+        }
+    }
+
+    /// The highest revision seen.
+    pub fn last(&self) -> i64 {
+        self.last
+    }
+
+    /// Revisions below `last` still worth asking for.
+    pub fn gaps(&self) -> Vec<i64> {
+        self.gaps.keys().copied().collect()
+    }
+
+    /// Takes in a poll's result (ordered by revision) at `now`.
+    pub fn advance(&mut self, changes: &[DesiredChange], now: Instant) {
+        for change in changes {
+            if change.revision > self.last {
+                for missing in self.last + 1..change.revision {
+                    self.gaps.insert(missing, now);
+                }
+                self.last = change.revision;
+            } else {
+                self.gaps.remove(&change.revision);
+            }
+        }
+        let ttl = self.gap_ttl;
+        self.gaps.retain(|_, seen| now.duration_since(*seen) < ttl);
+        while self.gaps.len() > MAX_GAPS {
+            self.gaps.pop_first();
+        }
+    }
+}
+
+/// Settings of the feed.
+#[derive(Clone, Copy, Debug)]
+pub struct FeedOptions {
+    /// Poll period.
+    pub poll_interval: Duration,
+    /// How long a missing revision is asked for.
+    pub gap_ttl: Duration,
+}
+
+impl Default for FeedOptions {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(250),
+            gap_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Runs the feed from revision `start` until the task is dropped, handing
+/// every changed user id to `sink` (which must not block).
+pub async fn run<F>(store: Store, start: i64, options: FeedOptions, sink: F)
+where
+    F: Fn(String) + Send + Sync + 'static,
+{
+    let sink = Arc::new(sink);
+    let wake = Arc::new(Notify::new());
+    let listener = match store.pool() {
+        Pool::Postgres(pool) => Some(tokio::spawn(listen(
+            pool.clone(),
+            sink.clone(),
+            wake.clone(),
+        ))),
+        Pool::Sqlite(_) => None,
+    };
+    let _abort_listener = AbortOnDrop(listener);
+    let mut cursor = Cursor::new(start, options.gap_ttl);
+    let mut failing = false;
+    loop {
+        match store
+            .desired_changes(cursor.last(), &cursor.gaps(), PAGE)
+            .await
+        {
+            Ok(changes) => {
+                if failing {
+                    debug!("desired change feed recovered");
+                    failing = false;
+                }
+                cursor.advance(&changes, Instant::now());
+                let full = changes.len() as u64 >= PAGE;
+                for change in changes {
+                    sink(change.user_id);
+                }
+                if full {
+                    continue;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "desired change feed cannot read the database; retrying");
+                    failing = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(options.poll_interval) => {}
+            _ = wake.notified() => {}
+        }
+    }
+}
+
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.0 {
+            handle.abort();
+        }
+    }
+}
+
+/// Forwards NOTIFY payloads (user ids); wakes the poller when notifications
+/// may have been lost (reconnect) or a payload was too long to carry the id.
+async fn listen<F>(pool: sqlx::PgPool, sink: Arc<F>, wake: Arc<Notify>)
+where
+    F: Fn(String) + Send + Sync + 'static,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                debug!(error = %e, "LISTEN connection failed; polling covers the gap");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(clawfleet_migration::NOTIFY_CHANNEL).await {
+            debug!(error = %e, "LISTEN failed; polling covers the gap");
+            tokio::time::sleep(delay).await;
+            continue;
+        }
+        delay = Duration::from_millis(200);
+        // Anything committed while we were not listening is found by a poll.
+        wake.notify_one();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) if !n.payload().is_empty() => sink(n.payload().to_owned()),
+                Ok(Some(_)) => wake.notify_one(),
+                Ok(None) => {
+                    // The connection dropped and will be re-established: poll.
+                    wake.notify_one();
+                }
+                Err(e) => {
+                    debug!(error = %e, "LISTEN connection lost");
+                    wake.notify_one();
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(user: &str, revision: i64) -> DesiredChange {
+        DesiredChange {
+            user_id: user.into(),
+            revision,
+            deleted: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_skipped_revision_is_asked_for_until_it_is_seen() {
+        let mut c = Cursor::new(10, Duration::from_secs(60));
+        c.advance(&[change("a", 11), change("b", 14)], Instant::now());
+        assert_eq!(c.last(), 14);
+        assert_eq!(c.gaps(), [12, 13]);
+        c.advance(&[change("late", 12)], Instant::now());
+        assert_eq!(c.gaps(), [13]);
+        assert_eq!(c.last(), 14);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gap_that_never_fills_ages_out() {
+        let mut c = Cursor::new(0, Duration::from_secs(60));
+        c.advance(&[change("a", 3)], Instant::now());
+        assert_eq!(c.gaps(), [1, 2]);
+        tokio::time::advance(Duration::from_secs(61)).await;
+        c.advance(&[], Instant::now());
+        assert!(c.gaps().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gaps_are_bounded() {
+        let mut c = Cursor::new(0, Duration::from_secs(60));
+        c.advance(&[change("a", 10_000)], Instant::now());
+        assert_eq!(c.gaps().len(), MAX_GAPS);
+        assert_eq!(c.gaps().last(), Some(&9_999), "the newest gaps are kept");
+    }
+}

@@ -1,0 +1,819 @@
+//! One reconcile of one user: read the desired row and the status row,
+//! observe the engine, plan, apply, write status, say when to look again.
+//!
+//! Invariants:
+//! - the engine is observed afresh on every reconcile (events and lists only
+//!   say *whom* to look at);
+//! - running it twice in a row does nothing more the second time;
+//! - a port and a token are claimed in `container_status` before any
+//!   container uses them, so a crash between the two never hands a port to
+//!   two users or a user two tokens;
+//! - a recreate creates the new container before touching the old one, so a
+//!   failed create leaves the user with the container they had;
+//! - no token, plaintext or sealed, reaches a log field or an error message.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tracing::{debug, info, warn};
+
+use crate::config::ContainerSettings;
+use crate::desired::{quote_short, DesiredContainer, DesiredState};
+use crate::docker::{
+    object_labels, shared_labels, ContainerFilter, Engine, EngineError, ObservedContainer,
+    RunState, LABEL_MANAGED,
+};
+use crate::plan::{
+    plan, Action, CrashHistory, Intent, Observed, Plan, Policy, StartReason, StatusIntent, Target,
+};
+use crate::ports::{PortAllocator, PortError};
+use crate::secrets::{GatewayToken, KeyRing, SecretsError};
+use crate::spec::DesiredSpec;
+use crate::status::{ContainerStatus, Phase};
+use crate::store::{DesiredRow, Store, StoreError};
+
+/// A reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The engine failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A token could not be generated, sealed or opened.
+    #[error("gateway token: {0}")]
+    Secrets(#[from] SecretsError),
+    /// No port could be allocated.
+    #[error(transparent)]
+    Ports(#[from] PortError),
+}
+
+impl ReconcileError {
+    /// True when a retry with back-off may fix it; false when it needs a
+    /// human (bad image, exhausted port range, unopenable token).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Store(e) => e.is_transient(),
+            Self::Engine(e) => e.is_transient(),
+            Self::Secrets(_) => false,
+            Self::Ports(PortError::Exhausted { .. }) => false,
+            Self::Ports(PortError::Store(e)) => e.is_transient(),
+        }
+    }
+
+    /// A short bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Store(_) => "database",
+            Self::Engine(e) => e.kind(),
+            Self::Secrets(_) => "secrets",
+            Self::Ports(PortError::Exhausted { .. }) => "ports_exhausted",
+            Self::Ports(PortError::Store(_)) => "database",
+        }
+    }
+}
+
+/// What a reconcile found and decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Look again after this long (idle deadline, back-off, grace period).
+    pub requeue_after: Option<Duration>,
+    /// Nothing was left to do.
+    pub converged: bool,
+    /// The phase written (`None`: the user is gone).
+    pub phase: Option<Phase>,
+    /// Actions applied.
+    pub actions: usize,
+}
+
+/// Tunables of the reconciler beyond the plan's.
+#[derive(Clone, Copy, Debug)]
+pub struct ReconcilerOptions {
+    /// The plan's back-off and retry delays.
+    pub policy: Policy,
+    /// How long a container with no desired row and no deletion tombstone is
+    /// kept before it is removed (protects against a wrong or emptied database).
+    pub orphan_grace: Duration,
+    /// A container that ran this long ends its crash streak.
+    pub stable_after: Duration,
+    /// Delay before re-looking at a user whose container needs a human.
+    pub needs_human_retry: Duration,
+}
+
+impl Default for ReconcilerOptions {
+    fn default() -> Self {
+        Self {
+            policy: Policy::default(),
+            orphan_grace: Duration::from_secs(300),
+            stable_after: Duration::from_secs(600),
+            needs_human_retry: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What the reconciler remembers about a user between reconciles (in memory only).
+#[derive(Clone, Debug, Default)]
+struct Memory {
+    crash: CrashHistory,
+    orphan_since: Option<DateTime<Utc>>,
+    /// A failure that needs a human (missing image, exhausted ports) for
+    /// this revision of the row: not retried before `until`.
+    blocked: Option<Blocked>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Blocked {
+    revision: i64,
+    until: DateTime<Utc>,
+    message: String,
+}
+
+/// Reconciles users one at a time each (the work queue guarantees a user is
+/// never reconciled twice at once; different users run concurrently).
+pub struct Reconciler<E: Engine> {
+    store: Store,
+    engine: Arc<E>,
+    settings: Arc<ContainerSettings>,
+    keys: KeyRing,
+    ports: PortAllocator,
+    options: ReconcilerOptions,
+    network: tokio::sync::Mutex<Option<String>>,
+    memory: Mutex<HashMap<String, Memory>>,
+    clock: fn() -> DateTime<Utc>,
+}
+
+/// What the engine shows for one user, before the plan's view of it.
+struct Found {
+    canonical: Option<ObservedContainer>,
+    foreign_holder: Option<String>,
+    strays: Vec<crate::docker::ContainerSummary>,
+}
+
+impl<E: Engine> Reconciler<E> {
+    /// A reconciler over these edges.
+    pub fn new(
+        store: Store,
+        engine: Arc<E>,
+        settings: Arc<ContainerSettings>,
+        keys: KeyRing,
+        ports: PortAllocator,
+        options: ReconcilerOptions,
+    ) -> Self {
+        Self {
+            store,
+            engine,
+            settings,
+            keys,
+            ports,
+            options,
+            network: tokio::sync::Mutex::new(None),
+            memory: Mutex::new(HashMap::new()),
+            clock: Utc::now,
+        }
+    }
+
+    /// Uses `clock` instead of the system clock (simulations).
+    pub fn with_clock(mut self, clock: fn() -> DateTime<Utc>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<E> {
+        &self.engine
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &ContainerSettings {
+        &self.settings
+    }
+
+    /// Reconciles `user_id` once.
+    pub async fn reconcile(&self, user_id: &str) -> Result<Outcome, ReconcileError> {
+        let now = (self.clock)();
+        let desired = self.store.desired(user_id).await?;
+        let previous = self.store.status(user_id).await?;
+        let name = crate::naming::container_name(&self.settings.name_prefix, user_id);
+        let found = self.observe(user_id, &name).await?;
+        let mut row = previous.clone().unwrap_or_else(|| new_row(user_id, now));
+        if let Some(d) = desired.as_ref().and_then(|d| d.as_ref().ok()) {
+            row.observed_revision = Some(d.revision);
+        }
+
+        let (target, spec) = match self
+            .target(user_id, desired.as_ref(), &found, &mut row, now)
+            .await
+        {
+            Ok(t) => t,
+            Err(e) if !e.is_transient() => {
+                let message = e.to_string();
+                (Target::Failed { message }, None)
+            }
+            Err(e) => return Err(self.record_error(row, previous.as_ref(), e, now).await),
+        };
+        let crash = self.crash_history(user_id, found.canonical.as_ref(), now);
+        let observed = Observed {
+            canonical: found.canonical,
+            foreign_holder: found.foreign_holder,
+            strays: found.strays,
+            previous_phase: previous.as_ref().map(|s| s.phase),
+            crash,
+        };
+        let plan = plan(&target, &observed, now, &self.options.policy);
+        debug!(actions = ?plan.actions, status = ?plan.status, "planned");
+
+        let applied = plan.actions.len();
+        let mut current = observed.canonical.clone();
+        for action in &plan.actions {
+            if let Err(e) = self
+                .apply(
+                    action,
+                    user_id,
+                    &name,
+                    spec.as_ref(),
+                    &mut current,
+                    &mut row,
+                    previous.as_ref(),
+                    now,
+                )
+                .await
+            {
+                if !e.is_transient() {
+                    // Needs a human: report it, and do not try again before the
+                    // slow retry unless the row changes.
+                    warn!(error = %e, action = ?action, "reconcile needs attention");
+                    if let Some(Ok(d)) = desired.as_ref() {
+                        let blocked = Blocked {
+                            revision: d.revision,
+                            until: now
+                                + chrono::Duration::from_std(self.options.needs_human_retry)
+                                    .unwrap_or_default(),
+                            message: e.to_string(),
+                        };
+                        self.remember(user_id, |m| m.blocked = Some(blocked));
+                    }
+                    row.message = Some(e.to_string());
+                    set_phase(&mut row, Phase::Failed, now);
+                    self.write(&row, previous.as_ref(), now).await?;
+                    return Ok(Outcome {
+                        requeue_after: Some(self.options.needs_human_retry),
+                        converged: false,
+                        phase: Some(Phase::Failed),
+                        actions: applied,
+                    });
+                }
+                return Err(self.record_error(row, previous.as_ref(), e, now).await);
+            }
+        }
+        self.finish(
+            user_id,
+            &plan,
+            spec.as_ref(),
+            current,
+            row,
+            previous.as_ref(),
+            desired.as_ref(),
+            now,
+        )
+        .await
+    }
+
+    async fn observe(&self, user_id: &str, name: &str) -> Result<Found, ReconcileError> {
+        let filter = ContainerFilter {
+            instance: self.settings.instance.clone(),
+            user_id: Some(user_id.to_owned()),
+        };
+        let labelled = self.engine.list_containers(&filter).await?;
+        let by_name = labelled
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.id.clone());
+        let inspected = self
+            .engine
+            .inspect_container(by_name.as_deref().unwrap_or(name))
+            .await?;
+        let mut found = Found {
+            canonical: None,
+            foreign_holder: None,
+            strays: labelled.into_iter().filter(|c| c.name != name).collect(),
+        };
+        match inspected {
+            None => {}
+            Some(c) if !c.labels.contains_key(LABEL_MANAGED) => found.canonical = Some(c),
+            Some(c)
+                if c.instance() == Some(self.settings.instance.as_str())
+                    && c.user_id() == Some(user_id) =>
+            {
+                found.canonical = Some(c)
+            }
+            Some(c) => {
+                found.foreign_holder = Some(format!(
+                    "container {} labelled for user {} of instance {}",
+                    &c.id[..c.id.len().min(12)],
+                    quote_short(c.user_id().unwrap_or("?")),
+                    quote_short(c.instance().unwrap_or("?")),
+                ))
+            }
+        }
+        Ok(found)
+    }
+
+    /// Decides the target; claims a port (and a token) when a container will need one.
+    async fn target(
+        &self,
+        user_id: &str,
+        desired: Option<&DesiredRow>,
+        found: &Found,
+        row: &mut ContainerStatus,
+        now: DateTime<Utc>,
+    ) -> Result<(Target, Option<DesiredSpec>), ReconcileError> {
+        let d = match desired {
+            None => {
+                let remove_after = if self.store.deleted_revision(user_id).await?.is_some() {
+                    None
+                } else {
+                    let grace =
+                        chrono::Duration::from_std(self.options.orphan_grace).unwrap_or_default();
+                    let since = self.remember(user_id, |m| *m.orphan_since.get_or_insert(now));
+                    Some(since + grace)
+                };
+                return Ok((Target::Absent { remove_after }, None));
+            }
+            Some(Err(invalid)) => {
+                return Ok((
+                    Target::Failed {
+                        message: invalid.status_message(),
+                    },
+                    None,
+                ));
+            }
+            Some(Ok(d)) => d,
+        };
+        let blocked = self.remember(user_id, |m| {
+            m.orphan_since = None;
+            // A changed row or an expired wait lifts the block.
+            if m.blocked
+                .as_ref()
+                .is_some_and(|b| b.revision != d.revision || b.until <= now)
+            {
+                m.blocked = None;
+            }
+            m.blocked.clone()
+        });
+        if let Some(b) = blocked {
+            return Ok((Target::Failed { message: b.message }, None));
+        }
+        let image = d
+            .image
+            .clone()
+            .unwrap_or_else(|| self.settings.image.clone());
+        if !self.settings.image_allowed(&image) {
+            let allowed: Vec<&str> = self
+                .settings
+                .allowed_images
+                .iter()
+                .map(|p| p.as_str())
+                .collect();
+            return Ok((
+                Target::Failed {
+                    message: format!(
+                        "image {} is not allowed (--allowed-images: {})",
+                        quote_short(image.as_str()),
+                        allowed.join(", ")
+                    ),
+                },
+                None,
+            ));
+        }
+        let intent = intent_of(d, now);
+        let needs_port = intent == Intent::Running || found.canonical.is_some();
+        let port = if needs_port {
+            Some(
+                self.resolve_port(user_id, found.canonical.as_ref(), row, now)
+                    .await?,
+            )
+        } else {
+            row.host_port.filter(|p| self.ports.usable(*p))
+        };
+        let spec = DesiredSpec::new(&self.settings, user_id, &image, d.restart_nonce, port);
+        Ok((
+            Target::Present {
+                intent,
+                spec_hash: spec.hash.clone(),
+                name: spec.name.clone(),
+            },
+            Some(spec),
+        ))
+    }
+
+    /// The user's port: the one in the status row, else the one the existing
+    /// container publishes, else a new one; claimed in the status row (with a
+    /// token, generated once) before it is used.
+    async fn resolve_port(
+        &self,
+        user_id: &str,
+        canonical: Option<&ObservedContainer>,
+        row: &mut ContainerStatus,
+        now: DateTime<Utc>,
+    ) -> Result<u16, ReconcileError> {
+        if row.gateway_token.is_none() {
+            row.gateway_token = Some(self.keys.seal(&GatewayToken::generate()?)?);
+        }
+        if let Some(port) = row.host_port.filter(|p| self.ports.usable(*p)) {
+            return Ok(port);
+        }
+        row.host_port = None;
+        if let Some(port) = canonical
+            .and_then(|c| c.host_port)
+            .filter(|p| self.ports.usable(*p))
+        {
+            row.host_port = Some(port);
+            match self.store.write_status(row, now).await {
+                Ok(()) => return Ok(port),
+                Err(StoreError::PortTaken(_)) => row.host_port = None,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let in_use = self.store.ports_in_use().await?;
+        let claim_row = row.clone();
+        let port = self
+            .ports
+            .allocate(&in_use, |port| {
+                let mut candidate = claim_row.clone();
+                candidate.host_port = Some(port);
+                let store = self.store.clone();
+                async move { store.write_status(&candidate, now).await }
+            })
+            .await?;
+        row.host_port = Some(port);
+        debug!(port, user = %quote_short(user_id), "claimed host port");
+        Ok(port)
+    }
+
+    fn remember<T>(&self, user_id: &str, f: impl FnOnce(&mut Memory) -> T) -> T {
+        let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = memory.entry(user_id.to_owned()).or_default();
+        let out = f(entry);
+        if entry.crash == CrashHistory::default()
+            && entry.orphan_since.is_none()
+            && entry.blocked.is_none()
+        {
+            memory.remove(user_id);
+        }
+        out
+    }
+
+    fn crash_history(
+        &self,
+        user_id: &str,
+        canonical: Option<&ObservedContainer>,
+        now: DateTime<Utc>,
+    ) -> CrashHistory {
+        let stable = canonical.is_some_and(|c| {
+            c.state == RunState::Running
+                && c.started_at.is_some_and(|at| {
+                    (now - at).to_std().unwrap_or_default() >= self.options.stable_after
+                })
+        });
+        self.remember(user_id, |m| {
+            if stable {
+                m.crash = CrashHistory::default();
+            }
+            m.crash
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn apply(
+        &self,
+        action: &Action,
+        user_id: &str,
+        name: &str,
+        spec: Option<&DesiredSpec>,
+        current: &mut Option<ObservedContainer>,
+        row: &mut ContainerStatus,
+        previous: Option<&ContainerStatus>,
+        now: DateTime<Utc>,
+    ) -> Result<(), ReconcileError> {
+        let timeout = self.settings.stop_timeout;
+        let current_id = || {
+            current
+                .as_ref()
+                .map(|c| c.id.clone())
+                .unwrap_or_else(|| name.to_owned())
+        };
+        match action {
+            Action::AdoptReplacement { id } => {
+                info!(container = %name, "finishing an interrupted recreate");
+                self.engine.rename_container(id, name).await?;
+            }
+            Action::RemoveStray { id, name: stray } => {
+                info!(container = %stray, "removing leftover container");
+                self.engine.remove_container(id).await?;
+            }
+            Action::Create { start } => {
+                let spec = spec.expect("a present target has a spec");
+                set_phase(row, Phase::Creating, now);
+                row.message = None;
+                self.write(row, previous, now).await?;
+                info!(container = %name, image = %spec.image, port = ?spec.host_port, "creating container");
+                let id = self.create(spec, row, name, now).await?;
+                *current = self.engine.inspect_container(&id).await?;
+                if *start {
+                    self.start(&id, spec.host_port, row, now).await?;
+                }
+            }
+            Action::Recreate { reason, start } => {
+                let spec = spec.expect("a present target has a spec");
+                let old = current_id();
+                info!(container = %name, reason = ?reason, "recreating container");
+                set_phase(row, Phase::Creating, now);
+                self.write(row, previous, now).await?;
+                let next = spec.replacement_name();
+                let new_id = self.create(spec, row, &next, now).await?;
+                // The new container exists: only now is the old one let go.
+                self.engine.stop_container(&old, timeout).await?;
+                self.engine.remove_container(&old).await?;
+                self.engine.rename_container(&new_id, name).await?;
+                *current = self.engine.inspect_container(&new_id).await?;
+                if *start {
+                    self.start(&new_id, spec.host_port, row, now).await?;
+                }
+            }
+            Action::Start { reason } => {
+                let id = current_id();
+                if let StartReason::Crashed { exit_code } = reason {
+                    info!(container = %name, exit_code = ?exit_code, restarts = row.restarts + 1, "restarting crashed container");
+                    self.count_restart(user_id, row, now);
+                } else {
+                    info!(container = %name, "starting container");
+                }
+                self.start(&id, spec.and_then(|s| s.host_port), row, now)
+                    .await?;
+            }
+            Action::Restart { reason } => {
+                info!(container = %name, reason = ?reason, restarts = row.restarts + 1, "restarting unhealthy container");
+                self.count_restart(user_id, row, now);
+                let id = current_id();
+                self.engine.restart_container(&id, timeout).await?;
+            }
+            Action::Stop { reason } => {
+                info!(container = %name, reason = ?reason, "stopping container");
+                set_phase(row, Phase::Stopping, now);
+                self.write(row, previous, now).await?;
+                self.engine.stop_container(&current_id(), timeout).await?;
+            }
+            Action::Remove { id } => {
+                info!(container = %name, "removing container (volume kept)");
+                set_phase(row, Phase::Removing, now);
+                self.write(row, previous, now).await?;
+                self.engine.stop_container(id, timeout).await?;
+                self.engine.remove_container(id).await?;
+                *current = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn count_restart(&self, user_id: &str, row: &mut ContainerStatus, now: DateTime<Utc>) {
+        row.restarts += 1;
+        self.remember(user_id, |m| {
+            m.crash.consecutive += 1;
+            m.crash.last_restart_at = Some(now);
+        });
+    }
+
+    /// Creates a container for `spec` named `name`, pulling the image if missing.
+    async fn create(
+        &self,
+        spec: &DesiredSpec,
+        row: &mut ContainerStatus,
+        name: &str,
+        now: DateTime<Utc>,
+    ) -> Result<String, ReconcileError> {
+        let sealed = row
+            .gateway_token
+            .clone()
+            .expect("a token is claimed with the port");
+        let token = self.keys.open(&sealed)?;
+        if self.keys.needs_reseal(&sealed) {
+            row.gateway_token = Some(self.keys.seal(&token)?);
+        }
+        let network = self.network_id().await?;
+        self.engine
+            .ensure_volume(
+                &spec.volume,
+                &object_labels(&self.settings.instance, &spec.user_id),
+            )
+            .await?;
+        let container = spec.container_spec(&self.settings, &token, name, &network);
+        match self.engine.create_container(&container).await {
+            Ok(id) => Ok(id),
+            Err(EngineError::ImageNotFound { image, .. }) => {
+                info!(image = %image, "image not present; pulling");
+                row.message = Some(format!("pulling image {image}"));
+                self.write(row, None, now).await?;
+                self.engine.pull_image(&image).await?;
+                row.message = None;
+                Ok(self.engine.create_container(&container).await?)
+            }
+            Err(e @ EngineError::Api { status: 404, .. }) => {
+                // Most likely the network was removed behind our back: look it up again next time.
+                *self.network.lock().await = None;
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Starts `id`; a port the engine refuses is quarantined and released so
+    /// the next reconcile moves the user to another one.
+    async fn start(
+        &self,
+        id: &str,
+        port: Option<u16>,
+        row: &mut ContainerStatus,
+        now: DateTime<Utc>,
+    ) -> Result<(), ReconcileError> {
+        match self.engine.start_container(id).await {
+            Err(e @ EngineError::PortAllocated { .. }) => {
+                let busy = match &e {
+                    EngineError::PortAllocated { port: Some(p), .. } => Some(*p),
+                    _ => port,
+                };
+                if let Some(busy) = busy {
+                    warn!(
+                        port = busy,
+                        "host port taken outside clawfleet; moving to another port"
+                    );
+                    self.ports.quarantine(busy);
+                    if row.host_port == Some(busy) {
+                        row.host_port = None;
+                        row.message = Some(e.to_string());
+                        self.store.write_status(row, now).await?;
+                    }
+                }
+                Err(e.into())
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// The agents' network id, created once (single-flight: one creator at a time).
+    async fn network_id(&self) -> Result<String, ReconcileError> {
+        let mut cached = self.network.lock().await;
+        if let Some(id) = cached.as_ref() {
+            return Ok(id.clone());
+        }
+        let id = self
+            .engine
+            .ensure_network(
+                &self.settings.network,
+                &shared_labels(&self.settings.instance),
+            )
+            .await?;
+        *cached = Some(id.clone());
+        Ok(id)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        user_id: &str,
+        plan: &Plan,
+        spec: Option<&DesiredSpec>,
+        current: Option<ObservedContainer>,
+        mut row: ContainerStatus,
+        previous: Option<&ContainerStatus>,
+        desired: Option<&DesiredRow>,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, ReconcileError> {
+        let acted = !plan.actions.is_empty();
+        let phase = match &plan.status {
+            StatusIntent::Delete => {
+                if previous.is_some() {
+                    self.store.delete_status(user_id).await?;
+                    info!("user gone; status removed");
+                }
+                self.remember(user_id, |m| *m = Memory::default());
+                return Ok(Outcome {
+                    requeue_after: plan.requeue_after,
+                    converged: !acted,
+                    phase: None,
+                    actions: plan.actions.len(),
+                });
+            }
+            StatusIntent::Write { phase, message } => {
+                set_phase(&mut row, *phase, now);
+                row.message = message.clone();
+                *phase
+            }
+        };
+        row.container_id = current.as_ref().map(|c| c.id.clone());
+        row.container_name = current.as_ref().map(|c| c.name.clone());
+        // After acting, what the engine now holds is seen on the next look.
+        // Docker keeps the last health result of a stopped container; only a
+        // running one has a health worth reporting.
+        row.health = match &current {
+            Some(c) if !acted && c.state == RunState::Running => c.health,
+            _ => None,
+        };
+        if let Some(spec) = spec {
+            row.url = current.as_ref().map(|_| spec.url());
+            row.host_url = spec.host_url(&self.settings);
+        }
+        self.write(&row, previous, now).await?;
+
+        let mut requeue = plan.requeue_after;
+        if acted {
+            // Look again at once: the next reconcile observes what the actions did.
+            requeue = Some(Duration::ZERO);
+        } else if let Some(deadline) = desired
+            .and_then(|d| d.as_ref().ok())
+            .and_then(|d| d.idle_deadline())
+        {
+            if deadline > now {
+                let wait = (deadline - now).to_std().unwrap_or_default();
+                requeue = Some(requeue.map_or(wait, |r| r.min(wait)));
+            }
+        }
+        let converged = !acted && plan.requeue_after.is_none() && phase != Phase::Failed;
+        Ok(Outcome {
+            requeue_after: requeue,
+            converged,
+            phase: Some(phase),
+            actions: plan.actions.len(),
+        })
+    }
+
+    /// Writes the row when it differs from what is stored.
+    async fn write(
+        &self,
+        row: &ContainerStatus,
+        previous: Option<&ContainerStatus>,
+        now: DateTime<Utc>,
+    ) -> Result<(), ReconcileError> {
+        let unchanged = previous.is_some_and(|p| {
+            ContainerStatus {
+                updated_at: p.updated_at,
+                ..row.clone()
+            } == *p
+        });
+        if !unchanged {
+            self.store.write_status(row, now).await?;
+        }
+        Ok(())
+    }
+
+    /// Reports a transient error in the status row (best effort) and hands it back.
+    async fn record_error(
+        &self,
+        mut row: ContainerStatus,
+        previous: Option<&ContainerStatus>,
+        error: ReconcileError,
+        now: DateTime<Utc>,
+    ) -> ReconcileError {
+        row.message = Some(error.to_string());
+        if let Err(e) = self.write(&row, previous, now).await {
+            debug!(error = %e, "could not record the error in the status row");
+        }
+        error
+    }
+}
+
+fn new_row(user_id: &str, now: DateTime<Utc>) -> ContainerStatus {
+    ContainerStatus {
+        user_id: user_id.to_owned(),
+        phase: Phase::Pending,
+        container_id: None,
+        container_name: None,
+        host_port: None,
+        url: None,
+        host_url: None,
+        health: None,
+        gateway_token: None,
+        observed_revision: None,
+        message: None,
+        restarts: 0,
+        last_transition_at: now,
+        updated_at: now,
+    }
+}
+
+fn set_phase(row: &mut ContainerStatus, phase: Phase, now: DateTime<Utc>) {
+    if row.phase != phase {
+        row.phase = phase;
+        row.last_transition_at = now;
+    }
+}
+
+fn intent_of(d: &DesiredContainer, now: DateTime<Utc>) -> Intent {
+    match (d.state, d.is_idle(now)) {
+        (DesiredState::Stopped, _) => Intent::Stopped,
+        (DesiredState::Running, true) => Intent::Idle,
+        (DesiredState::Running, false) => Intent::Running,
+    }
+}

@@ -1,0 +1,255 @@
+//! The container a user should have: its Docker spec and the hash that says
+//! when an existing container no longer matches it.
+//!
+//! The hash covers every input of the effective configuration (image, name,
+//! volume, network, published address, environment names and non-secret
+//! values, stop timeout, limits, restart nonce) and never the token: it is a
+//! label anyone can read. A container whose `io.clawfleet.spec-hash` label
+//! differs from [`DesiredSpec::hash`] is recreated.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::ContainerSettings;
+use crate::docker::{
+    object_labels, ContainerSpec, EnvValue, GATEWAY_PORT, LABEL_SPEC_HASH, STATE_PATH,
+};
+use crate::image_ref::ImageRef;
+use crate::naming;
+use crate::secrets::GatewayToken;
+
+/// Suffix of the replacement container while a recreate is under way.
+pub const REPLACEMENT_SUFFIX: &str = "-next";
+
+/// Everything that decides one user's container, except its token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredSpec {
+    /// The user.
+    pub user_id: String,
+    /// Container name.
+    pub name: String,
+    /// State volume name.
+    pub volume: String,
+    /// Image to run.
+    pub image: ImageRef,
+    /// Host port the gateway is published on (none until allocated).
+    pub host_port: Option<u16>,
+    /// The row's restart nonce.
+    pub restart_nonce: i64,
+    /// Hash of all of the above and the settings that shape the container.
+    pub hash: String,
+}
+
+impl DesiredSpec {
+    /// The spec of `user_id` under `settings`.
+    pub fn new(
+        settings: &ContainerSettings,
+        user_id: &str,
+        image: &ImageRef,
+        restart_nonce: i64,
+        host_port: Option<u16>,
+    ) -> Self {
+        let limits = settings.limits;
+        let name = naming::container_name(&settings.name_prefix, user_id);
+        let volume = naming::volume_name(&settings.name_prefix, user_id);
+        let mut hasher = Sha256::new();
+        let mut field = |key: &str, value: &str| {
+            // Length-prefixed so no two field lists hash alike.
+            for part in [key, value] {
+                hasher.update((part.len() as u64).to_le_bytes());
+                hasher.update(part.as_bytes());
+            }
+        };
+        field("version", "1");
+        field("name", &name);
+        field("volume", &volume);
+        field("state_path", STATE_PATH);
+        field("image", image.as_str());
+        field("network", &settings.network);
+        field("gateway_port", &GATEWAY_PORT.to_string());
+        field("publish_ip", &settings.publish_ip.to_string());
+        field(
+            "host_port",
+            &host_port.map_or(String::new(), |p| p.to_string()),
+        );
+        field(
+            "stop_timeout_s",
+            &settings.stop_timeout.as_secs().to_string(),
+        );
+        field("memory", &format!("{:?}", limits.memory_bytes));
+        field("nano_cpus", &format!("{:?}", limits.nano_cpus));
+        field("pids", &format!("{:?}", limits.pids));
+        field("restart_nonce", &restart_nonce.to_string());
+        for (key, value) in plain_env(settings, user_id) {
+            field(key, &value);
+        }
+        for key in SECRET_ENV {
+            field(key, "<token>");
+        }
+        let hash = hex::encode(&hasher.finalize()[..8]);
+        Self {
+            user_id: user_id.to_owned(),
+            name,
+            volume,
+            image: image.clone(),
+            host_port,
+            restart_nonce,
+            hash,
+        }
+    }
+
+    /// The name a replacement container takes while a recreate is under way.
+    /// Never a canonical name: raw bodies hold no `-` and escaped ones end in 12 hex digits.
+    pub fn replacement_name(&self) -> String {
+        format!("{}{REPLACEMENT_SUFFIX}", self.name)
+    }
+
+    /// `http://<container name>:18789`, the gateway on the agents' network.
+    pub fn url(&self) -> String {
+        format!("http://{}:{GATEWAY_PORT}", self.name)
+    }
+
+    /// `http://<publish ip>:<host port>`, the gateway from the host.
+    pub fn host_url(&self, settings: &ContainerSettings) -> Option<String> {
+        let port = self.host_port?;
+        Some(match settings.publish_ip {
+            std::net::IpAddr::V6(ip) => format!("http://[{ip}]:{port}"),
+            ip => format!("http://{ip}:{port}"),
+        })
+    }
+
+    /// The Docker spec to create this container under `name` on `network`
+    /// (a network id, so duplicate network names cannot make it ambiguous).
+    pub fn container_spec(
+        &self,
+        settings: &ContainerSettings,
+        token: &GatewayToken,
+        name: &str,
+        network: &str,
+    ) -> ContainerSpec {
+        let mut env: Vec<(String, EnvValue)> = plain_env(settings, &self.user_id)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), EnvValue::Plain(v)))
+            .collect();
+        for key in SECRET_ENV {
+            env.push((key.to_owned(), EnvValue::Secret(token.clone())));
+        }
+        let mut labels: BTreeMap<String, String> = object_labels(&settings.instance, &self.user_id);
+        labels.insert(LABEL_SPEC_HASH.to_owned(), self.hash.clone());
+        ContainerSpec {
+            name: name.to_owned(),
+            image: self.image.as_str().to_owned(),
+            env,
+            labels,
+            volume: self.volume.clone(),
+            network: network.to_owned(),
+            publish: self.host_port.map(|p| (settings.publish_ip, p)),
+            stop_timeout: settings.stop_timeout,
+            limits: settings.limits,
+        }
+    }
+}
+
+/// The token goes in under both names: the original service's and the one the gateway reads.
+const SECRET_ENV: [&str; 2] = ["AGENT_TOKEN", "OPENCLAW_GATEWAY_TOKEN"];
+
+fn plain_env(settings: &ContainerSettings, user_id: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("MOSAIC_API_URL", settings.mosaic_api_url.clone()),
+        ("AGENT_ID", user_id.to_owned()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PortRange;
+    use crate::docker::ResourceLimits;
+    use std::time::Duration;
+
+    fn settings() -> ContainerSettings {
+        ContainerSettings {
+            instance: "default".into(),
+            image: ImageRef::parse("alpine/openclaw:latest").unwrap(),
+            network: "mosaic-internal".into(),
+            name_prefix: "mosaic-user-".into(),
+            port_range: PortRange::default(),
+            publish_ip: "127.0.0.1".parse().unwrap(),
+            mosaic_api_url: "http://mosaic-api:3000/api".into(),
+            allowed_images: vec![],
+            stop_timeout: Duration::from_secs(10),
+            limits: ResourceLimits::default(),
+        }
+    }
+
+    fn spec(nonce: i64, port: Option<u16>) -> DesiredSpec {
+        let s = settings();
+        DesiredSpec::new(&s, "alice", &s.image, nonce, port)
+    }
+
+    #[test]
+    fn the_hash_is_stable_and_changes_with_every_input() {
+        let base = spec(0, Some(19000));
+        assert_eq!(base.hash, spec(0, Some(19000)).hash);
+        assert_eq!(base.hash.len(), 16);
+        assert_ne!(base.hash, spec(1, Some(19000)).hash, "restart nonce");
+        assert_ne!(base.hash, spec(0, Some(19001)).hash, "port");
+        let mut s = settings();
+        s.image = ImageRef::parse("alpine/openclaw:2").unwrap();
+        let other = DesiredSpec::new(&s, "alice", &s.image, 0, Some(19000));
+        assert_ne!(base.hash, other.hash, "image");
+        let mut s = settings();
+        s.limits.memory_bytes = Some(1 << 30);
+        let limited = DesiredSpec::new(&s, "alice", &s.image, 0, Some(19000));
+        assert_ne!(base.hash, limited.hash, "limits");
+    }
+
+    #[test]
+    fn the_token_goes_in_under_both_names_and_never_into_the_hash_or_debug() {
+        let s = settings();
+        let token = GatewayToken::generate().unwrap();
+        let d = spec(0, Some(19000));
+        let c = d.container_spec(&s, &token, &d.name, "net-id");
+        let value = |k: &str| {
+            c.env
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.expose().to_owned())
+        };
+        assert_eq!(value("AGENT_TOKEN").as_deref(), Some(token.expose()));
+        assert_eq!(
+            value("OPENCLAW_GATEWAY_TOKEN").as_deref(),
+            Some(token.expose())
+        );
+        assert_eq!(value("AGENT_ID").as_deref(), Some("alice"));
+        assert_eq!(
+            value("MOSAIC_API_URL").as_deref(),
+            Some("http://mosaic-api:3000/api")
+        );
+        assert!(!format!("{c:?}").contains(token.expose()));
+        let other = GatewayToken::generate().unwrap();
+        let c2 = d.container_spec(&s, &other, &d.name, "net-id");
+        assert_eq!(
+            c.labels, c2.labels,
+            "the hash label does not depend on the token"
+        );
+        assert_eq!(c.labels[LABEL_SPEC_HASH], d.hash);
+        assert_eq!(c.publish, Some(("127.0.0.1".parse().unwrap(), 19000)));
+    }
+
+    #[test]
+    fn urls_use_the_gateway_port_inside_and_the_host_port_outside() {
+        // Regression: the original mixed the container name with the host port.
+        let d = spec(0, Some(19042));
+        assert_eq!(d.url(), "http://mosaic-user-alice:18789");
+        assert_eq!(
+            d.host_url(&settings()).as_deref(),
+            Some("http://127.0.0.1:19042")
+        );
+        let mut v6 = settings();
+        v6.publish_ip = "::1".parse().unwrap();
+        assert_eq!(d.host_url(&v6).as_deref(), Some("http://[::1]:19042"));
+        assert_eq!(d.replacement_name(), "mosaic-user-alice-next");
+    }
+}

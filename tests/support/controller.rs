@@ -1,0 +1,258 @@
+//! A `clawfleet run` process for integration tests: started with the
+//! settings of a [`DockerFixture`] and a [`TestDb`], its log kept in a file
+//! (printed when a test fails), stopped with SIGTERM — or killed with
+//! SIGKILL — by the test.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clawfleet::secrets::{EncryptionKey, KeyRing};
+use clawfleet::status::{ContainerStatus, Phase};
+use clawfleet::store::Store;
+
+use super::docker::{eventually, DockerFixture, AGENT_IMAGE};
+use super::TestDb;
+
+/// The encryption key every test controller runs with, so tests can open tokens.
+pub fn test_key() -> EncryptionKey {
+    use std::sync::OnceLock;
+    static KEY: OnceLock<EncryptionKey> = OnceLock::new();
+    KEY.get_or_init(|| EncryptionKey::generate("test").expect("key"))
+        .clone()
+}
+
+/// The key ring matching [`test_key`].
+pub fn test_ring() -> KeyRing {
+    KeyRing::new(vec![test_key()]).expect("ring")
+}
+
+/// A port range of `len` ports unlikely to be used by a test running beside this one.
+pub fn port_range(len: u16) -> (u16, u16) {
+    let seed = std::process::id() as u64 * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as u64);
+    let slots = (40000 - 20000) / u64::from(len);
+    let start = 20000 + (seed % slots) as u16 * len;
+    (start, start + len - 1)
+}
+
+/// How to start a controller.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Extra environment (overrides the defaults).
+    pub env: BTreeMap<String, String>,
+}
+
+impl ControllerConfig {
+    /// The settings of `fx` on `db`, with a port range of its own.
+    pub fn new(db: &TestDb, fx: &DockerFixture) -> Self {
+        let (start, end) = port_range(200);
+        let env = BTreeMap::from([
+            ("DATABASE_URL".to_owned(), db.url.clone()),
+            ("CLAWFLEET_INSTANCE".to_owned(), fx.instance.clone()),
+            ("OPENCLAW_NETWORK".to_owned(), fx.network.clone()),
+            ("CLAWFLEET_NAME_PREFIX".to_owned(), fx.prefix.clone()),
+            ("OPENCLAW_IMAGE".to_owned(), AGENT_IMAGE.to_owned()),
+            ("CLAWFLEET_PORT_RANGE".to_owned(), format!("{start}-{end}")),
+            (
+                "CLAWFLEET_ENCRYPTION_KEYS".to_owned(),
+                test_key().to_config_entry().to_string(),
+            ),
+            ("CLAWFLEET_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+            ("CLAWFLEET_POLL_INTERVAL".to_owned(), "100ms".to_owned()),
+            ("CLAWFLEET_STOP_TIMEOUT".to_owned(), "2s".to_owned()),
+            ("RUST_LOG".to_owned(), "info,clawfleet=debug".to_owned()),
+        ]);
+        Self { env }
+    }
+
+    /// Sets one environment variable.
+    pub fn with(mut self, key: &str, value: &str) -> Self {
+        self.env.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// The port range given to the controller.
+    pub fn ports(&self) -> (u16, u16) {
+        let range = &self.env["CLAWFLEET_PORT_RANGE"];
+        let (a, b) = range.split_once('-').expect("range");
+        (a.parse().expect("start"), b.parse().expect("end"))
+    }
+}
+
+/// A running `clawfleet run`.
+pub struct ControllerProcess {
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ControllerProcess {
+    /// Starts `clawfleet run` with `config`.
+    pub fn start(config: &ControllerConfig) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("controller.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawfleet"));
+        cmd.arg("run")
+            .env("CLAWFLEET_DATA_DIR", dir.path())
+            .envs(&config.env)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file);
+        let child = cmd.spawn().expect("start clawfleet run");
+        Self {
+            child: Some(child),
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// Everything the controller logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        for _ in 0..300 {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        panic!(
+            "controller did not exit within 30 s of SIGTERM\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("---- controller log (last 80 lines) ----");
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+/// Waits until `user`'s status satisfies `check`; panics after `deadline` with the last status.
+pub async fn wait_for_status(
+    store: &Store,
+    user: &str,
+    deadline: Duration,
+    what: &str,
+    check: impl Fn(&ContainerStatus) -> bool,
+) -> ContainerStatus {
+    let description = format!("{what} (user {user:?})");
+    eventually(deadline, &description, || async {
+        store.status(user).await.ok().flatten().filter(|s| check(s))
+    })
+    .await
+}
+
+/// Waits until `user` is running and healthy.
+pub async fn wait_running(store: &Store, user: &str) -> ContainerStatus {
+    wait_for_status(
+        store,
+        user,
+        Duration::from_secs(60),
+        "running and healthy",
+        |s| {
+            s.phase == Phase::Running
+                && s.health == Some(clawfleet::status::Health::Healthy)
+                && s.container_id.is_some()
+        },
+    )
+    .await
+}
+
+/// Sends `method path` to a gateway on 127.0.0.1:`port` with `token` as bearer; status and body.
+pub fn gateway(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| e.to_string())?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("no status")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
+}
+
+/// The plaintext gateway token in a status row (sealed with [`test_key`]).
+pub fn token_of(status: &ContainerStatus) -> String {
+    let sealed = status.gateway_token.as_deref().expect("a sealed token");
+    test_ring()
+        .open(sealed)
+        .expect("open token")
+        .expose()
+        .to_owned()
+}
+
+/// `GET /v1/whoami` of a user's gateway, parsed.
+pub fn whoami(status: &ContainerStatus) -> serde_json::Value {
+    let port = status.host_port.expect("a host port");
+    let (code, body) = gateway(port, "GET", "/v1/whoami", Some(&token_of(status))).expect("whoami");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).expect("json")
+}
+
+/// The SQL expression for "now" in the backend's timestamp form.
+pub fn sql_now(db: &TestDb) -> &'static str {
+    match db.backend {
+        super::Backend::Sqlite => "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        super::Backend::Postgres => "now()",
+    }
+}
