@@ -6,7 +6,7 @@ AGENT_IMAGE ?= clawfleet-agent-stub:dev
 CLAWFLEET_TEST_PG_URL ?= postgres://clawfleet:clawfleet@127.0.0.1:5432/postgres
 export CLAWFLEET_TEST_PG_URL
 
-.PHONY: help build test lint fmt agent-image run clean
+.PHONY: help build test lint fmt agent-image run bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ fmt: ## Format the code
 
 agent-image: ## Build the test agent image clawfleet-agent-stub:dev (FROM scratch)
 	IMAGE=$(AGENT_IMAGE) bash agent-stub/build-image.sh
+
+bench: agent-image ## Convergence and resync benchmark; prints a table and a summary line
+	$(CARGO) bench --bench converge
 
 run: build ## Run the controller on the embedded defaults (SQLite under ./data)
 	./target/release/clawfleet run

@@ -10,6 +10,11 @@
 //! holds it; a port the engine later reports "already allocated" is
 //! quarantined for a while (the original service did neither, and handed two
 //! users one port).
+//!
+//! The allocator keeps its own view of the claimed ports, loaded once from
+//! the table and kept up to date as ports are claimed and released, so an
+//! allocation costs no table scan. The view may only err on the side of
+//! "taken": a port claimed elsewhere is discovered by the failed claim.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -53,6 +58,8 @@ pub struct PortAllocator {
 
 #[derive(Debug, Default)]
 struct State {
+    /// Ports held by status rows, once loaded.
+    claimed: Option<HashSet<u16>>,
     quarantined: HashMap<u16, Instant>,
     /// Where the next search starts, so freed ports are not reused at once.
     cursor: u16,
@@ -66,6 +73,7 @@ impl PortAllocator {
             publish_ip,
             probe: true,
             state: Mutex::new(State {
+                claimed: None,
                 quarantined: HashMap::new(),
                 cursor: range.start(),
             }),
@@ -83,10 +91,42 @@ impl PortAllocator {
         self.range
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True once the claimed ports were loaded from the table.
+    pub fn is_loaded(&self) -> bool {
+        self.lock().claimed.is_some()
+    }
+
+    /// Adds the ports status rows hold to the view.
+    pub fn load(&self, in_use: impl IntoIterator<Item = u16>) {
+        self.lock()
+            .claimed
+            .get_or_insert_with(HashSet::new)
+            .extend(in_use);
+    }
+
+    /// Records a port claimed outside [`allocate`](Self::allocate) (a user keeping its port).
+    pub fn note_claimed(&self, port: u16) {
+        if let Some(claimed) = self.lock().claimed.as_mut() {
+            claimed.insert(port);
+        }
+    }
+
+    /// Records that no status row holds `port` any more.
+    pub fn release(&self, port: u16) {
+        if let Some(claimed) = self.lock().claimed.as_mut() {
+            claimed.remove(&port);
+        }
+    }
+
     /// Marks `port` busy for [`QUARANTINE`] (the engine said it is taken).
     pub fn quarantine(&self, port: u16) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.quarantined.insert(port, Instant::now() + QUARANTINE);
+        self.lock()
+            .quarantined
+            .insert(port, Instant::now() + QUARANTINE);
     }
 
     /// True when `port` may be used: in range and not quarantined.
@@ -94,36 +134,39 @@ impl PortAllocator {
         if !self.range.contains(port) {
             return false;
         }
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state
+        self.lock()
             .quarantined
             .get(&port)
             .is_none_or(|until| *until <= Instant::now())
     }
 
     /// Picks a free port and claims it with `claim`, which writes it to the
-    /// user's status row. `in_use` are the ports other rows hold.
-    pub async fn allocate<F, Fut>(&self, in_use: &[u16], mut claim: F) -> Result<u16, PortError>
+    /// user's status row. Call [`load`](Self::load) first.
+    pub async fn allocate<F, Fut>(&self, mut claim: F) -> Result<u16, PortError>
     where
         F: FnMut(u16) -> Fut,
         Fut: Future<Output = Result<(), StoreError>>,
     {
-        let mut taken: HashSet<u16> = in_use.iter().copied().collect();
         loop {
-            let port = self.choose(&taken)?;
+            let port = self.choose()?;
             match claim(port).await {
                 Ok(()) => return Ok(port),
-                Err(StoreError::PortTaken(_)) => {
-                    taken.insert(port);
+                Err(StoreError::PortTaken(_)) => {}
+                Err(e) => {
+                    self.release(port);
+                    return Err(e.into());
                 }
-                Err(e) => return Err(e.into()),
             }
         }
     }
 
-    fn choose(&self, taken: &HashSet<u16>) -> Result<u16, PortError> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+    /// Picks a port and marks it claimed in the view (so no concurrent
+    /// allocation in this process picks it too).
+    fn choose(&self) -> Result<u16, PortError> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let now = Instant::now();
+        let taken = state.claimed.get_or_insert_with(HashSet::new);
         state.quarantined.retain(|_, until| *until > now);
         let len = self.range.len();
         let offset = usize::from(state.cursor.saturating_sub(self.range.start())) % len;
@@ -142,9 +185,10 @@ impl PortAllocator {
                 .unwrap_or(self.range.start());
             return Ok(port);
         }
+        let claimed = taken.len();
         Err(PortError::Exhausted {
             range: self.range,
-            claimed: taken.len(),
+            claimed,
             busy: state.quarantined.len(),
         })
     }
@@ -169,18 +213,22 @@ mod tests {
     #[tokio::test]
     async fn ports_held_by_other_rows_are_skipped() {
         let a = allocator(41000, 41010).without_probe();
-        let port = a
-            .allocate(&[41000, 41001], |_| async { Ok(()) })
-            .await
-            .unwrap();
+        a.load([41000, 41001]);
+        let port = a.allocate(|_| async { Ok(()) }).await.unwrap();
         assert_eq!(port, 41002);
+        a.release(41000);
+        let next = a.allocate(|_| async { Ok(()) }).await.unwrap();
+        assert_eq!(
+            next, 41003,
+            "the search goes on from the last port, not back to a freed one"
+        );
     }
 
     #[tokio::test]
     async fn a_claim_lost_to_another_writer_moves_on_to_the_next_port() {
         let a = allocator(41000, 41010).without_probe();
         let port = a
-            .allocate(&[], |p| async move {
+            .allocate(|p| async move {
                 if p < 41003 {
                     Err(StoreError::PortTaken(p))
                 } else {
@@ -198,7 +246,7 @@ mod tests {
         let held = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = held.local_addr().unwrap().port();
         let a = allocator(port, port.saturating_add(5));
-        let got = a.allocate(&[], |_| async { Ok(()) }).await.unwrap();
+        let got = a.allocate(|_| async { Ok(()) }).await.unwrap();
         assert_ne!(got, port);
         assert!(!a.usable(port), "the busy port is quarantined");
     }
@@ -211,8 +259,7 @@ mod tests {
         for _ in 0..50 {
             let (a, claimed) = (a.clone(), claimed.clone());
             tasks.push(tokio::spawn(async move {
-                let in_use: Vec<u16> = claimed.lock().unwrap().iter().copied().collect();
-                a.allocate(&in_use, |p| {
+                a.allocate(|p| {
                     let claimed = claimed.clone();
                     async move {
                         tokio::task::yield_now().await;
@@ -237,10 +284,8 @@ mod tests {
     #[tokio::test]
     async fn an_exhausted_range_says_how_to_fix_it() {
         let a = allocator(43000, 43001).without_probe();
-        let err = a
-            .allocate(&[43000, 43001], |_| async { Ok(()) })
-            .await
-            .unwrap_err();
+        a.load([43000, 43001]);
+        let err = a.allocate(|_| async { Ok(()) }).await.unwrap_err();
         assert!(err.to_string().contains("widen --port-range"), "{err}");
     }
 

@@ -425,23 +425,31 @@ impl<E: Engine> Reconciler<E> {
         if let Some(port) = row.host_port.filter(|p| self.ports.usable(*p)) {
             return Ok(port);
         }
-        row.host_port = None;
+        // A port out of the range or found busy is given up for another.
+        if let Some(old) = row.host_port.take() {
+            self.ports.release(old);
+        }
         if let Some(port) = canonical
             .and_then(|c| c.host_port)
             .filter(|p| self.ports.usable(*p))
         {
             row.host_port = Some(port);
             match self.store.write_status(row, now).await {
-                Ok(()) => return Ok(port),
+                Ok(()) => {
+                    self.ports.note_claimed(port);
+                    return Ok(port);
+                }
                 Err(StoreError::PortTaken(_)) => row.host_port = None,
                 Err(e) => return Err(e.into()),
             }
         }
-        let in_use = self.store.ports_in_use().await?;
+        if !self.ports.is_loaded() {
+            self.ports.load(self.store.ports_in_use().await?);
+        }
         let claim_row = row.clone();
         let port = self
             .ports
-            .allocate(&in_use, |port| {
+            .allocate(|port| {
                 let mut candidate = claim_row.clone();
                 candidate.host_port = Some(port);
                 let store = self.store.clone();
@@ -650,6 +658,7 @@ impl<E: Engine> Reconciler<E> {
                         "host port taken outside clawfleet; moving to another port"
                     );
                     self.ports.quarantine(busy);
+                    self.ports.release(busy);
                     if row.host_port == Some(busy) {
                         row.host_port = None;
                         row.message = Some(e.to_string());
@@ -694,8 +703,11 @@ impl<E: Engine> Reconciler<E> {
         let acted = !plan.actions.is_empty();
         let phase = match &plan.status {
             StatusIntent::Delete => {
-                if previous.is_some() {
+                if let Some(previous) = previous {
                     self.store.delete_status(user_id).await?;
+                    if let Some(port) = previous.host_port {
+                        self.ports.release(port);
+                    }
                     info!("user gone; status removed");
                 }
                 self.remember(user_id, |m| *m = Memory::default());

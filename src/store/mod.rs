@@ -19,7 +19,7 @@ use sea_orm::{
 };
 use sea_orm_migration::MigratorTrait;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::Connection as _;
 
 pub use desired::{DesiredChange, DesiredRow, DesiredUpdate};
@@ -144,6 +144,10 @@ impl Store {
             let options = SqliteConnectOptions::from_str(url)
                 .map_err(|e| bad_url(e.to_string()))?
                 .journal_mode(SqliteJournalMode::Wal)
+                // In WAL mode NORMAL survives an application crash; only an
+                // OS crash may lose the last commits, which the next
+                // reconcile rewrites anyway.
+                .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(SQLITE_BUSY_TIMEOUT)
                 .foreign_keys(true);
             if let Some(dir) = options.get_filename().parent() {
