@@ -6,7 +6,7 @@ AGENT_IMAGE ?= clawfleet-agent-stub:dev
 CLAWFLEET_TEST_PG_URL ?= postgres://clawfleet:clawfleet@127.0.0.1:5432/postgres
 export CLAWFLEET_TEST_PG_URL
 
-.PHONY: help build test lint fmt agent-image run bench clean
+.PHONY: help build test lint fmt agent-image run demo demo-stop bench clean image deploy-check test-deploy
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -30,8 +30,14 @@ agent-image: ## Build the test agent image clawfleet-agent-stub:dev (FROM scratc
 bench: agent-image ## Convergence and resync benchmark; prints a table and a summary line
 	$(CARGO) bench --bench converge
 
-run: build ## Run the controller on the embedded defaults (SQLite under ./data)
+run: build ## Run the controller on the embedded defaults (SQLite under ./data; creates a key if none)
 	./target/release/clawfleet run
+
+demo: build agent-image ## Start clawfleet on the stand-in agent image, create users, watch them converge
+	bash scripts/demo.sh
+
+demo-stop: ## Stop the demo controller and remove the demo's containers
+	bash scripts/demo-stop.sh
 
 clean: ## Remove build output
 	$(CARGO) clean

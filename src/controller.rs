@@ -218,28 +218,30 @@ impl<E: Engine> Controller<E> {
         ));
         tasks.spawn(log_progress(progress.clone(), queue.clone()));
 
+        // Polled in place, not spawned: dropping `run` (a lost lease) aborts
+        // every reconcile in flight at once.
         let workers = {
             let reconciler = reconciler.clone();
             let progress = progress.clone();
             let observer = observers.reconciles.clone();
-            tokio::spawn(run_workers(
-                queue.clone(),
-                options.concurrency,
-                move |user: String| {
-                    let reconciler = reconciler.clone();
-                    let progress = progress.clone();
-                    let observer = observer.clone();
-                    async move { reconcile_one(&reconciler, &progress, observer.as_ref(), user).await }
-                },
-            ))
+            run_workers(queue.clone(), options.concurrency, move |user: String| {
+                let reconciler = reconciler.clone();
+                let progress = progress.clone();
+                let observer = observer.clone();
+                async move { reconcile_one(&reconciler, &progress, observer.as_ref(), user).await }
+            })
         };
-
-        shutdown.await;
+        tokio::pin!(workers);
+        tokio::pin!(shutdown);
+        tokio::select! {
+            _ = &mut workers => warn!("the worker pool stopped on its own"),
+            _ = &mut shutdown => {}
+        }
         info!("shutting down: no new reconciles; waiting for those in flight; containers are left running");
         queue.shutdown();
         tasks.shutdown().await;
         match tokio::time::timeout(options.shutdown_timeout, workers).await {
-            Ok(_) => info!("all reconciles finished"),
+            Ok(()) => info!("all reconciles finished"),
             Err(_) => warn!(
                 timeout_s = options.shutdown_timeout.as_secs(),
                 "reconciles still running at the shutdown timeout; abandoning them"
@@ -255,15 +257,28 @@ async fn reconcile_one<E: Engine>(
     observer: &dyn ReconcileObserver,
     user: String,
 ) -> Outcome {
-    let span = tracing::info_span!("reconcile", user_id = %crate::desired::quote_short(&user));
+    let span = tracing::info_span!(
+        "reconcile",
+        user_id = %crate::desired::quote_short(&user),
+        actions = tracing::field::Empty
+    );
     let started = std::time::Instant::now();
     let result = reconciler.reconcile(&user).instrument(span.clone()).await;
     let seconds = started.elapsed().as_secs_f64();
     let _entered = span.enter();
     match result {
         Ok(outcome) => {
-            progress.record(&user, outcome.phase, outcome.converged);
+            progress.record(
+                &user,
+                outcome.phase,
+                outcome.converged,
+                outcome.desired_state,
+            );
             match outcome.requeue_after {
+                Some(after) if after.is_zero() => {
+                    observer.reconciled("requeue", None, seconds);
+                    Outcome::RequeueAfter(after)
+                }
                 Some(after) => {
                     observer.reconciled("requeue_after", None, seconds);
                     Outcome::RequeueAfter(after)

@@ -105,6 +105,7 @@ where
     let listener = match store.pool() {
         Pool::Postgres(pool) => Some(tokio::spawn(listen(
             pool.clone(),
+            clawfleet_migration::NOTIFY_CHANNEL,
             sink.clone(),
             wake.clone(),
         ))),
@@ -156,9 +157,28 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Forwards NOTIFY payloads (user ids); wakes the poller when notifications
-/// may have been lost (reconnect) or a payload was too long to carry the id.
-async fn listen<F>(pool: sqlx::PgPool, sink: Arc<F>, wake: Arc<Notify>)
+/// On PostgreSQL, hands every user id whose `container_status` row changes
+/// (in any process) to the store's status-change channel, so API waiters on a
+/// process that does not reconcile learn of it at once. Runs until dropped;
+/// returns at once on SQLite (one process writes and waits).
+pub async fn status_notifications(store: Store) {
+    let Pool::Postgres(pool) = store.pool().clone() else {
+        return;
+    };
+    let announcer = store.clone();
+    listen(
+        pool,
+        clawfleet_migration::STATUS_NOTIFY_CHANNEL,
+        Arc::new(move |user: String| announcer.announce_status(&user)),
+        Arc::new(Notify::new()),
+    )
+    .await
+}
+
+/// Forwards NOTIFY payloads (user ids) of `channel`; wakes the poller when
+/// notifications may have been lost (reconnect) or a payload was too long to
+/// carry the id.
+async fn listen<F>(pool: sqlx::PgPool, channel: &'static str, sink: Arc<F>, wake: Arc<Notify>)
 where
     F: Fn(String) + Send + Sync + 'static,
 {
@@ -173,7 +193,7 @@ where
                 continue;
             }
         };
-        if let Err(e) = listener.listen(clawfleet_migration::NOTIFY_CHANNEL).await {
+        if let Err(e) = listener.listen(channel).await {
             debug!(error = %e, "LISTEN failed; polling covers the gap");
             tokio::time::sleep(delay).await;
             continue;

@@ -27,6 +27,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => cli::migrate(&cli.global).await?,
         Command::Users(command) => cli::users(&cli.global, command).await?,
         Command::Keygen(args) => cli::keygen(args)?,
+        Command::Doctor => cli::doctor(&cli.global, cli.default_image.clone()).await?,
     }
     Ok(())
 }
@@ -54,8 +55,10 @@ fn init_logging(cli: &Cli) {
             filter = filter.add_directive(d);
         }
     }
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match cli.global.log_format {
         LogFormat::Pretty => builder.init(),

@@ -223,6 +223,22 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// A short name for logs (`create`, `recreate`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::AdoptReplacement { .. } => "adopt_replacement",
+            Self::RemoveStray { .. } => "remove_stray",
+            Self::Create { .. } => "create",
+            Self::Recreate { .. } => "recreate",
+            Self::Start { .. } => "start",
+            Self::Restart { .. } => "restart",
+            Self::Stop { .. } => "stop",
+            Self::Remove { .. } => "remove",
+        }
+    }
+}
+
 /// What to do with the user's status row.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StatusIntent {

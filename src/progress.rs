@@ -18,13 +18,22 @@ pub struct ProgressSummary {
     pub failed: usize,
     /// Users by phase.
     pub by_phase: BTreeMap<Phase, usize>,
+    /// Users by the effective state of their desired row.
+    pub by_desired: BTreeMap<&'static str, usize>,
     /// True once every user of the first full sync was reconciled once.
     pub synced: bool,
 }
 
+#[derive(Clone, Copy, Default)]
+struct UserProgress {
+    phase: Option<Phase>,
+    converged: bool,
+    desired: Option<&'static str>,
+}
+
 #[derive(Default)]
 struct State {
-    users: HashMap<String, (Option<Phase>, bool)>,
+    users: HashMap<String, UserProgress>,
     first_sync: Option<HashSet<String>>,
     synced: bool,
 }
@@ -53,14 +62,24 @@ impl Progress {
         state.first_sync = Some(pending);
     }
 
-    /// Records a finished reconcile: `phase` written (`None`: user gone), `converged` or not.
-    pub fn record(&self, user: &str, phase: Option<Phase>, converged: bool) {
+    /// Records a finished reconcile: `phase` written (`None`: user gone),
+    /// `converged` or not, and the row's effective state.
+    pub fn record(
+        &self,
+        user: &str,
+        phase: Option<Phase>,
+        converged: bool,
+        desired: Option<&'static str>,
+    ) {
         let mut state = self.lock();
         match phase {
             Some(phase) => {
-                state
-                    .users
-                    .insert(user.to_owned(), (Some(phase), converged));
+                let progress = UserProgress {
+                    phase: Some(phase),
+                    converged,
+                    desired,
+                };
+                state.users.insert(user.to_owned(), progress);
             }
             None => {
                 state.users.remove(user);
@@ -72,8 +91,7 @@ impl Progress {
     /// Records a failed reconcile (it will be retried).
     pub fn record_error(&self, user: &str) {
         let mut state = self.lock();
-        let entry = state.users.entry(user.to_owned()).or_insert((None, false));
-        entry.1 = false;
+        state.users.entry(user.to_owned()).or_default().converged = false;
         Self::first_sync_done(&mut state, user);
     }
 
@@ -100,15 +118,18 @@ impl Progress {
             synced: state.synced,
             ..Default::default()
         };
-        for (phase, converged) in state.users.values() {
-            if *converged {
+        for user in state.users.values() {
+            if user.converged {
                 summary.converged += 1;
             }
-            if let Some(phase) = phase {
-                *summary.by_phase.entry(*phase).or_default() += 1;
-                if *phase == Phase::Failed {
+            if let Some(phase) = user.phase {
+                *summary.by_phase.entry(phase).or_default() += 1;
+                if phase == Phase::Failed {
                     summary.failed += 1;
                 }
+            }
+            if let Some(desired) = user.desired {
+                *summary.by_desired.entry(desired).or_default() += 1;
             }
         }
         summary
@@ -124,7 +145,7 @@ mod tests {
         let p = Progress::new();
         p.begin_first_sync(["a".to_owned(), "b".to_owned()]);
         assert!(!p.synced());
-        p.record("a", Some(Phase::Running), true);
+        p.record("a", Some(Phase::Running), true, Some("running"));
         assert!(!p.synced());
         p.record_error("b");
         assert!(p.synced());
@@ -140,12 +161,13 @@ mod tests {
     #[test]
     fn the_summary_counts_phases_and_forgets_removed_users() {
         let p = Progress::new();
-        p.record("a", Some(Phase::Running), true);
-        p.record("b", Some(Phase::Failed), false);
-        p.record("c", Some(Phase::Running), false);
-        p.record("c", None, true);
+        p.record("a", Some(Phase::Running), true, Some("running"));
+        p.record("b", Some(Phase::Failed), false, Some("invalid"));
+        p.record("c", Some(Phase::Running), false, Some("running"));
+        p.record("c", None, true, None);
         let s = p.summary();
         assert_eq!((s.users, s.converged, s.failed), (2, 1, 1));
         assert_eq!(s.by_phase[&Phase::Running], 1);
+        assert_eq!(s.by_desired["invalid"], 1);
     }
 }

@@ -26,7 +26,8 @@ use crate::docker::{
     RunState, LABEL_MANAGED,
 };
 use crate::plan::{
-    plan, Action, CrashHistory, Intent, Observed, Plan, Policy, StartReason, StatusIntent, Target,
+    plan, Action, CrashHistory, Intent, Observed, Plan, Policy, StartReason, StatusIntent,
+    StopReason, Target,
 };
 use crate::ports::{PortAllocator, PortError};
 use crate::secrets::{GatewayToken, KeyRing, SecretsError};
@@ -76,6 +77,27 @@ impl ReconcileError {
     }
 }
 
+/// `state` label values of `clawfleet_desired_containers`.
+pub const DESIRED_STATES: [&str; 4] = ["running", "stopped", "idle", "invalid"];
+/// `reason` label values of `clawfleet_container_restarts_total`.
+pub const RESTART_REASONS: [&str; 2] = ["crash", "unhealthy"];
+
+/// What the reconciler reports besides its results (for metrics). Every
+/// method does nothing by default.
+pub trait Telemetry: Send + Sync {
+    /// A user desired running was seen running, `waited` after it was first
+    /// seen desired running and not running.
+    fn container_started(&self, _waited: Duration) {}
+    /// A container was stopped at its idle deadline.
+    fn idle_stop(&self) {}
+    /// A crashed (`crash`) or unhealthy (`unhealthy`) container was restarted.
+    fn restarted(&self, _reason: &'static str) {}
+}
+
+struct NoTelemetry;
+
+impl Telemetry for NoTelemetry {}
+
 /// What a reconcile found and decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
@@ -87,6 +109,8 @@ pub struct Outcome {
     pub phase: Option<Phase>,
     /// Actions applied.
     pub actions: usize,
+    /// The row's effective state (one of [`DESIRED_STATES`]); `None` without a row.
+    pub desired_state: Option<&'static str>,
 }
 
 /// Tunables of the reconciler beyond the plan's.
@@ -122,6 +146,8 @@ struct Memory {
     /// A failure that needs a human (missing image, exhausted ports) for
     /// this revision of the row: not retried before `until`.
     blocked: Option<Blocked>,
+    /// When the user was first seen desired running and not running.
+    waiting_since: Option<DateTime<Utc>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,6 +169,7 @@ pub struct Reconciler<E: Engine> {
     network: tokio::sync::Mutex<Option<String>>,
     memory: Mutex<HashMap<String, Memory>>,
     clock: fn() -> DateTime<Utc>,
+    telemetry: Arc<dyn Telemetry>,
 }
 
 /// What the engine shows for one user, before the plan's view of it.
@@ -172,12 +199,19 @@ impl<E: Engine> Reconciler<E> {
             network: tokio::sync::Mutex::new(None),
             memory: Mutex::new(HashMap::new()),
             clock: Utc::now,
+            telemetry: Arc::new(NoTelemetry),
         }
     }
 
     /// Uses `clock` instead of the system clock (simulations).
     pub fn with_clock(mut self, clock: fn() -> DateTime<Utc>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Reports starts, idle stops and restarts to `telemetry`.
+    pub fn with_telemetry(mut self, telemetry: Arc<dyn Telemetry>) -> Self {
+        self.telemetry = telemetry;
         self
     }
 
@@ -214,6 +248,15 @@ impl<E: Engine> Reconciler<E> {
             }
             Err(e) => return Err(self.record_error(row, previous.as_ref(), e, now).await),
         };
+        let desired_state = desired.as_ref().map(|d| match d {
+            Ok(d) => match intent_of(d, now) {
+                Intent::Running => "running",
+                Intent::Stopped => "stopped",
+                Intent::Idle => "idle",
+            },
+            Err(_) => "invalid",
+        });
+        self.track_start(user_id, &target, found.canonical.as_ref(), now);
         let crash = self.crash_history(user_id, found.canonical.as_ref(), now);
         let observed = Observed {
             canonical: found.canonical,
@@ -224,6 +267,10 @@ impl<E: Engine> Reconciler<E> {
         };
         let plan = plan(&target, &observed, now, &self.options.policy);
         debug!(actions = ?plan.actions, status = ?plan.status, "planned");
+        if !plan.actions.is_empty() {
+            let names: Vec<&str> = plan.actions.iter().map(Action::name).collect();
+            tracing::Span::current().record("actions", names.join(",").as_str());
+        }
 
         let applied = plan.actions.len();
         let mut current = observed.canonical.clone();
@@ -263,22 +310,26 @@ impl<E: Engine> Reconciler<E> {
                         converged: false,
                         phase: Some(Phase::Failed),
                         actions: applied,
+                        desired_state,
                     });
                 }
                 return Err(self.record_error(row, previous.as_ref(), e, now).await);
             }
         }
-        self.finish(
-            user_id,
-            &plan,
-            spec.as_ref(),
-            current,
-            row,
-            previous.as_ref(),
-            desired.as_ref(),
-            now,
-        )
-        .await
+        let mut outcome = self
+            .finish(
+                user_id,
+                &plan,
+                spec.as_ref(),
+                current,
+                row,
+                previous.as_ref(),
+                desired.as_ref(),
+                now,
+            )
+            .await?;
+        outcome.desired_state = desired_state;
+        Ok(outcome)
     }
 
     async fn observe(&self, user_id: &str, name: &str) -> Result<Found, ReconcileError> {
@@ -468,10 +519,44 @@ impl<E: Engine> Reconciler<E> {
         if entry.crash == CrashHistory::default()
             && entry.orphan_since.is_none()
             && entry.blocked.is_none()
+            && entry.waiting_since.is_none()
         {
             memory.remove(user_id);
         }
         out
+    }
+
+    /// Measures desired-running-to-running for the start-duration metric.
+    fn track_start(
+        &self,
+        user_id: &str,
+        target: &Target,
+        canonical: Option<&ObservedContainer>,
+        now: DateTime<Utc>,
+    ) {
+        let wants_running = matches!(
+            target,
+            Target::Present {
+                intent: Intent::Running,
+                ..
+            }
+        );
+        let running = canonical.is_some_and(|c| c.state == RunState::Running);
+        let started = self.remember(user_id, |m| match (wants_running, running) {
+            (true, true) => m.waiting_since.take(),
+            (true, false) => {
+                m.waiting_since.get_or_insert(now);
+                None
+            }
+            (false, _) => {
+                m.waiting_since = None;
+                None
+            }
+        });
+        if let Some(since) = started {
+            self.telemetry
+                .container_started((now - since).to_std().unwrap_or_default());
+        }
     }
 
     fn crash_history(
@@ -556,6 +641,7 @@ impl<E: Engine> Reconciler<E> {
                 if let StartReason::Crashed { exit_code } = reason {
                     info!(container = %name, exit_code = ?exit_code, restarts = row.restarts + 1, "restarting crashed container");
                     self.count_restart(user_id, row, now);
+                    self.telemetry.restarted("crash");
                 } else {
                     info!(container = %name, "starting container");
                 }
@@ -565,6 +651,7 @@ impl<E: Engine> Reconciler<E> {
             Action::Restart { reason } => {
                 info!(container = %name, reason = ?reason, restarts = row.restarts + 1, "restarting unhealthy container");
                 self.count_restart(user_id, row, now);
+                self.telemetry.restarted("unhealthy");
                 let id = current_id();
                 self.engine.restart_container(&id, timeout).await?;
             }
@@ -573,6 +660,9 @@ impl<E: Engine> Reconciler<E> {
                 set_phase(row, Phase::Stopping, now);
                 self.write(row, previous, now).await?;
                 self.engine.stop_container(&current_id(), timeout).await?;
+                if *reason == StopReason::Idle {
+                    self.telemetry.idle_stop();
+                }
             }
             Action::Remove { id } => {
                 info!(container = %name, "removing container (volume kept)");
@@ -716,12 +806,19 @@ impl<E: Engine> Reconciler<E> {
                     converged: !acted,
                     phase: None,
                     actions: plan.actions.len(),
+                    desired_state: None,
                 });
             }
             StatusIntent::Write { phase, message } => {
-                set_phase(&mut row, *phase, now);
+                // A container just started is not yet seen running: the look
+                // that follows at once says `running` (with its health).
+                let phase = match (*phase, acted) {
+                    (Phase::Running, true) => Phase::Starting,
+                    (phase, _) => phase,
+                };
+                set_phase(&mut row, phase, now);
                 row.message = message.clone();
-                *phase
+                phase
             }
         };
         row.container_id = current.as_ref().map(|c| c.id.clone());
@@ -758,6 +855,7 @@ impl<E: Engine> Reconciler<E> {
             converged,
             phase: Some(phase),
             actions: plan.actions.len(),
+            desired_state: None,
         })
     }
 

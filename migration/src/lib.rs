@@ -11,10 +11,14 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261129_000001_create_tables;
+mod m20261129_000002_leases_and_status_notify;
 
 /// The NOTIFY channel the PostgreSQL triggers signal on; the payload is the user id
 /// (empty when the id is too long for a notification payload).
 pub const NOTIFY_CHANNEL: &str = "clawfleet_desired";
+
+/// The NOTIFY channel on which PostgreSQL announces `container_status` changes (payload: user id).
+pub const STATUS_NOTIFY_CHANNEL: &str = "clawfleet_status";
 
 /// All of clawfleet's migrations, in order.
 pub struct Migrator;
@@ -22,6 +26,9 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261129_000001_create_tables::Migration)]
+        vec![
+            Box::new(m20261129_000001_create_tables::Migration),
+            Box::new(m20261129_000002_leases_and_status_notify::Migration),
+        ]
     }
 }

@@ -6,6 +6,7 @@
 //! `CLAWFLEET_API_TOKEN`. `--help` shows which environment variable sets each
 //! flag but never the variable's current value.
 
+mod doctor;
 mod run;
 mod table;
 mod users;
@@ -26,6 +27,7 @@ use crate::image_ref::{ImagePattern, ImageRef};
 use crate::secrets::{self, SecretsError};
 use crate::store::{Store, StoreError};
 
+pub use doctor::doctor;
 pub use run::{run, shutdown_signal, RunArgs};
 pub use users::UsersCommand;
 
@@ -192,6 +194,8 @@ pub enum Command {
     Users(UsersCommand),
     /// Print a new encryption key entry for CLAWFLEET_ENCRYPTION_KEYS
     Keygen(KeygenArgs),
+    /// Check everything `run` needs; one line per check, exit 0 only if all pass
+    Doctor,
 }
 
 /// Flags of `keygen`.

@@ -1,20 +1,36 @@
 //! `clawfleet run`: the controller process.
+//!
+//! It always serves `/metrics`, `/healthz`, `/readyz` and the API. It
+//! reconciles only while it leads its instance: on SQLite it is the only
+//! process (a lock file refuses a second), on PostgreSQL it takes turns
+//! through a lease (see [`crate::leader`]); a standby keeps serving and takes
+//! over when the leader's lease expires.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
+use futures::future::BoxFuture;
 use tracing::{info, warn};
 
 use super::{CliError, GlobalArgs};
-use crate::config::{parse_duration, parse_image};
+use crate::config::{parse_duration, parse_image, ContainerSettings, API_TOKEN_ENV};
 use crate::controller::{Controller, ControllerOptions, Observers};
-use crate::docker::{DockerEngine, Engine};
+use crate::docker::{DockerEngine, Engine, Instrumented};
 use crate::feed::FeedOptions;
+use crate::http::{self, ApiToken, AppState, Readiness, ReadinessReport};
 use crate::image_ref::ImageRef;
+use crate::leader::{default_holder, Elector, Lost, SqliteLock};
+use crate::metrics::Metrics;
 use crate::ports::PortAllocator;
+use crate::progress::Progress;
 use crate::reconcile::{Reconciler, ReconcilerOptions};
-use crate::secrets::KeySource;
+use crate::secrets::{KeyRing, KeySource};
+use crate::store::Store;
+
+/// How long one readiness check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Flags of `run`.
 #[derive(Debug, Args)]
@@ -34,9 +50,128 @@ pub struct RunArgs {
     /// How long shutdown waits for reconciles in flight
     #[arg(long, env = "CLAWFLEET_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, hide_env_values = true)]
     pub shutdown_timeout: Duration,
+
+    /// Leader lease time on PostgreSQL: a standby takes over this long after the leader's last renewal
+    #[arg(long, env = "CLAWFLEET_LEASE_TTL", default_value = "15s", value_parser = parse_lease_ttl, hide_env_values = true)]
+    pub lease_ttl: Duration,
+
+    /// This process's name in the leader lease [default: <hostname>-<pid>-<random>]
+    #[arg(long, env = "CLAWFLEET_HOLDER_ID", hide_env_values = true)]
+    pub holder_id: Option<String>,
 }
 
-/// Runs the controller until SIGINT or SIGTERM.
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(3) {
+        return Err(format!("{s:?} is too short for a lease; use at least 3s"));
+    }
+    Ok(d)
+}
+
+/// Whether this process leads, and the progress of its current term.
+#[derive(Default)]
+struct Role {
+    leader: AtomicBool,
+    progress: Mutex<Option<Arc<Progress>>>,
+}
+
+/// The readiness checks of a running process.
+struct Checks<E: Engine> {
+    store: Store,
+    engine: Arc<E>,
+    role: Arc<Role>,
+}
+
+impl<E: Engine> Readiness for Checks<E> {
+    fn check(&self) -> BoxFuture<'_, ReadinessReport> {
+        Box::pin(async move {
+            let mut reasons = Vec::new();
+            match tokio::time::timeout(CHECK_TIMEOUT, self.store.ping()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => reasons.push(format!("database unreachable: {e}")),
+                Err(_) => reasons.push("database did not answer within 2s".to_owned()),
+            }
+            match tokio::time::timeout(CHECK_TIMEOUT, self.engine.version()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => reasons.push(format!("docker engine unreachable: {e}")),
+                Err(_) => reasons.push("docker engine did not answer within 2s".to_owned()),
+            }
+            if self.role.leader.load(Ordering::SeqCst) {
+                let progress = self
+                    .role
+                    .progress
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if !progress.is_some_and(|p| p.synced()) {
+                    reasons.push("first full sync not finished".to_owned());
+                }
+            }
+            ReadinessReport { reasons }
+        })
+    }
+}
+
+/// Everything a term of leadership builds its controller from.
+struct Parts<E: Engine> {
+    store: Store,
+    engine: Arc<E>,
+    settings: Arc<ContainerSettings>,
+    keys: KeyRing,
+    metrics: Arc<Metrics>,
+    role: Arc<Role>,
+    reconciler: ReconcilerOptions,
+    controller: ControllerOptions,
+}
+
+impl<E: Engine> Parts<E> {
+    /// Reconciles until `stop` resolves (graceful) or the returned future is dropped (at once).
+    async fn lead(&self, stop: impl std::future::Future<Output = ()>) -> Result<(), CliError> {
+        let reconciler = Reconciler::new(
+            self.store.clone(),
+            self.engine.clone(),
+            self.settings.clone(),
+            self.keys.clone(),
+            PortAllocator::new(self.settings.port_range, self.settings.publish_ip),
+            self.reconciler,
+        )
+        .with_telemetry(self.metrics.clone());
+        let observers = Observers {
+            queue: self.metrics.clone(),
+            events: self.metrics.clone(),
+            reconciles: self.metrics.clone(),
+        };
+        let controller = Controller::new(
+            self.store.clone(),
+            reconciler,
+            self.controller.clone(),
+            observers,
+        );
+        let handle = controller.handle();
+        self.metrics.attach(handle.clone());
+        *self.role.progress.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(handle.progress.clone());
+        self.role.leader.store(true, Ordering::SeqCst);
+        self.metrics.set_leader(true);
+        let _standing_down = StandDown(self);
+        controller
+            .run(stop)
+            .await
+            .map_err(|e| CliError::Config(e.to_string()))
+    }
+}
+
+/// Marks the process a standby again when a term ends, however it ends.
+struct StandDown<'a, E: Engine>(&'a Parts<E>);
+
+impl<E: Engine> Drop for StandDown<'_, E> {
+    fn drop(&mut self) {
+        self.0.role.leader.store(false, Ordering::SeqCst);
+        self.0.metrics.set_leader(false);
+    }
+}
+
+/// Runs the process until SIGINT or SIGTERM.
 pub async fn run(
     global: &GlobalArgs,
     image: Option<ImageRef>,
@@ -46,6 +181,13 @@ pub async fn run(
     let runtime = global.runtime_settings();
     let store = global.open_store().await?;
     info!(database = %crate::store::redact_url(&runtime.database_url), "database migrated");
+    // SQLite: one process per database file, for the life of the process.
+    let _sqlite_lock = match store.sqlite_file() {
+        Some(path) => {
+            Some(SqliteLock::acquire(&path).map_err(|e| CliError::Config(e.to_string()))?)
+        }
+        None => None,
+    };
     let (keys, source) = global.key_ring(true)?;
     match &source {
         KeySource::Created(path) => warn!(
@@ -59,6 +201,7 @@ pub async fn run(
             warn!(path = %path.display(), "key file is readable by other users; chmod 600 it");
         }
     }
+    let metrics = Metrics::new();
     let engine = DockerEngine::connect(&runtime.docker_host)
         .await
         .map_err(|e| CliError::Config(e.to_string()))?;
@@ -67,6 +210,14 @@ pub async fn run(
         .await
         .map_err(|e| CliError::Config(e.to_string()))?;
     info!(engine = %version.version, api = %version.api_version, host = %runtime.docker_host, "docker engine reachable");
+    let engine = Arc::new(Instrumented::new(engine, metrics.clone()));
+    let api_token = std::env::var(API_TOKEN_ENV)
+        .ok()
+        .as_deref()
+        .and_then(ApiToken::new);
+    if api_token.is_none() {
+        info!("{API_TOKEN_ENV} not set: the JSON API answers 503; metrics and health stay open");
+    }
     info!(
         instance = %settings.instance,
         image = %settings.image,
@@ -76,33 +227,108 @@ pub async fn run(
         concurrency = runtime.concurrency,
         "controller starting"
     );
-    let ports = PortAllocator::new(settings.port_range, settings.publish_ip);
-    let reconciler = Reconciler::new(
-        store.clone(),
-        Arc::new(engine),
-        Arc::new(settings),
+
+    let role = Arc::new(Role::default());
+    let state = Arc::new(AppState {
+        store: store.clone(),
+        keys: keys.clone(),
+        api_token,
+        default_image: settings.image.clone(),
+        readiness: Arc::new(Checks {
+            store: store.clone(),
+            engine: engine.clone(),
+            role: role.clone(),
+        }),
+        metrics: metrics.clone(),
+    });
+    let server = http::Server::bind(runtime.listen)
+        .await
+        .map_err(|e| CliError::Config(e.to_string()))?;
+    let addr = server.local_addr().unwrap_or(runtime.listen);
+    info!(addr = %addr, "http listener ready: /metrics /healthz /readyz /v1");
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http_task = tokio::spawn(server.serve(http::router(state), async {
+        let _ = http_stopped.await;
+    }));
+    let status_feed = tokio::spawn(crate::feed::status_notifications(store.clone()));
+
+    let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = shutdown_tx.send(true);
+    });
+    let stopping = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let parts = Parts {
+        store: store.clone(),
+        engine,
+        settings: Arc::new(settings),
         keys,
-        ports,
-        ReconcilerOptions {
+        metrics,
+        role,
+        reconciler: ReconcilerOptions {
             orphan_grace: args.orphan_grace,
             ..Default::default()
         },
-    );
-    let options = ControllerOptions {
-        concurrency: runtime.concurrency,
-        resync_period: runtime.resync_period,
-        feed: FeedOptions {
-            poll_interval: args.poll_interval,
+        controller: ControllerOptions {
+            concurrency: runtime.concurrency,
+            resync_period: runtime.resync_period,
+            feed: FeedOptions {
+                poll_interval: args.poll_interval,
+                ..Default::default()
+            },
+            shutdown_timeout: args.shutdown_timeout,
             ..Default::default()
         },
-        shutdown_timeout: args.shutdown_timeout,
-        ..Default::default()
     };
-    let controller = Controller::new(store, reconciler, options, Observers::default());
-    controller
-        .run(shutdown_signal())
-        .await
-        .map_err(|e| CliError::Config(e.to_string()))?;
+
+    if store.sqlite_file().is_some() || store.backend() == sea_orm::DatabaseBackend::Sqlite {
+        info!("SQLite: this process is the only one for this database; reconciling");
+        parts.lead(stopping(shutdown.clone())).await?;
+    } else {
+        let holder = args.holder_id.clone().unwrap_or_else(default_holder);
+        let elector = Elector::new(
+            store.clone(),
+            &parts.settings.instance,
+            &holder,
+            args.lease_ttl,
+        );
+        info!(holder = %holder, lease_ttl_s = args.lease_ttl.as_secs(), "PostgreSQL: electing a leader through the lease");
+        loop {
+            let term = tokio::select! {
+                term = elector.acquire() => term,
+                _ = stopping(shutdown.clone()) => break,
+            };
+            info!(holder = %holder, "became leader: reconciling");
+            let mut lead = std::pin::pin!(parts.lead(stopping(shutdown.clone())));
+            tokio::select! {
+                result = &mut lead => {
+                    result?;
+                    elector.release().await;
+                    info!("lease released");
+                    break;
+                }
+                lost = elector.hold(term) => {
+                    // Dropping the term aborts every reconcile in flight: a
+                    // standby may take over soon and must find nobody acting.
+                    match lost {
+                        Lost::TakenOver => warn!("lost the lease to another process: standing by"),
+                        Lost::RenewalsFailed => warn!("cannot renew the lease (database unreachable?): stopped reconciling before it can expire; standing by"),
+                    }
+                }
+            }
+        }
+    }
+
+    status_feed.abort();
+    let _ = stop_http.send(());
+    match tokio::time::timeout(Duration::from_secs(5), http_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, "http listener failed"),
+        _ => warn!("http listener did not close within 5s"),
+    }
     info!("stopped");
     Ok(())
 }

@@ -9,10 +9,11 @@ use std::io::Write;
 use super::table::Table;
 use super::{CliError, GlobalArgs};
 use crate::config::{parse_idle_timeout, parse_image, IdleTimeout};
-use crate::desired::{quote_short, DesiredContainer, DesiredState, InvalidRow};
+use crate::desired::{quote_short, DesiredContainer, DesiredState};
 use crate::image_ref::ImageRef;
 use crate::status::ContainerStatus;
 use crate::store::{DesiredRow, DesiredUpdate, Store};
+use crate::view::user_view;
 
 /// The `users` subcommands.
 #[derive(Debug, Subcommand)]
@@ -161,7 +162,7 @@ async fn show(global: &GlobalArgs, store: &Store, args: &ShowArgs) -> Result<(),
         _ => None,
     };
     let now = Utc::now();
-    let mut view = user_json(&args.id, desired.as_ref(), status.as_ref(), now);
+    let mut view = user_view(&args.id, desired.as_ref(), status.as_ref(), now);
     if let Some(token) = &token {
         view["gateway_token"] = json!(token.expose());
     }
@@ -255,56 +256,6 @@ fn idle_text(d: &DesiredContainer) -> String {
         .map_or("off".into(), |t| humantime::format_duration(t).to_string())
 }
 
-fn user_json(
-    user_id: &str,
-    desired: Option<&DesiredRow>,
-    status: Option<&ContainerStatus>,
-    now: chrono::DateTime<Utc>,
-) -> serde_json::Value {
-    let desired = match desired {
-        Some(Ok(d)) => json!({
-            "state": d.state.as_str(),
-            "effective_state": d.effective_state(now).as_str(),
-            "idle_timeout_secs": d.idle_timeout.map(|t| t.as_secs()),
-            "idle_deadline": d.idle_deadline().map(|t| t.to_rfc3339()),
-            "last_active_at": d.last_active_at.map(|t| t.to_rfc3339()),
-            "image": d.image.as_ref().map(|i| i.as_str()),
-            "restart_nonce": d.restart_nonce,
-            "revision": d.revision,
-        }),
-        Some(Err(InvalidRow {
-            field,
-            reason,
-            revision,
-            ..
-        })) => json!({
-            "invalid": { "field": field, "reason": reason },
-            "revision": revision,
-        }),
-        None => serde_json::Value::Null,
-    };
-    let status = status.map(|s| {
-        json!({
-            "phase": s.phase.as_str(),
-            "health": s.health.map(|h| h.as_str()),
-            "container_id": s.container_id,
-            "container_name": s.container_name,
-            "host_port": s.host_port,
-            "url": s.url,
-            "host_url": s.host_url,
-            "restarts": s.restarts,
-            "observed_revision": s.observed_revision,
-            "message": s.message,
-            "last_transition_at": s.last_transition_at.to_rfc3339(),
-        })
-    });
-    json!({
-        "user_id": user_id,
-        "desired": desired,
-        "status": status,
-    })
-}
-
 async fn list(store: &Store, args: &ListArgs) -> Result<(), CliError> {
     let desired = store.desired_all().await?;
     let statuses = store.status_all().await?;
@@ -328,7 +279,7 @@ async fn list(store: &Store, args: &ListArgs) -> Result<(), CliError> {
     if args.json {
         let rows: Vec<_> = by_user
             .iter()
-            .map(|(id, (d, s))| user_json(id, d.as_ref(), s.as_ref(), now))
+            .map(|(id, (d, s))| user_view(id, d.as_ref(), s.as_ref(), now))
             .collect();
         writeln!(
             out,

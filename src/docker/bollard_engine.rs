@@ -148,6 +148,11 @@ impl DockerEngine {
         classify(&self.host, op, target, err)
     }
 
+    /// The id of the (oldest) network called exactly `name`, without creating one.
+    pub async fn find_network(&self, name: &str) -> Result<Option<String>, EngineError> {
+        Ok(self.networks_named(name).await?.into_iter().next())
+    }
+
     /// The ids of the networks called exactly `name`, oldest first.
     async fn networks_named(&self, name: &str) -> Result<Vec<String>, EngineError> {
         let filters = HashMap::from([("name".to_owned(), vec![name.to_owned()])]);

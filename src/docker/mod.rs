@@ -16,6 +16,7 @@
 //!   `io.clawfleet.managed=true` and `io.clawfleet.instance=<instance>`.
 
 mod bollard_engine;
+mod instrumented;
 mod memory;
 
 use std::collections::BTreeMap;
@@ -31,6 +32,7 @@ use crate::secrets::GatewayToken;
 use crate::status::Health;
 
 pub use bollard_engine::DockerEngine;
+pub use instrumented::{EngineObserver, Instrumented};
 pub use memory::{MemoryEngine, Op};
 
 /// Label marking every object clawfleet made.

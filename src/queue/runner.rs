@@ -188,7 +188,7 @@ mod tests {
             let mut i = 0u32;
             while hot_runs.load(Ordering::SeqCst) < 500 {
                 queue.add(0);
-                if i % 4 == 0 {
+                if i.is_multiple_of(4) {
                     queue.add(1 + i % 7);
                 }
                 i += 1;

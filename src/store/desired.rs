@@ -209,6 +209,23 @@ impl Store {
         Ok(decode_rows(&rows, self.backend()))
     }
 
+    /// The desired rows of the given users (those that have one), ordered by user id.
+    pub async fn desired_of(&self, user_ids: &[String]) -> Result<Vec<DesiredRow>, StoreError> {
+        if user_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let select = select_desired(self.backend())
+            .and_where(Expr::col("user_id").is_in(user_ids.iter().cloned()))
+            .order_by("user_id", Order::Asc)
+            .to_owned();
+        let rows = self
+            .db
+            .query_all(&select)
+            .await
+            .map_err(StoreError::query("read of desired rows by user"))?;
+        Ok(decode_rows(&rows, self.backend()))
+    }
+
     /// Ids of every user with a desired row.
     pub async fn desired_user_ids(&self) -> Result<Vec<String>, StoreError> {
         let select = Query::select()
@@ -376,6 +393,18 @@ impl Store {
             .and_where(Expr::col("user_id").eq(user_id))
             .to_owned();
         self.update_existing(user_id, update, "touch of desired row")
+            .await
+    }
+
+    /// Sets `state` of an existing row; never inserts one (stopping a user
+    /// who has no row must not create one).
+    pub async fn set_state(&self, user_id: &str, state: DesiredState) -> Result<(), StoreError> {
+        let update = Query::update()
+            .table(desired::Entity)
+            .value(desired::Column::State, state.as_str())
+            .and_where(Expr::col("user_id").eq(user_id))
+            .to_owned();
+        self.update_existing(user_id, update, "state change of desired row")
             .await
     }
 

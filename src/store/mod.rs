@@ -7,6 +7,7 @@
 //! what sea-orm does not cover (PostgreSQL LISTEN).
 
 mod desired;
+mod lease;
 mod status;
 
 use std::path::Path;
@@ -98,7 +99,13 @@ impl StoreError {
 pub struct Store {
     db: DatabaseConnection,
     pool: Pool,
+    /// User ids whose status row this process wrote or deleted (for waiters).
+    status_changes: tokio::sync::broadcast::Sender<String>,
 }
+
+/// Capacity of the status-change channel; a waiter that falls further
+/// behind re-reads its status (it sees a lag error), so nothing is lost.
+const STATUS_CHANGES: usize = 1024;
 
 /// The raw pool under the sea-orm connection.
 #[derive(Clone, Debug)]
@@ -165,6 +172,7 @@ impl Store {
             Ok(Self {
                 db: SqlxSqliteConnector::from_sqlx_sqlite_pool(pool.clone()),
                 pool: Pool::Sqlite(pool),
+                status_changes: tokio::sync::broadcast::channel(STATUS_CHANGES).0,
             })
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let options = PgConnectOptions::from_str(url).map_err(|e| bad_url(e.to_string()))?;
@@ -185,6 +193,7 @@ impl Store {
             Ok(Self {
                 db: SqlxPostgresConnector::from_sqlx_postgres_pool(pool.clone()),
                 pool: Pool::Postgres(pool),
+                status_changes: tokio::sync::broadcast::channel(STATUS_CHANGES).0,
             })
         } else {
             Err(bad_url(
@@ -215,6 +224,19 @@ impl Store {
             .await
             .map(drop)
             .map_err(StoreError::query("ping"))
+    }
+
+    /// Ids of users whose status row changes from now on (written or deleted
+    /// through any clone of this store).
+    pub fn status_changes(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.status_changes.subscribe()
+    }
+
+    /// Announces a status change of `user_id` to waiters (no-op without any).
+    pub(crate) fn announce_status(&self, user_id: &str) {
+        if self.status_changes.receiver_count() > 0 {
+            let _ = self.status_changes.send(user_id.to_owned());
+        }
     }
 
     /// SQLite or PostgreSQL.

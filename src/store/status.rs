@@ -98,6 +98,22 @@ impl Store {
         Ok(StatusPage { rows, next_after })
     }
 
+    /// The status rows of the given users (those that have one), ordered by user id.
+    pub async fn status_of(&self, user_ids: &[String]) -> Result<Vec<ContainerStatus>, StoreError> {
+        if user_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(status::Entity::find()
+            .filter(status::Column::UserId.is_in(user_ids.iter().cloned()))
+            .order_by(status::Column::UserId, Order::Asc)
+            .all(&self.db)
+            .await
+            .map_err(StoreError::query("read of status rows by user"))?
+            .into_iter()
+            .map(from_model)
+            .collect())
+    }
+
     /// Every status row, ordered by user id.
     pub async fn status_all(&self) -> Result<Vec<ContainerStatus>, StoreError> {
         Ok(status::Entity::find()
@@ -190,7 +206,10 @@ impl Store {
             )
             .to_owned();
         match self.db.execute(&insert).await {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.announce_status(&row.user_id);
+                Ok(())
+            }
             Err(e) if port_conflict(&e) => Err(StoreError::PortTaken(row.host_port.unwrap_or(0))),
             Err(e) => Err(StoreError::Query {
                 operation: "write of status row",
@@ -208,7 +227,8 @@ impl Store {
         self.db
             .execute(&delete)
             .await
-            .map(drop)
-            .map_err(StoreError::query("delete of status row"))
+            .map_err(StoreError::query("delete of status row"))?;
+        self.announce_status(user_id);
+        Ok(())
     }
 }

@@ -116,9 +116,35 @@ impl ControllerProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The address of the controller's HTTP listener (waits for it to be bound).
+    pub async fn http_addr(&self) -> std::net::SocketAddr {
+        eventually(Duration::from_secs(30), "the http listener", || async {
+            self.log().lines().find_map(|line| {
+                if !line.contains("http listener ready") {
+                    return None;
+                }
+                // Pretty logs say addr=…, JSON logs "addr":"…".
+                let rest = line
+                    .split("addr=")
+                    .nth(1)
+                    .or_else(|| line.split("\"addr\":\"").nth(1))?;
+                rest.split(|c: char| c.is_whitespace() || c == '"')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+        })
+        .await
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
     }
 
     /// Kills the process with SIGKILL (no chance to clean up).

@@ -10,6 +10,8 @@
 
 pub mod controller;
 pub mod docker;
+pub mod http;
+pub mod tcp_proxy;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -54,7 +56,8 @@ pub fn pg_admin_url() -> String {
     std::env::var("CLAWFLEET_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned())
 }
 
-fn pg_url_for(db: &str) -> String {
+/// The URL of database `db` on the test server.
+pub fn pg_url_for(db: &str) -> String {
     let admin = pg_admin_url();
     let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
     format!("{base}/{db}")

@@ -1,0 +1,267 @@
+//! `clawfleet doctor`: checks everything `clawfleet run` needs, one line
+//! each with ✓ or ✗ and, on ✗, a hint. Exits 0 only when every check passes.
+//! It creates nothing: no migration, no key, no network (an image may be
+//! pulled, since "pullable" can only be known by pulling).
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use super::{CliError, GlobalArgs};
+use crate::config::{API_TOKEN_ENV, ENCRYPTION_KEYS_ENV};
+use crate::docker::{DockerEngine, Engine};
+use crate::image_ref::ImageRef;
+use crate::store::{redact_url, Store};
+
+/// How long each check may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Gateway tokens opened at most, to prove the keys open existing tokens.
+const TOKEN_SAMPLE: usize = 1000;
+
+/// One check's verdict.
+struct Check {
+    ok: bool,
+    what: String,
+    hint: Option<String>,
+}
+
+impl Check {
+    fn pass(what: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            what: what.into(),
+            hint: None,
+        }
+    }
+
+    fn fail(what: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            what: what.into(),
+            hint: Some(hint.into()),
+        }
+    }
+}
+
+async fn within<T>(future: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(CHECK_TIMEOUT, future).await.ok()
+}
+
+/// Runs every check, prints one line each, and fails when any fails.
+pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), CliError> {
+    let settings = global.container_settings(image)?;
+    let mut checks = Vec::new();
+
+    let engine = match within(DockerEngine::connect(&global.docker_host)).await {
+        Some(Ok(engine)) => match within(engine.version()).await {
+            Some(Ok(v)) => {
+                checks.push(Check::pass(format!(
+                    "docker engine {} reachable at {} (API {})",
+                    v.version, global.docker_host, v.api_version
+                )));
+                Some(engine)
+            }
+            Some(Err(e)) => {
+                checks.push(Check::fail(
+                    format!("docker engine: {e}"),
+                    "check DOCKER_HOST / --docker-host and that the daemon runs",
+                ));
+                None
+            }
+            None => {
+                checks.push(Check::fail(
+                    "docker engine did not answer within 10s",
+                    "check DOCKER_HOST / --docker-host and that the daemon runs",
+                ));
+                None
+            }
+        },
+        Some(Err(e)) => {
+            checks.push(Check::fail(format!("docker engine: {e}"), "check DOCKER_HOST / --docker-host (unix:///var/run/docker.sock, tcp://host:2375, ...)"));
+            None
+        }
+        None => {
+            checks.push(Check::fail(
+                "docker engine did not answer within 10s",
+                "check DOCKER_HOST / --docker-host",
+            ));
+            None
+        }
+    };
+
+    let shown_url = redact_url(&global.database_url);
+    let store = match within(Store::connect(&global.database_url)).await {
+        Some(Ok(store)) => match store.pending_migrations().await {
+            Ok(pending) if pending.is_empty() => {
+                checks.push(Check::pass(format!(
+                    "database {shown_url} reachable, migrations current"
+                )));
+                Some(store)
+            }
+            Ok(pending) => {
+                checks.push(Check::fail(
+                    format!(
+                        "database {shown_url} reachable, {} migration(s) pending",
+                        pending.len()
+                    ),
+                    "run `clawfleet migrate` (or start `clawfleet run`, which migrates first)",
+                ));
+                Some(store)
+            }
+            Err(e) => {
+                checks.push(Check::fail(
+                    format!("database {shown_url}: {e}"),
+                    "check the database user's rights",
+                ));
+                None
+            }
+        },
+        Some(Err(e)) => {
+            checks.push(Check::fail(
+                format!("database: {e}"),
+                "check DATABASE_URL / --database-url and that the server runs",
+            ));
+            None
+        }
+        None => {
+            checks.push(Check::fail(
+                format!("database {shown_url} did not answer within 10s"),
+                "check DATABASE_URL / --database-url",
+            ));
+            None
+        }
+    };
+
+    match global.key_ring(false) {
+        Ok((ring, source)) => {
+            let sealed: Vec<String> = match &store {
+                Some(store) => store
+                    .status_all()
+                    .await
+                    .map(|rows| rows.into_iter().filter_map(|r| r.gateway_token).take(TOKEN_SAMPLE).collect())
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            };
+            let failures = sealed.iter().filter(|s| ring.open(s).is_err()).count();
+            if failures == 0 {
+                checks.push(Check::pass(format!(
+                    "encryption keys from {source} ({} key(s)); {} stored token(s) open",
+                    ring.key_ids().len(),
+                    sealed.len()
+                )));
+            } else {
+                checks.push(Check::fail(
+                    format!("encryption keys from {source}: {failures} of {} stored token(s) do not open", sealed.len()),
+                    "a key that sealed them is missing: add it back to CLAWFLEET_ENCRYPTION_KEYS (after the sealing key)",
+                ));
+            }
+        }
+        Err(e) => checks.push(Check::fail(
+            format!("encryption keys: {e}"),
+            format!("or let `clawfleet run` create the key file in --data-dir; with stored tokens, restore the key that sealed them into {ENCRYPTION_KEYS_ENV}"),
+        )),
+    }
+
+    if let Some(engine) = &engine {
+        let image = settings.image.as_str();
+        match within(engine.image_present(image)).await {
+            Some(Ok(true)) => checks.push(Check::pass(format!("image {image} present"))),
+            Some(Ok(false)) => match within(engine.pull_image(image)).await {
+                Some(Ok(())) => checks.push(Check::pass(format!("image {image} pulled"))),
+                Some(Err(e)) => checks.push(Check::fail(
+                    format!("image {image} missing and not pullable: {e}"),
+                    "load the image (docker load) or set OPENCLAW_IMAGE / --image",
+                )),
+                None => checks.push(Check::fail(
+                    format!("image {image}: pull did not finish within 10s"),
+                    "pull it by hand with `docker pull`",
+                )),
+            },
+            Some(Err(e)) => checks.push(Check::fail(
+                format!("image {image}: {e}"),
+                "check the engine",
+            )),
+            None => checks.push(Check::fail(
+                format!("image {image}: no answer within 10s"),
+                "check the engine",
+            )),
+        }
+        match within(engine.find_network(&settings.network)).await {
+            Some(Ok(Some(id))) => checks.push(Check::pass(format!(
+                "network {} present ({})",
+                settings.network,
+                &id[..id.len().min(12)]
+            ))),
+            Some(Ok(None)) => checks.push(Check::pass(format!(
+                "network {} absent; it will be created on first use",
+                settings.network
+            ))),
+            Some(Err(e)) => checks.push(Check::fail(
+                format!("network {}: {e}", settings.network),
+                "check the engine",
+            )),
+            None => checks.push(Check::fail(
+                format!("network {}: no answer within 10s", settings.network),
+                "check the engine",
+            )),
+        }
+    } else {
+        checks.push(Check::fail(
+            "image and network: not checked",
+            "fix the docker engine first",
+        ));
+    }
+
+    let ours: Vec<u16> = match &store {
+        Some(store) => store.ports_in_use().await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let foreign: Vec<u16> = settings
+        .port_range
+        .iter()
+        .filter(|p| !ours.contains(p))
+        .filter(|p| TcpListener::bind(SocketAddr::new(settings.publish_ip, *p)).is_err())
+        .collect();
+    if foreign.is_empty() {
+        checks.push(Check::pass(format!(
+            "port range {} on {}: {} free, {} held by users",
+            settings.port_range,
+            settings.publish_ip,
+            settings.port_range.len() - ours.len(),
+            ours.len()
+        )));
+    } else {
+        let shown: Vec<String> = foreign.iter().take(5).map(u16::to_string).collect();
+        checks.push(Check::fail(
+            format!("port range {}: {} port(s) held by other processes ({}{})", settings.port_range, foreign.len(), shown.join(", "), if foreign.len() > 5 { ", …" } else { "" }),
+            "clawfleet steps over them, but move --port-range / CLAWFLEET_PORT_RANGE away from other services",
+        ));
+    }
+
+    match std::env::var(API_TOKEN_ENV) {
+        Ok(t) if t.trim().len() >= 16 => checks.push(Check::pass("API token set")),
+        Ok(t) if !t.trim().is_empty() => checks.push(Check::fail(
+            "API token shorter than 16 characters",
+            format!("use a long random {API_TOKEN_ENV}, e.g. `openssl rand -hex 32`"),
+        )),
+        _ => checks.push(Check::fail(
+            "API token not set: the JSON API is off",
+            format!("set {API_TOKEN_ENV} to enable it"),
+        )),
+    }
+
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    for check in &checks {
+        match &check.hint {
+            None => println!("✓ {}", check.what),
+            Some(hint) => println!("✗ {} — {hint}", check.what),
+        }
+    }
+    if failed > 0 {
+        return Err(CliError::Config(format!(
+            "{failed} of {} checks failed",
+            checks.len()
+        )));
+    }
+    println!("all {} checks passed", checks.len());
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! An [`Engine`] wrapper that reports every call's operation, outcome and
+//! latency to an [`EngineObserver`] (the metrics), and otherwise passes
+//! everything through untouched.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::BoxStream;
+use futures::StreamExt;
+
+use super::{
+    ContainerFilter, ContainerSpec, ContainerSummary, Engine, EngineError, EngineEvent,
+    EngineVersion, ObservedContainer, Op,
+};
+
+/// Receives one report per engine call.
+pub trait EngineObserver: Send + Sync {
+    /// `op` finished (`ok` or not) after `seconds`.
+    fn request(&self, op: Op, ok: bool, seconds: f64);
+}
+
+/// `E` with every call reported to an observer.
+pub struct Instrumented<E> {
+    inner: E,
+    observer: Arc<dyn EngineObserver>,
+}
+
+impl<E: Engine> Instrumented<E> {
+    /// Wraps `inner`.
+    pub fn new(inner: E, observer: Arc<dyn EngineObserver>) -> Self {
+        Self { inner, observer }
+    }
+
+    /// The wrapped engine.
+    pub fn inner(&self) -> &E {
+        &self.inner
+    }
+
+    async fn timed<T>(
+        &self,
+        op: Op,
+        call: impl std::future::Future<Output = Result<T, EngineError>>,
+    ) -> Result<T, EngineError> {
+        let started = Instant::now();
+        let result = call.await;
+        self.observer
+            .request(op, result.is_ok(), started.elapsed().as_secs_f64());
+        result
+    }
+}
+
+impl<E: Engine> Engine for Instrumented<E> {
+    async fn version(&self) -> Result<EngineVersion, EngineError> {
+        self.timed(Op::Version, self.inner.version()).await
+    }
+
+    async fn list_containers(
+        &self,
+        filter: &ContainerFilter,
+    ) -> Result<Vec<ContainerSummary>, EngineError> {
+        self.timed(Op::List, self.inner.list_containers(filter))
+            .await
+    }
+
+    async fn inspect_container(
+        &self,
+        name_or_id: &str,
+    ) -> Result<Option<ObservedContainer>, EngineError> {
+        self.timed(Op::Inspect, self.inner.inspect_container(name_or_id))
+            .await
+    }
+
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<String, EngineError> {
+        self.timed(Op::Create, self.inner.create_container(spec))
+            .await
+    }
+
+    async fn start_container(&self, id: &str) -> Result<(), EngineError> {
+        self.timed(Op::Start, self.inner.start_container(id)).await
+    }
+
+    async fn stop_container(&self, id: &str, timeout: Duration) -> Result<(), EngineError> {
+        self.timed(Op::Stop, self.inner.stop_container(id, timeout))
+            .await
+    }
+
+    async fn restart_container(&self, id: &str, timeout: Duration) -> Result<(), EngineError> {
+        self.timed(Op::Restart, self.inner.restart_container(id, timeout))
+            .await
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), EngineError> {
+        self.timed(Op::Remove, self.inner.remove_container(id))
+            .await
+    }
+
+    async fn rename_container(&self, id: &str, new_name: &str) -> Result<(), EngineError> {
+        self.timed(Op::Rename, self.inner.rename_container(id, new_name))
+            .await
+    }
+
+    async fn ensure_volume(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), EngineError> {
+        self.timed(Op::EnsureVolume, self.inner.ensure_volume(name, labels))
+            .await
+    }
+
+    async fn ensure_network(
+        &self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<String, EngineError> {
+        self.timed(Op::EnsureNetwork, self.inner.ensure_network(name, labels))
+            .await
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool, EngineError> {
+        self.timed(Op::ImagePresent, self.inner.image_present(image))
+            .await
+    }
+
+    async fn pull_image(&self, image: &str) -> Result<(), EngineError> {
+        self.timed(Op::Pull, self.inner.pull_image(image)).await
+    }
+
+    fn events(
+        &self,
+        filter: &ContainerFilter,
+        since_nanos: Option<i64>,
+    ) -> BoxStream<'static, Result<EngineEvent, EngineError>> {
+        let observer = self.observer.clone();
+        let mut reported = false;
+        self.inner
+            .events(filter, since_nanos)
+            .inspect(move |item| {
+                // One request per subscription: reported at its first item or failure.
+                if !reported {
+                    reported = true;
+                    observer.request(Op::Events, item.is_ok(), 0.0);
+                }
+            })
+            .boxed()
+    }
+}

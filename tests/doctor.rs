@@ -1,0 +1,152 @@
+//! `clawfleet doctor`: passes in a good setup, and fails with the right line
+//! for a wrong DOCKER_HOST, an unreachable database and a missing key.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use support::controller::{port_range, test_key};
+use support::docker::{ensure_agent_image, AGENT_IMAGE};
+use support::{Backend, TestDb};
+
+fn doctor(db_url: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let data = tempfile::tempdir().unwrap();
+    let (start, end) = port_range(50);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawfleet"));
+    cmd.arg("doctor")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", db_url)
+        .env("CLAWFLEET_DATA_DIR", data.path())
+        .env("OPENCLAW_IMAGE", AGENT_IMAGE)
+        .env("OPENCLAW_NETWORK", "clawfleet-doctor-test-net")
+        .env("CLAWFLEET_PORT_RANGE", format!("{start}-{end}"))
+        .env(
+            "CLAWFLEET_ENCRYPTION_KEYS",
+            test_key().to_config_entry().as_str(),
+        )
+        .env("CLAWFLEET_API_TOKEN", "doctor-test-api-token-0123456789");
+    for (k, v) in env {
+        if v.is_empty() {
+            cmd.env_remove(k);
+        } else {
+            cmd.env(k, v);
+        }
+    }
+    let out: Output = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn failed_line<'a>(text: &'a str, topic: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.starts_with('✗') && l.contains(topic))
+        .unwrap_or_else(|| panic!("no ✗ line about {topic}:\n{text}"))
+}
+
+#[tokio::test]
+async fn doctor_passes_in_a_good_setup() {
+    ensure_agent_image();
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.store().await;
+    let (ok, text) = doctor(&db.url, &[]);
+    assert!(ok, "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with('✓')).count(),
+        7,
+        "{text}"
+    );
+    assert!(text.contains("all 7 checks passed"), "{text}");
+    assert!(
+        !text.contains("doctor-test-api-token"),
+        "the API token is never printed"
+    );
+}
+
+#[tokio::test]
+async fn doctor_fails_on_a_wrong_docker_host() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.store().await;
+    let (ok, text) = doctor(&db.url, &[("DOCKER_HOST", "tcp://127.0.0.1:1")]);
+    assert!(!ok);
+    assert!(
+        failed_line(&text, "docker engine").contains("DOCKER_HOST"),
+        "{text}"
+    );
+    assert!(
+        text.contains("✓ database"),
+        "other checks still run: {text}"
+    );
+}
+
+#[tokio::test]
+async fn doctor_fails_on_an_unreachable_database() {
+    let (ok, text) = doctor("postgres://clawfleet:secret-pw@127.0.0.1:1/none", &[]);
+    assert!(!ok);
+    assert!(
+        failed_line(&text, "database").contains("DATABASE_URL"),
+        "{text}"
+    );
+    assert!(!text.contains("secret-pw"), "the password is never printed");
+    assert!(text.contains("✓ docker engine"), "{text}");
+}
+
+#[tokio::test]
+async fn doctor_fails_on_a_missing_key() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.store().await;
+    let (ok, text) = doctor(&db.url, &[("CLAWFLEET_ENCRYPTION_KEYS", "")]);
+    assert!(!ok);
+    assert!(
+        failed_line(&text, "encryption keys").contains("no encryption key"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn doctor_fails_when_a_stored_token_cannot_be_opened() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let other =
+        clawfleet::secrets::KeyRing::new(vec![clawfleet::secrets::EncryptionKey::generate(
+            "other",
+        )
+        .unwrap()])
+        .unwrap();
+    let now = chrono::Utc::now();
+    let sealed = other
+        .seal(&clawfleet::secrets::GatewayToken::generate().unwrap())
+        .unwrap();
+    store
+        .write_status(
+            &clawfleet::status::ContainerStatus {
+                user_id: "u".into(),
+                phase: clawfleet::status::Phase::Running,
+                container_id: None,
+                container_name: None,
+                host_port: None,
+                url: None,
+                host_url: None,
+                health: None,
+                gateway_token: Some(sealed),
+                observed_revision: None,
+                message: None,
+                restarts: 0,
+                last_transition_at: now,
+                updated_at: now,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    let (ok, text) = doctor(&db.url, &[]);
+    assert!(!ok);
+    assert!(
+        failed_line(&text, "encryption keys").contains("do not open"),
+        "{text}"
+    );
+}
