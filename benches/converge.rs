@@ -119,8 +119,7 @@ fn start<E: Engine>(
             .run(async {
                 let _ = stopped.await;
             })
-            .await
-            .expect("controller");
+            .await;
     });
     (handle, stop, task)
 }

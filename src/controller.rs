@@ -26,7 +26,7 @@ use crate::progress::{Progress, ProgressSummary};
 use crate::queue::{run_workers, BackoffPolicy, Outcome, QueueObserver, WorkQueue};
 use crate::reconcile::Reconciler;
 use crate::resync;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 /// How often progress is logged while something changes.
 const PROGRESS_LOG_PERIOD: Duration = Duration::from_secs(10);
@@ -93,17 +93,6 @@ struct NoObserver;
 impl QueueObserver for NoObserver {}
 impl ReconcileObserver for NoObserver {}
 
-/// A controller failed to start.
-#[derive(Debug, thiserror::Error)]
-pub enum ControllerError {
-    /// The database could not be read at start.
-    #[error("controller start: {0}")]
-    Store(#[from] StoreError),
-    /// The first full resync could not list its sources.
-    #[error(transparent)]
-    Resync(#[from] resync::ResyncError),
-}
-
 /// The running loop's shared parts, for the HTTP surface.
 #[derive(Clone)]
 pub struct Handle {
@@ -152,8 +141,10 @@ impl<E: Engine> Controller<E> {
     }
 
     /// Runs until `shutdown` resolves, then stops taking work, lets in-flight
-    /// reconciles finish (up to the shutdown timeout) and returns.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ControllerError> {
+    /// reconciles finish (up to the shutdown timeout) and returns. A database
+    /// or engine that cannot be read at start is retried with back-off (the
+    /// process stays up and reports not ready meanwhile).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Self {
             store,
             reconciler,
@@ -161,6 +152,7 @@ impl<E: Engine> Controller<E> {
             observers,
             handle,
         } = self;
+        tokio::pin!(shutdown);
         let queue = handle.queue.clone();
         let progress = handle.progress.clone();
         let engine = reconciler.engine().clone();
@@ -186,7 +178,13 @@ impl<E: Engine> Controller<E> {
                 move |user| sink_queue.add(user),
             ));
         }
-        let start_revision = store.max_revision().await?;
+        let Some(start_revision) = until_ok(&mut shutdown, "read the latest revision", || {
+            store.max_revision()
+        })
+        .await
+        else {
+            return;
+        };
         {
             let sink_queue = queue.clone();
             tasks.spawn(feed::run(
@@ -197,7 +195,13 @@ impl<E: Engine> Controller<E> {
             ));
         }
 
-        let users = resync::all_users(&store, engine.as_ref(), &instance).await?;
+        let Some(users) = until_ok(&mut shutdown, "list users for the first full sync", || {
+            resync::all_users(&store, engine.as_ref(), &instance)
+        })
+        .await
+        else {
+            return;
+        };
         info!(
             users = users.len(),
             "first full sync: reconciling every user"
@@ -232,7 +236,6 @@ impl<E: Engine> Controller<E> {
             })
         };
         tokio::pin!(workers);
-        tokio::pin!(shutdown);
         tokio::select! {
             _ = &mut workers => warn!("the worker pool stopped on its own"),
             _ = &mut shutdown => {}
@@ -247,7 +250,29 @@ impl<E: Engine> Controller<E> {
                 "reconciles still running at the shutdown timeout; abandoning them"
             ),
         }
-        Ok(())
+    }
+}
+
+/// Retries `op` with back-off until it succeeds; `None` when `shutdown` comes first.
+async fn until_ok<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    what: &str,
+    mut op: impl FnMut() -> Fut,
+) -> Option<T> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        tokio::select! {
+            result = op() => match result {
+                Ok(value) => return Some(value),
+                Err(e) => warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot {what} yet; retrying"),
+            },
+            _ = shutdown.as_mut() => return None,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.as_mut() => return None,
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
 

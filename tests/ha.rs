@@ -13,7 +13,7 @@ use support::docker::{docker, eventually, DockerFixture};
 use support::tcp_proxy::TcpProxy;
 use support::{Backend, TestDb};
 
-const LONG: Duration = Duration::from_secs(90);
+const LONG: Duration = Duration::from_secs(180);
 
 fn metrics(process: &ControllerProcess, addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
     let _ = process;

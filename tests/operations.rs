@@ -16,7 +16,7 @@ use support::docker::{docker, eventually, DockerFixture};
 use support::tcp_proxy::TcpProxy;
 use support::{Backend, TestDb};
 
-const LONG: Duration = Duration::from_secs(60);
+const LONG: Duration = Duration::from_secs(180);
 
 fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     gateway(addr.port(), "GET", path, None).expect("http get")

@@ -18,7 +18,7 @@ use support::docker::{
 };
 use support::{Backend, TestDb};
 
-const LONG: Duration = Duration::from_secs(60);
+const LONG: Duration = Duration::from_secs(180);
 
 fn container_names(fx: &DockerFixture) -> Vec<(String, String)> {
     let filter = format!("label=io.clawfleet.instance={}", fx.instance);

@@ -47,6 +47,10 @@ pub struct RunArgs {
     #[arg(long, env = "CLAWFLEET_ORPHAN_GRACE", default_value = "5m", value_parser = parse_duration, hide_env_values = true)]
     pub orphan_grace: Duration,
 
+    /// How long a user whose container needs a human (missing image, exit code 78, name conflict) waits before the next try, unless its row changes
+    #[arg(long, env = "CLAWFLEET_FAILED_RETRY", default_value = "5m", value_parser = parse_duration, hide_env_values = true)]
+    pub failed_retry: Duration,
+
     /// How long shutdown waits for reconciles in flight
     #[arg(long, env = "CLAWFLEET_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration, hide_env_values = true)]
     pub shutdown_timeout: Duration,
@@ -126,7 +130,7 @@ struct Parts<E: Engine> {
 
 impl<E: Engine> Parts<E> {
     /// Reconciles until `stop` resolves (graceful) or the returned future is dropped (at once).
-    async fn lead(&self, stop: impl std::future::Future<Output = ()>) -> Result<(), CliError> {
+    async fn lead(&self, stop: impl std::future::Future<Output = ()>) {
         let reconciler = Reconciler::new(
             self.store.clone(),
             self.engine.clone(),
@@ -154,10 +158,7 @@ impl<E: Engine> Parts<E> {
         self.role.leader.store(true, Ordering::SeqCst);
         self.metrics.set_leader(true);
         let _standing_down = StandDown(self);
-        controller
-            .run(stop)
-            .await
-            .map_err(|e| CliError::Config(e.to_string()))
+        controller.run(stop).await;
     }
 }
 
@@ -270,6 +271,11 @@ pub async fn run(
         role,
         reconciler: ReconcilerOptions {
             orphan_grace: args.orphan_grace,
+            needs_human_retry: args.failed_retry,
+            policy: crate::plan::Policy {
+                slow_retry: args.failed_retry,
+                ..Default::default()
+            },
             ..Default::default()
         },
         controller: ControllerOptions {
@@ -286,7 +292,7 @@ pub async fn run(
 
     if store.sqlite_file().is_some() || store.backend() == sea_orm::DatabaseBackend::Sqlite {
         info!("SQLite: this process is the only one for this database; reconciling");
-        parts.lead(stopping(shutdown.clone())).await?;
+        parts.lead(stopping(shutdown.clone())).await;
     } else {
         let holder = args.holder_id.clone().unwrap_or_else(default_holder);
         let elector = Elector::new(
@@ -304,8 +310,7 @@ pub async fn run(
             info!(holder = %holder, "became leader: reconciling");
             let mut lead = std::pin::pin!(parts.lead(stopping(shutdown.clone())));
             tokio::select! {
-                result = &mut lead => {
-                    result?;
+                () = &mut lead => {
                     elector.release().await;
                     info!("lease released");
                     break;

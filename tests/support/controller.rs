@@ -212,7 +212,7 @@ pub async fn wait_running(store: &Store, user: &str) -> ContainerStatus {
     wait_for_status(
         store,
         user,
-        Duration::from_secs(60),
+        Duration::from_secs(180),
         "running and healthy",
         |s| {
             s.phase == Phase::Running
