@@ -28,6 +28,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Users(command) => cli::users(&cli.global, command).await?,
         Command::Keygen(args) => cli::keygen(args)?,
         Command::Doctor => cli::doctor(&cli.global, cli.default_image.clone()).await?,
+        Command::Healthcheck => cli::healthcheck(&cli.global)?,
     }
     Ok(())
 }

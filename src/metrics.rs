@@ -313,6 +313,27 @@ impl Metrics {
         *self.handle.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
     }
 
+    /// Forgets the controller of a term that ended: a standby reports no
+    /// queue, no containers and no event stream of its own.
+    pub fn detach(&self) {
+        *self.handle.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        for g in [
+            &self.workqueue_depth,
+            &self.workqueue_delayed,
+            &self.docker_event_stream_connected,
+        ] {
+            g.set(0);
+        }
+        self.workqueue_longest_running.set(0.0);
+        self.workqueue_unfinished_work.set(0.0);
+        for phase in Phase::ALL {
+            self.containers.with_label_values(&[phase.as_str()]).set(0);
+        }
+        for state in DESIRED_STATES {
+            self.desired_containers.with_label_values(&[state]).set(0);
+        }
+    }
+
     /// Sets `clawfleet_leader`.
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));

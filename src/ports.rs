@@ -193,8 +193,15 @@ impl PortAllocator {
         })
     }
 
+    /// False only when something listens on the port. Any other failure
+    /// (the publish address is not local, as for a controller in a bridged
+    /// container) says nothing about the port: the engine's own refusal is
+    /// then the guard.
     fn bindable(&self, port: u16) -> bool {
-        TcpListener::bind(SocketAddr::new(self.publish_ip, port)).is_ok()
+        match TcpListener::bind(SocketAddr::new(self.publish_ip, port)) {
+            Ok(_) => true,
+            Err(e) => e.kind() != std::io::ErrorKind::AddrInUse,
+        }
     }
 }
 
@@ -287,6 +294,17 @@ mod tests {
         a.load([43000, 43001]);
         let err = a.allocate(|_| async { Ok(()) }).await.unwrap_err();
         assert!(err.to_string().contains("widen --port-range"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_publish_address_that_is_not_local_does_not_make_every_port_look_taken() {
+        // 192.0.2.1 (TEST-NET-1) is never a local address: binding it fails
+        // with "address not available", which says nothing about the port.
+        let a = PortAllocator::new(
+            PortRange::new(45500, 45501).unwrap(),
+            "192.0.2.1".parse().unwrap(),
+        );
+        assert_eq!(a.allocate(|_| async { Ok(()) }).await.unwrap(), 45500);
     }
 
     #[test]

@@ -114,10 +114,10 @@ proptest! {
         bytes[i] ^= 1 << bit;
         if let Ok(altered) = String::from_utf8(bytes) {
             if altered != sealed {
-                match ring.open(&altered) {
-                    // Base64 padding bits can change without changing the bytes.
-                    Ok(opened) => prop_assert_eq!(opened, token),
-                    Err(_) => {}
+                // Base64 padding bits can change without changing the bytes:
+                // such a text may open, but only to the same token.
+                if let Ok(opened) = ring.open(&altered) {
+                    prop_assert_eq!(opened, token);
                 }
             }
         }
@@ -133,6 +133,7 @@ proptest! {
     fn image_parsing_and_naming_never_panic(text in any::<String>()) {
         let _ = ImageRef::parse(&text);
         let name = container_name("mosaic-user-", &text);
-        prop_assert!(name.len() <= "mosaic-user-".len() + 64.max(40 + 13));
+        // A raw id is at most 64 bytes; an escaped one 40 characters plus "-" and 12 hex.
+        prop_assert!(name.len() <= "mosaic-user-".len() + 64);
     }
 }

@@ -238,3 +238,27 @@ async fn no_token_key_or_api_token_reaches_the_logs() {
         "reconcile spans carry the user id"
     );
 }
+
+#[tokio::test]
+async fn the_healthcheck_command_probes_a_running_controller() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let fx = DockerFixture::new("probe");
+    let controller = ControllerProcess::start(&ControllerConfig::new(&db, &fx));
+    let addr = controller.http_addr().await;
+    let probe = |listen: String| {
+        Command::new(env!("CARGO_BIN_EXE_clawfleet"))
+            .args(["healthcheck", "--listen", &listen])
+            .output()
+            .unwrap()
+    };
+    let healthy = probe(format!("0.0.0.0:{}", addr.port()));
+    assert!(
+        healthy.status.success(),
+        "{}",
+        String::from_utf8_lossy(&healthy.stderr)
+    );
+    let closed = support::docker::free_port();
+    let down = probe(format!("127.0.0.1:{closed}"));
+    assert!(!down.status.success());
+    assert!(String::from_utf8_lossy(&down.stderr).contains("unhealthy"));
+}

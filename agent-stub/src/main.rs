@@ -44,7 +44,7 @@ const MAX_CONNECTIONS: usize = 256;
 /// Read and write timeout of a served connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connect, read and write timeout of `agent-stub healthcheck`.
-const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(2);
+const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(8);
 /// sysexits.h: command line usage error.
 const EX_USAGE: i32 = 64;
 /// sysexits.h: configuration error; what the real gateway exits with when misconfigured.

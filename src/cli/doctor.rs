@@ -219,7 +219,12 @@ pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), 
         .port_range
         .iter()
         .filter(|p| !ours.contains(p))
-        .filter(|p| TcpListener::bind(SocketAddr::new(settings.publish_ip, *p)).is_err())
+        .filter(|p| {
+            matches!(
+                TcpListener::bind(SocketAddr::new(settings.publish_ip, *p)),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse
+            )
+        })
         .collect();
     if foreign.is_empty() {
         checks.push(Check::pass(format!(

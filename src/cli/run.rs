@@ -169,6 +169,7 @@ impl<E: Engine> Drop for StandDown<'_, E> {
     fn drop(&mut self) {
         self.0.role.leader.store(false, Ordering::SeqCst);
         self.0.metrics.set_leader(false);
+        self.0.metrics.detach();
     }
 }
 
