@@ -577,7 +577,7 @@ async fn a_hundred_concurrent_ensure_running_calls_for_new_users_all_succeed() {
         tokio::spawn(async move {
             let user = format!("crowd{i:03}");
             let reply = client
-                .post(&user_path(&user, "/ensure-running?wait=120s"))
+                .post(&user_path(&user, "/ensure-running?wait=300s"))
                 .await;
             (user, reply)
         })
