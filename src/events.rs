@@ -70,8 +70,13 @@ pub async fn run<E, F>(
                     }
                     since = Some(event.time_nanos);
                     observer.event(&event);
-                    if let Some(user) = event.user_id {
-                        sink(user);
+                    // A health check runs as an exec every few seconds; its
+                    // exec_* events say nothing about the container (its
+                    // result comes as `health_status`).
+                    if !event.action.starts_with("exec_") {
+                        if let Some(user) = event.user_id {
+                            sink(user);
+                        }
                     }
                 }
                 Some(Err(e)) => {

@@ -25,7 +25,7 @@ use crate::store::{DesiredChange, Pool, Store};
 /// Rows read per poll; a full page is followed by another poll at once.
 const PAGE: u64 = 1000;
 /// Gaps remembered at most; beyond this the oldest are dropped (the resync covers them).
-const MAX_GAPS: usize = 4096;
+const MAX_GAPS: usize = 1024;
 
 /// Where the feed is: the highest revision seen and the revisions below it
 /// not yet seen (maybe still uncommitted).
@@ -89,7 +89,7 @@ impl Default for FeedOptions {
     fn default() -> Self {
         Self {
             poll_interval: Duration::from_millis(250),
-            gap_ttl: Duration::from_secs(60),
+            gap_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -112,7 +112,14 @@ where
         Pool::Sqlite(_) => None,
     };
     let _abort_listener = AbortOnDrop(listener);
-    let mut cursor = Cursor::new(start, options.gap_ttl);
+    // SQLite commits one writer at a time, in revision order: a revision it
+    // skipped belongs to a row updated again since, never to a transaction
+    // still open. Only PostgreSQL needs gaps asked for again.
+    let gap_ttl = match store.pool() {
+        Pool::Postgres(_) => options.gap_ttl,
+        Pool::Sqlite(_) => Duration::ZERO,
+    };
+    let mut cursor = Cursor::new(start, gap_ttl);
     let mut failing = false;
     loop {
         match store

@@ -148,6 +148,9 @@ struct Memory {
     blocked: Option<Blocked>,
     /// When the user was first seen desired running and not running.
     waiting_since: Option<DateTime<Utc>>,
+    /// The restart count to report, when a restart happened but the status
+    /// write that would have recorded it failed (database locked or away).
+    unrecorded_restarts: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -233,6 +236,14 @@ impl<E: Engine> Reconciler<E> {
         let name = crate::naming::container_name(&self.settings.name_prefix, user_id);
         let found = self.observe(user_id, &name).await?;
         let mut row = previous.clone().unwrap_or_else(|| new_row(user_id, now));
+        // A restart counted in memory but never written is not lost.
+        row.restarts = self.remember(user_id, |m| match m.unrecorded_restarts {
+            Some(n) if n > row.restarts => n,
+            _ => {
+                m.unrecorded_restarts = None;
+                row.restarts
+            }
+        });
         if let Some(d) = desired.as_ref().and_then(|d| d.as_ref().ok()) {
             row.observed_revision = Some(d.revision);
         }
@@ -520,6 +531,7 @@ impl<E: Engine> Reconciler<E> {
             && entry.orphan_since.is_none()
             && entry.blocked.is_none()
             && entry.waiting_since.is_none()
+            && entry.unrecorded_restarts.is_none()
         {
             memory.remove(user_id);
         }
@@ -678,9 +690,12 @@ impl<E: Engine> Reconciler<E> {
 
     fn count_restart(&self, user_id: &str, row: &mut ContainerStatus, now: DateTime<Utc>) {
         row.restarts += 1;
+        let restarts = row.restarts;
         self.remember(user_id, |m| {
             m.crash.consecutive += 1;
             m.crash.last_restart_at = Some(now);
+            // Until a later reconcile reads it back from the table.
+            m.unrecorded_restarts = Some(restarts);
         });
     }
 

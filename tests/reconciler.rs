@@ -414,7 +414,9 @@ async fn a_cut_event_stream_is_reconnected_and_what_happened_meanwhile_is_undone
     wait_running(&store, "e2").await;
     for _ in 0..3 {
         proxy.cut();
-        docker(&["kill", &fx.name("e1")]).unwrap();
+        // While it waits out its restart back-off the container is not
+        // running, and `docker kill` refuses: that is fine.
+        let _ = docker(&["kill", &fx.name("e1")]);
         proxy.cut();
         tokio::time::sleep(Duration::from_millis(300)).await;
         proxy.cut();

@@ -218,12 +218,39 @@ impl Store {
     }
 
     /// A cheap round trip, for readiness checks.
+    ///
+    /// On SQLite a read proves nothing (WAL readers are never blocked, and
+    /// `SELECT 1` touches no file), so the check takes the write lock for an
+    /// instant on a connection of its own, failing fast when another process
+    /// holds the database locked.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.db
-            .execute_unprepared("SELECT 1")
-            .await
-            .map(drop)
-            .map_err(StoreError::query("ping"))
+        match &self.pool {
+            Pool::Postgres(_) => self
+                .db
+                .execute_unprepared("SELECT 1")
+                .await
+                .map(drop)
+                .map_err(StoreError::query("ping")),
+            Pool::Sqlite(pool) => {
+                let options = (*pool.connect_options())
+                    .clone()
+                    .busy_timeout(Duration::from_millis(250));
+                let failed = |source: sqlx::Error| StoreError::Query {
+                    operation: "write check",
+                    source: DbErr::Custom(source.to_string()),
+                };
+                let mut conn = sqlx::SqliteConnection::connect_with(&options)
+                    .await
+                    .map_err(failed)?;
+                let result = sqlx::raw_sql("BEGIN IMMEDIATE; ROLLBACK;")
+                    .execute(&mut conn)
+                    .await
+                    .map(drop)
+                    .map_err(failed);
+                let _ = conn.close().await;
+                result
+            }
+        }
     }
 
     /// Ids of users whose status row changes from now on (written or deleted

@@ -12,7 +12,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -352,11 +352,13 @@ impl Drop for DockerFixture {
 
 /// A proxy in front of the engine's Unix socket, on TCP or on a socket of its
 /// own, whose open connections a test can cut (as a restarting engine or a
-/// broken network would).
+/// broken network would), or that it can take down altogether for a while.
 pub struct EngineProxy {
     /// The `DOCKER_HOST` value that reaches the engine through this proxy.
     pub docker_host: String,
     connections: Connections,
+    /// While set, every new connection is closed as soon as it is accepted.
+    down: Arc<AtomicBool>,
     accept: tokio::task::JoinHandle<()>,
     _dir: Option<tempfile::TempDir>,
 }
@@ -369,15 +371,22 @@ impl EngineProxy {
             .expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let connections: Connections = Arc::default();
-        let open = Arc::clone(&connections);
+        let down = Arc::new(AtomicBool::new(false));
+        let (open, refusing) = (Arc::clone(&connections), Arc::clone(&down));
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                forward(client, &open);
+                // Checked under the lock `set_down` cuts under, so a
+                // connection accepted as the proxy goes down is cut too.
+                let mut open = open.lock().expect("proxy lock");
+                if !refusing.load(Ordering::SeqCst) {
+                    open.push(forward(client));
+                }
             }
         });
         Self {
             docker_host: format!("{scheme}://127.0.0.1:{port}"),
             connections,
+            down,
             accept,
             _dir: None,
         }
@@ -389,15 +398,22 @@ impl EngineProxy {
         let path = dir.path().join("engine.sock");
         let listener = tokio::net::UnixListener::bind(&path).expect("bind proxy socket");
         let connections: Connections = Arc::default();
-        let open = Arc::clone(&connections);
+        let down = Arc::new(AtomicBool::new(false));
+        let (open, refusing) = (Arc::clone(&connections), Arc::clone(&down));
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                forward(client, &open);
+                // Checked under the lock `set_down` cuts under, so a
+                // connection accepted as the proxy goes down is cut too.
+                let mut open = open.lock().expect("proxy lock");
+                if !refusing.load(Ordering::SeqCst) {
+                    open.push(forward(client));
+                }
             }
         });
         Self {
             docker_host: format!("unix://{}", path.display()),
             connections,
+            down,
             accept,
             _dir: Some(dir),
         }
@@ -409,14 +425,29 @@ impl EngineProxy {
             connection.abort();
         }
     }
+
+    /// Takes the engine away (`true`): cuts every open connection and closes
+    /// each new one as soon as it is accepted (the client reads an empty
+    /// answer, as from an engine restarting), until brought back (`false`).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            self.cut();
+        }
+    }
+
+    /// True while the proxy is down.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::SeqCst)
+    }
 }
 
 /// The proxy's open connections.
 type Connections = Arc<Mutex<Vec<tokio::task::AbortHandle>>>;
 
 /// Copies between `client` and a new connection to the engine's socket until
-/// either side closes or the proxy cuts it.
-fn forward<S>(mut client: S, connections: &Connections)
+/// either side closes or the proxy cuts it (with the returned handle).
+fn forward<S>(mut client: S) -> tokio::task::AbortHandle
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -430,10 +461,7 @@ where
             let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
         }
     });
-    connections
-        .lock()
-        .expect("proxy lock")
-        .push(task.abort_handle());
+    task.abort_handle()
 }
 
 impl Drop for EngineProxy {

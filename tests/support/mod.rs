@@ -10,6 +10,7 @@
 
 pub mod controller;
 pub mod docker;
+pub mod fleet;
 pub mod http;
 pub mod tcp_proxy;
 
