@@ -1,0 +1,320 @@
+//! `make bench`: how fast clawfleet converges and reacts, against a baseline
+//! measured in the same run, and what a large fleet costs.
+//!
+//! 1. Real engine, 100 users (`BENCH_USERS`): wall time from "rows inserted"
+//!    to "every container running", beside the same create+start calls
+//!    issued directly through bollard at the same concurrency (before and
+//!    after; the ratio is against their mean).
+//! 2. Docker event → action on the in-memory engine: crash → `start` issued,
+//!    p50/p99 over 500 spaced crashes (`BENCH_SAMPLES`) and one burst of a
+//!    fifth as many, in a fleet of 1,000 users (`BENCH_EVENT_USERS`).
+//! 3. Desired-row change → action, SQLite and PostgreSQL: an `UPDATE` by
+//!    another connection → `stop`/`start` issued, p50/p99 over 200 samples
+//!    each (`BENCH_SAMPLES`), feed at its production default.
+//! 4. 10,000 (`BENCH_SIM_USERS`) and 100,000 (`BENCH_BIG_USERS`, 0 to skip)
+//!    users on the in-memory engine, each in a fresh child process
+//!    (`converge sim <users> <idle_secs>`): convergence, full resync, peak
+//!    RSS, and CPU over 60 s of idle (`BENCH_IDLE_SECS`).
+//!
+//! Prints one table (each number beside its target) and one summary line:
+//! `bench: converge_ratio=… resync_10k_ms=… rss_10k_mb=… event_p99_ms=…
+//! change_p99_ms_sqlite=… change_p99_ms_pg=… rss_100k_mb=… idle_cpu_pct_10k=…`.
+//! Numbers, not assertions: nothing here fails because a target is missed.
+//! Progress goes to stderr.
+
+mod change_latency;
+mod event_latency;
+mod latency;
+mod real_engine;
+mod recording;
+mod report;
+mod scale;
+mod support;
+
+use std::time::Instant;
+
+use change_latency::{ChangeLatency, Db};
+use clawfleet::feed::FeedOptions;
+use latency::Latencies;
+use report::{count, num, Table, Target};
+use support::{env_usize, CONCURRENCY};
+
+/// The knobs, from the environment.
+struct Knobs {
+    users: usize,
+    event_users: usize,
+    event_samples: usize,
+    burst: usize,
+    change_samples: usize,
+    sim_users: usize,
+    big_users: usize,
+    idle_secs: u64,
+}
+
+impl Knobs {
+    fn from_env() -> Self {
+        let event_samples = env_usize("BENCH_SAMPLES", 500);
+        let burst = event_samples / 5;
+        Self {
+            users: env_usize("BENCH_USERS", 100),
+            // Every sample crashes a container for the first time.
+            event_users: env_usize("BENCH_EVENT_USERS", 1_000).max(event_samples + burst),
+            event_samples,
+            burst,
+            change_samples: env_usize("BENCH_SAMPLES", 200),
+            sim_users: env_usize("BENCH_SIM_USERS", 10_000),
+            big_users: env_usize("BENCH_BIG_USERS", 100_000),
+            idle_secs: env_usize("BENCH_IDLE_SECS", 60) as u64,
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let arg = |i: usize| -> usize {
+        args.get(i)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("bench child: argument {i} must be a number: {args:?}"))
+    };
+    match args.first().map(String::as_str) {
+        Some("sim") => runtime.block_on(scale::child(arg(1), arg(2) as u64)),
+        Some("engine") => runtime.block_on(scale::engine_only_child(arg(1))),
+        _ => runtime.block_on(parent(Knobs::from_env())),
+    }
+}
+
+fn latency_value(l: &Latencies) -> String {
+    let timeouts = match l.timeouts() {
+        0 => String::new(),
+        n => format!(", {n} timed out"),
+    };
+    format!(
+        "p50 {} ms  p99 {} ms  max {} ms{timeouts}",
+        num(l.p50_ms(), 2),
+        num(l.p99_ms(), 2),
+        num(l.max_ms(), 2)
+    )
+}
+
+fn change_row(
+    table: &mut Table,
+    name: &str,
+    result: &Result<ChangeLatency, String>,
+    limit_ms: f64,
+) -> f64 {
+    match result {
+        Ok(c) => {
+            let p99 = c.latencies.p99_ms();
+            table.checked(
+                format!(
+                    "change → action, {name}: {} row updates over {} users",
+                    c.latencies.count(),
+                    c.users
+                ),
+                latency_value(&c.latencies),
+                Target::at_most("p99 ", p99, limit_ms, "ms"),
+            );
+            if c.unexpected_calls > 0 {
+                table.row(
+                    format!("  {name}: other engine calls meanwhile"),
+                    c.unexpected_calls.to_string(),
+                );
+            }
+            p99
+        }
+        Err(e) => {
+            table.checked(
+                format!("change → action, {name}"),
+                format!("not measured: {e}"),
+                Target::at_most("p99 ", f64::NAN, limit_ms, "ms"),
+            );
+            f64::NAN
+        }
+    }
+}
+
+fn scale_rows(
+    table: &mut Table,
+    s: &scale::Scale,
+    rss_limit: Option<f64>,
+    idle_limit: Option<f64>,
+) {
+    let who = if s.running == s.users {
+        format!("{} users (all running)", count(s.users))
+    } else {
+        format!(
+            "{} users ({} running, {} idle: no container)",
+            count(s.users),
+            count(s.running),
+            count(s.users - s.running)
+        )
+    };
+    table.row(
+        format!("{who}: converge from nothing"),
+        format!("{:.0} ms", s.converge_ms),
+    );
+    table.row(
+        format!("{} users: full resync (fresh controller)", count(s.users)),
+        format!(
+            "{:.0} ms  ({:.0} users/s, {:.0} ms CPU)",
+            s.resync_ms,
+            s.users as f64 / (s.resync_ms / 1e3),
+            s.resync_cpu_ms
+        ),
+    );
+    let rss = format!(
+        "{:.1} MiB  (simulated engine alone {:.1} MiB; {:.1} MiB after idle)",
+        s.rss_peak_mb, s.engine_only_rss_mb, s.rss_end_mb
+    );
+    let measure = format!("{} users: peak RSS, own process", count(s.users));
+    match rss_limit {
+        Some(limit) => table.checked(measure, rss, Target::below("", s.rss_peak_mb, limit, "MiB")),
+        None => table.row(measure, rss),
+    }
+    let resync_share = s.resync_cpu_ms
+        / 1e3
+        / clawfleet::controller::ControllerOptions::default()
+            .resync_period
+            .as_secs_f64()
+        * 100.0;
+    let measure = format!(
+        "{} users: CPU over {:.0} s idle (% of one core)",
+        count(s.users),
+        s.idle_secs
+    );
+    let cpu = format!(
+        "{:.3} %  ({} engine calls; +{resync_share:.3} % for the 5-min resync)",
+        s.idle_cpu_pct, s.idle_engine_calls
+    );
+    match idle_limit {
+        Some(limit) => table.checked(measure, cpu, Target::below("", s.idle_cpu_pct, limit, "%")),
+        None => table.row(measure, cpu),
+    }
+}
+
+async fn parent(k: Knobs) {
+    let wall = Instant::now();
+    let mut table = Table::default();
+
+    eprintln!(
+        "bench: converging {} users on the real engine (baseline first)…",
+        k.users
+    );
+    let real = real_engine::measure(k.users).await;
+    let ratio = real.ratio();
+
+    eprintln!(
+        "bench: event → action: {} users, {} spaced crashes and a burst of {}…",
+        k.event_users, k.event_samples, k.burst
+    );
+    let events = event_latency::measure(k.event_users, k.event_samples, k.burst).await;
+
+    let poll_ms = FeedOptions::default().poll_interval.as_millis();
+    let change_users = k.change_samples.div_ceil(2).max(1);
+    eprintln!(
+        "bench: change → action on SQLite: {} row updates…",
+        k.change_samples
+    );
+    let sqlite = change_latency::measure(Db::Sqlite, change_users, k.change_samples).await;
+    eprintln!(
+        "bench: change → action on PostgreSQL: {} row updates…",
+        k.change_samples
+    );
+    let pg = change_latency::measure(Db::Postgres, change_users, k.change_samples).await;
+    if let Err(e) = &pg {
+        eprintln!("bench: PostgreSQL not measured: {e}");
+    }
+
+    eprintln!(
+        "bench: {} users on the in-memory engine, in a child process…",
+        k.sim_users
+    );
+    let sim = scale::measure(k.sim_users, k.idle_secs);
+    let big = (k.big_users > 0).then(|| {
+        eprintln!(
+            "bench: {} users on the in-memory engine, in a child process…",
+            k.big_users
+        );
+        scale::measure(k.big_users, k.idle_secs)
+    });
+
+    table.row(
+        format!(
+            "converge {} users, real engine: direct bollard create+start (baseline)",
+            real.users
+        ),
+        format!(
+            "{:.0} ms  (mean of {:.0} ms before, {:.0} ms after; concurrency {CONCURRENCY})",
+            real.baseline().as_secs_f64() * 1e3,
+            real.baselines[0].as_secs_f64() * 1e3,
+            real.baselines[1].as_secs_f64() * 1e3,
+        ),
+    );
+    table.checked(
+        format!(
+            "converge {} users, real engine: clawfleet rows → all running",
+            real.users
+        ),
+        format!(
+            "{:.0} ms  (ratio {ratio:.2})",
+            real.controller.as_secs_f64() * 1e3
+        ),
+        Target::at_most("ratio ", ratio, 1.1, ""),
+    );
+    let event_p99 = events.spaced.p99_ms();
+    table.checked(
+        format!(
+            "event → action (crash → start), {} spaced crashes, {} users",
+            events.spaced.count(),
+            count(events.users)
+        ),
+        latency_value(&events.spaced),
+        Target::at_most("p99 ", event_p99, 10.0, "ms"),
+    );
+    table.row(
+        format!(
+            "event → action, burst: {} crashes at one instant",
+            events.burst.count()
+        ),
+        latency_value(&events.burst),
+    );
+    if events.unexpected_calls > 0 {
+        table.row(
+            "  events: other engine calls meanwhile",
+            events.unexpected_calls.to_string(),
+        );
+    }
+    let sqlite_p99 = change_row(
+        &mut table,
+        &format!("SQLite (poll {poll_ms} ms)"),
+        &sqlite,
+        300.0,
+    );
+    let pg_p99 = change_row(
+        &mut table,
+        &format!("PostgreSQL (NOTIFY + poll {poll_ms} ms)"),
+        &pg,
+        100.0,
+    );
+    scale_rows(&mut table, &sim, None, Some(1.0));
+    if let Some(big) = &big {
+        scale_rows(&mut table, big, Some(256.0), None);
+    }
+    table.print();
+    println!(
+        "bench: converge_ratio={ratio:.2} resync_10k_ms={:.0} rss_10k_mb={:.1} event_p99_ms={} \
+         change_p99_ms_sqlite={} change_p99_ms_pg={} rss_100k_mb={} idle_cpu_pct_10k={}",
+        sim.resync_ms,
+        sim.rss_peak_mb,
+        num(event_p99, 2),
+        num(sqlite_p99, 1),
+        num(pg_p99, 1),
+        num(big.as_ref().map_or(f64::NAN, |b| b.rss_peak_mb), 1),
+        num(sim.idle_cpu_pct, 3),
+    );
+    eprintln!("bench: wall time {:.0} s", wall.elapsed().as_secs_f64());
+}

@@ -1,0 +1,207 @@
+//! Convergence on the real Docker engine: wall time from "rows inserted" to
+//! "every container running", beside the same create+start calls issued
+//! directly through bollard at the same concurrency (the baseline). The
+//! baseline runs before and after the controller, on an engine holding no
+//! other container of this run each time, and the ratio is against their
+//! mean, so a machine getting busier or quieter half-way (other tests share
+//! the engine) does not land on one side only.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clawfleet::config::PortRange;
+use clawfleet::docker::{shared_labels, ContainerFilter, DockerEngine, Engine};
+use clawfleet::ports::PortAllocator;
+use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
+use clawfleet::secrets::GatewayToken;
+use clawfleet::spec::DesiredSpec;
+use clawfleet::status::Phase;
+use futures::StreamExt;
+
+use crate::support::{
+    insert_users, ring, settings, sqlite_store, until, Running, Wants, CONCURRENCY,
+};
+
+/// What the measure found.
+pub struct RealEngine {
+    /// Containers made.
+    pub users: usize,
+    /// Direct create+start through bollard, before and after the controller
+    /// (their spread shows how much the engine's speed drifted meanwhile).
+    pub baselines: [Duration; 2],
+    /// clawfleet from rows inserted to every container running.
+    pub controller: Duration,
+}
+
+impl RealEngine {
+    /// The mean of the two baselines.
+    pub fn baseline(&self) -> Duration {
+        (self.baselines[0] + self.baselines[1]) / 2
+    }
+
+    /// Controller time over the mean baseline time.
+    pub fn ratio(&self) -> f64 {
+        self.controller.as_secs_f64() / self.baseline().as_secs_f64()
+    }
+}
+
+fn docker_cli(args: &[&str]) -> String {
+    std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// Removes every container labelled with `instance` (volumes and network stay).
+async fn remove_all(engine: &DockerEngine, instance: &str) {
+    let containers = engine
+        .list_containers(&ContainerFilter {
+            instance: instance.to_owned(),
+            user_id: None,
+        })
+        .await
+        .expect("list");
+    for c in containers {
+        let _ = engine.remove_container(&c.id).await;
+    }
+}
+
+/// Removes every container, volume and network labelled with `instance`, and
+/// the baseline's volumes (Docker makes those unlabelled, from the mount):
+/// every volume whose name starts with `prefix`.
+fn clean(instance: &str, prefix: &str) {
+    let filter = format!("label=io.clawfleet.instance={instance}");
+    let listed =
+        |args: &[&str]| -> Vec<String> { docker_cli(args).lines().map(str::to_owned).collect() };
+    let remove = |command: &[&str], ids: Vec<String>| {
+        if !ids.is_empty() {
+            let mut args = command.to_vec();
+            args.extend(ids.iter().map(String::as_str));
+            docker_cli(&args);
+        }
+    };
+    remove(&["rm", "-f"], listed(&["ps", "-aq", "--filter", &filter]));
+    let mut volumes = listed(&["volume", "ls", "-q", "--filter", &filter]);
+    volumes.extend(
+        listed(&["volume", "ls", "-q"])
+            .into_iter()
+            .filter(|v| v.starts_with(prefix)),
+    );
+    volumes.sort();
+    volumes.dedup();
+    remove(&["volume", "rm", "-f"], volumes);
+    remove(
+        &["network", "rm"],
+        listed(&["network", "ls", "-q", "--filter", &filter]),
+    );
+}
+
+/// Converges `users` containers directly, then through clawfleet.
+pub async fn measure(users: usize) -> RealEngine {
+    let engine = Arc::new(DockerEngine::connect("").await.expect("docker engine"));
+    let pid = std::process::id();
+    let instance = format!("bench-{pid}");
+    let prefix = format!("bench{pid}-");
+    let network = format!("bench{pid}-net");
+    let ports = PortRange::new(47000, 47000 + 2 * users as u16).expect("range");
+    let settings = Arc::new(settings(&instance, &prefix, &network, ports));
+    let network_id = engine
+        .ensure_network(&network, &shared_labels(&instance))
+        .await
+        .expect("network");
+
+    // Baseline: the same create+start calls, directly, at the same concurrency.
+    let token = GatewayToken::generate().expect("token");
+    let specs: Vec<_> = (0..users)
+        .map(|i| {
+            let user = format!("base{i}");
+            let desired = DesiredSpec::new(
+                &settings,
+                &user,
+                &settings.image,
+                0,
+                Some(ports.start() + users as u16 + i as u16),
+            );
+            desired.container_spec(&settings, &token, &desired.name, &network_id)
+        })
+        .collect();
+    let baseline = || async {
+        let started = Instant::now();
+        futures::stream::iter(specs.iter())
+            .map(|spec| {
+                let engine = engine.clone();
+                async move {
+                    let id = engine.create_container(spec).await.expect("create");
+                    engine.start_container(&id).await.expect("start");
+                }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect::<Vec<()>>()
+            .await;
+        let elapsed = started.elapsed();
+        remove_all(&engine, &instance).await;
+        elapsed
+    };
+    let baseline_before = baseline().await;
+
+    // The controller: rows in, every container running.
+    let dir = tempfile::tempdir().expect("dir");
+    let store = sqlite_store(&dir).await;
+    let reconciler = Reconciler::new(
+        store.clone(),
+        engine.clone(),
+        settings.clone(),
+        ring(),
+        PortAllocator::new(
+            PortRange::new(ports.start(), ports.start() + users as u16 - 1).expect("range"),
+            settings.publish_ip,
+        ),
+        ReconcilerOptions::default(),
+    );
+    let controller = Running::start(&store, reconciler);
+    until(
+        "the controller's first (empty) sync",
+        Duration::from_secs(30),
+        Duration::from_millis(5),
+        || controller.handle.progress.synced(),
+    )
+    .await;
+    let started = Instant::now();
+    insert_users(&store, 0, users, Wants::Running).await;
+    until(
+        "every container running",
+        Duration::from_secs(600),
+        Duration::from_millis(5),
+        || {
+            controller
+                .handle
+                .progress
+                .summary()
+                .by_phase
+                .get(&Phase::Running)
+                .copied()
+                .unwrap_or(0)
+                == users
+        },
+    )
+    .await;
+    let elapsed = started.elapsed();
+    controller.stop().await;
+    let still_there = engine
+        .list_containers(&ContainerFilter {
+            instance: instance.clone(),
+            user_id: None,
+        })
+        .await
+        .map_or(0, |c| c.len());
+    assert_eq!(still_there, users, "the controller's containers");
+    remove_all(&engine, &instance).await;
+    let baseline_after = baseline().await;
+    clean(&instance, &prefix);
+    RealEngine {
+        users,
+        baselines: [baseline_before, baseline_after],
+        controller: elapsed,
+    }
+}
