@@ -676,17 +676,7 @@ async fn a_port_published_by_another_container_is_port_allocated() {
         ..fx.spec("2", "two")
     };
     let late = create(&engine, &fx, &late).await;
-    match engine.start_container(&late).await {
-        Err(EngineError::PortAllocated {
-            port: Some(named),
-            message,
-        }) => {
-            assert_eq!(named, port, "{message}");
-            assert!(message.contains("port is already allocated"), "{message}");
-            println!("engine said: {message}");
-        }
-        other => panic!("expected PortAllocated, got {other:?}"),
-    }
+    expect_port_allocated(&engine, &late, port, "port is already allocated").await;
     assert_ne!(inspect(&engine, &late).await.state, RunState::Running);
 }
 
@@ -701,18 +691,23 @@ async fn a_port_held_by_a_foreign_process_is_port_allocated() {
         ..fx.spec("1", "one")
     };
     let id = create(&engine, &fx, &spec).await;
-    match engine.start_container(&id).await {
+    expect_port_allocated(&engine, &id, port, "address already in use").await;
+    drop(listener);
+}
+
+/// Starts `id` and expects the engine to refuse with `port` taken, saying `phrase`.
+async fn expect_port_allocated(engine: &DockerEngine, id: &str, port: u16, phrase: &str) {
+    match engine.start_container(id).await {
         Err(EngineError::PortAllocated {
             port: Some(named),
             message,
         }) => {
             assert_eq!(named, port, "{message}");
-            assert!(message.contains("address already in use"), "{message}");
+            assert!(message.contains(phrase), "{message}");
             println!("engine said: {message}");
         }
         other => panic!("expected PortAllocated, got {other:?}"),
     }
-    drop(listener);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
