@@ -131,6 +131,30 @@ impl DesiredContainer {
         self.last_active_at?.checked_add_signed(timeout)
     }
 
+    /// True when `later` (a later version of this row) differs from it only
+    /// by activity that keeps it running: both want the container running
+    /// with the same timeout, image and nonce, and this version's idle
+    /// deadline, if any, is still more than `margin` after `now`. Such a
+    /// change needs no action: the container this version runs is the one
+    /// `later` wants.
+    pub fn only_touched_into(
+        &self,
+        later: &DesiredContainer,
+        now: DateTime<Utc>,
+        margin: Duration,
+    ) -> bool {
+        let margin = chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::MAX);
+        self.user_id == later.user_id
+            && self.state == DesiredState::Running
+            && later.state == DesiredState::Running
+            && self.idle_timeout == later.idle_timeout
+            && self.image == later.image
+            && self.restart_nonce == later.restart_nonce
+            && self
+                .idle_deadline()
+                .is_none_or(|deadline| now.checked_add_signed(margin).is_some_and(|t| deadline > t))
+    }
+
     /// The state to converge to at `now`: running when `state = running` and
     /// the idle deadline (if any) is still ahead; otherwise stopped.
     pub fn effective_state(&self, now: DateTime<Utc>) -> DesiredState {
@@ -506,6 +530,55 @@ mod tests {
             d.effective_state(at("2000-01-01T00:00:00Z")),
             DesiredState::Stopped
         );
+    }
+
+    #[test]
+    fn a_touch_of_a_running_row_with_time_to_spare_changes_no_container() {
+        let margin = Duration::from_secs(2);
+        let now = at("2026-11-29T10:10:00Z");
+        let version = |last_active: &str, f: fn(&mut RawDesiredRow)| {
+            let mut raw = RawDesiredRow {
+                idle_timeout_secs: RawValue::Integer(600),
+                last_active_at: RawValue::Text(last_active.into()),
+                ..row()
+            };
+            f(&mut raw);
+            validate(raw).unwrap()
+        };
+        let before = version("2026-11-29T10:05:00Z", |_| {});
+        let touched = version("2026-11-29T10:10:00Z", |_| {});
+        assert!(before.only_touched_into(&touched, now, margin));
+        // Anything but the activity changed: the new revision counts.
+        for change in [
+            (|r: &mut RawDesiredRow| r.state = RawValue::Text("stopped".into()))
+                as fn(&mut RawDesiredRow),
+            |r| r.idle_timeout_secs = RawValue::Integer(60),
+            |r| r.image = RawValue::Text("example/other:1".into()),
+            |r| r.restart_nonce = RawValue::Integer(1),
+            |r| r.user_id = "bob".into(),
+        ] {
+            let later = version("2026-11-29T10:10:00Z", change);
+            assert!(!before.only_touched_into(&later, now, margin), "{later:?}");
+        }
+        // A deadline passed, or too close to tell across clocks: the
+        // container may be stopping, so the touch is waited for.
+        let stale = version("2026-11-29T09:59:00Z", |_| {});
+        assert!(!stale.only_touched_into(&touched, now, margin));
+        let close = version("2026-11-29T10:00:01Z", |_| {});
+        assert!(!close.only_touched_into(&touched, now, margin));
+        // A stopped row: the touch starts it, which needs a reconcile.
+        let stopped = version("2026-11-29T10:05:00Z", |r| {
+            r.state = RawValue::Text("stopped".into())
+        });
+        assert!(!stopped.only_touched_into(&touched, now, margin));
+        // Never idle: any touch is only a touch.
+        let forever = version("2026-11-29T10:05:00Z", |r| {
+            r.idle_timeout_secs = RawValue::Null
+        });
+        let forever_touched = version("2026-11-29T10:10:00Z", |r| {
+            r.idle_timeout_secs = RawValue::Null
+        });
+        assert!(forever.only_touched_into(&forever_touched, now, margin));
     }
 
     fn raw_value() -> impl Strategy<Value = RawValue> {

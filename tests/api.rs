@@ -512,6 +512,39 @@ async fn ensure_running_works_the_same_on_postgres() {
 }
 
 #[tokio::test]
+async fn ensure_running_an_idle_user_waits_for_its_container_to_run_again() {
+    let api = Api::start("ensureidle", Backend::Sqlite).await;
+    let user = "ivy";
+    let first = assert_status(&api.ensure_running(user, "60s").await, 200);
+    // A touch of a running user with time to spare answers at once, with
+    // the same container.
+    let again = assert_status(&api.ensure_running(user, "60s").await, 200);
+    assert_eq!(again["container_name"], first["container_name"]);
+    let path = user_path(user, "");
+    assert_status(
+        &api.client.put(&path, &json!({"idle_timeout": 5})).await,
+        200,
+    );
+    wait_for_status(&api.store, user, Duration::from_secs(30), "idle", |s| {
+        s.phase == Phase::Idle
+    })
+    .await;
+    let name = first["container_name"].as_str().expect("a container name");
+    assert_eq!(
+        docker(&["inspect", "--format", "{{.State.Status}}", name]).unwrap(),
+        "exited"
+    );
+    // The row still says running: only a reconcile of the touch may answer.
+    let woken = assert_status(&api.ensure_running(user, "60s").await, 200);
+    assert_eq!(woken["phase"], "running");
+    assert_eq!(
+        docker(&["inspect", "--format", "{{.State.Status}}", name]).unwrap(),
+        "running",
+        "ensure-running answered before the idle container was started again"
+    );
+}
+
+#[tokio::test]
 async fn bad_input_is_refused_with_a_message_naming_the_field() {
     let api = Api::start("bad", Backend::Sqlite).await;
     let path = user_path("heidi", "");

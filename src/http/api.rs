@@ -588,6 +588,10 @@ fn wait_param(text: Option<&str>) -> Result<Duration, ApiError> {
     Ok(wait)
 }
 
+/// How far apart the clocks of an API process and the leader may be: an idle
+/// deadline closer than this counts as possibly passed.
+const CLOCK_SKEW: Duration = Duration::from_secs(2);
+
 /// True when `status` shows the container of revision `revision` (or later)
 /// running and, if its image has a health check, past its start period: the
 /// caller gets a gateway that answers.
@@ -612,6 +616,7 @@ async fn ensure_running(
     let deadline = Instant::now() + wait;
     // Subscribed before the write, so no status change after it is missed.
     let mut changes = state.store.status_changes();
+    let before = state.store.desired(&id).await?.and_then(Result::ok);
     state
         .store
         .upsert_desired(&DesiredUpdate {
@@ -622,7 +627,14 @@ async fn ensure_running(
         })
         .await?;
     let revision = match state.store.desired(&id).await? {
-        Some(Ok(d)) => d.revision,
+        // A touch of a user already running with time to spare changes no
+        // container: the one of the revision before the touch will do (no
+        // reconcile could have stopped it for idleness, its deadline being
+        // still ahead now that the touch is committed).
+        Some(Ok(d)) => match before {
+            Some(b) if b.only_touched_into(&d, Utc::now(), CLOCK_SKEW) => b.revision,
+            _ => d.revision,
+        },
         Some(Err(invalid)) => invalid.revision,
         // Deleted by someone else in between.
         None => return Err(ApiError::NoSuchUser(quote_short(&id))),
