@@ -173,7 +173,9 @@ impl EncryptionKey {
         ))
     }
 
-    fn aad(&self) -> Vec<u8> {
+    /// The associated data builds before DESIGN.md's plain format sealed
+    /// with; their tokens still open.
+    fn legacy_aad(&self) -> Vec<u8> {
         format!("clawfleet-gateway-token:{SEALED_VERSION}:{}", self.id).into_bytes()
     }
 }
@@ -273,16 +275,11 @@ impl KeyRing {
     pub fn seal(&self, token: &GatewayToken) -> Result<String, SecretsError> {
         let key = self.sealing_key();
         let nonce = random_bytes::<NONCE_BYTES>()?;
-        let aad = key.aad();
+        // No associated data: any AES-256-GCM implementation holding the key
+        // opens it, as DESIGN.md describes the format.
         let ciphertext = key
             .cipher
-            .encrypt(
-                Nonce::from_slice(nonce.as_ref()),
-                Payload {
-                    msg: token.expose().as_bytes(),
-                    aad: &aad,
-                },
-            )
+            .encrypt(Nonce::from_slice(nonce.as_ref()), token.expose().as_bytes())
             // Encryption fails only for plaintexts beyond GCM's limit (64 GiB).
             .map_err(|_| SecretsError::MalformedSealed("token too long to seal"))?;
         let mut blob = Vec::with_capacity(NONCE_BYTES + ciphertext.len());
@@ -321,16 +318,20 @@ impl KeyRing {
             ));
         }
         let (nonce, ciphertext) = blob.split_at(NONCE_BYTES);
-        let aad = key.aad();
+        let nonce = Nonce::from_slice(nonce);
         let plaintext = Zeroizing::new(
             key.cipher
-                .decrypt(
-                    Nonce::from_slice(nonce),
-                    Payload {
-                        msg: ciphertext,
-                        aad: &aad,
-                    },
-                )
+                .decrypt(nonce, ciphertext)
+                .or_else(|_| {
+                    let aad = key.legacy_aad();
+                    key.cipher.decrypt(
+                        nonce,
+                        Payload {
+                            msg: ciphertext,
+                            aad: &aad,
+                        },
+                    )
+                })
                 .map_err(|_| SecretsError::Tampered(key.id.clone()))?,
         );
         let token = String::from_utf8(plaintext.to_vec())
@@ -471,6 +472,48 @@ mod tests {
                 "byte {i}"
             );
         }
+    }
+
+    #[test]
+    fn a_sealed_token_opens_with_plain_aes_256_gcm_and_the_key_alone() {
+        // What another service does with DESIGN.md's description: split the
+        // nonce off, decrypt with no associated data.
+        let ring = ring(&["k1"]);
+        let token = GatewayToken::generate().unwrap();
+        let sealed = ring.seal(&token).unwrap();
+        let blob = BASE64
+            .decode(sealed.strip_prefix("v1:k1:").unwrap())
+            .unwrap();
+        let (nonce, ciphertext) = blob.split_at(12);
+        let key = ring.sealing_key();
+        let plain = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key.material.as_ref()))
+            .decrypt(Nonce::from_slice(nonce), ciphertext)
+            .expect("opens without associated data");
+        assert_eq!(plain, token.expose().as_bytes());
+    }
+
+    #[test]
+    fn a_token_sealed_with_the_earlier_associated_data_still_opens() {
+        let ring = ring(&["k1"]);
+        let token = GatewayToken::generate().unwrap();
+        let key = ring.sealing_key();
+        let nonce = [7u8; NONCE_BYTES];
+        let aad = key.legacy_aad();
+        let ciphertext = key
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: token.expose().as_bytes(),
+                    aad: &aad,
+                },
+            )
+            .unwrap();
+        let sealed = format!(
+            "v1:k1:{}",
+            BASE64.encode([&nonce[..], &ciphertext].concat())
+        );
+        assert_eq!(ring.open(&sealed).unwrap(), token);
     }
 
     #[test]
