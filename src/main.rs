@@ -27,7 +27,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => cli::migrate(&cli.global).await?,
         Command::Users(command) => cli::users(&cli.global, command).await?,
         Command::Keygen(args) => cli::keygen(args)?,
-        Command::Doctor => cli::doctor(&cli.global, cli.default_image.clone()).await?,
+        Command::Doctor(args) => {
+            let image = args.default_image.clone().or(cli.default_image.clone());
+            cli::doctor(&cli.global, image).await?
+        }
         Command::Healthcheck => cli::healthcheck(&cli.global)?,
     }
     Ok(())

@@ -10,10 +10,16 @@ use support::docker::{ensure_agent_image, AGENT_IMAGE};
 use support::{Backend, TestDb};
 
 fn doctor(db_url: &str, env: &[(&str, &str)]) -> (bool, String) {
+    doctor_with(db_url, env, &[])
+}
+
+/// `clawfleet doctor <args>` with the test's settings, `env` changed.
+fn doctor_with(db_url: &str, env: &[(&str, &str)], args: &[&str]) -> (bool, String) {
     let data = tempfile::tempdir().unwrap();
     let (start, end) = port_range(50);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_clawfleet"));
     cmd.arg("doctor")
+        .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("DATABASE_URL", db_url)
@@ -93,6 +99,24 @@ async fn doctor_fails_on_an_unreachable_database() {
     );
     assert!(!text.contains("secret-pw"), "the password is never printed");
     assert!(text.contains("✓ docker engine"), "{text}");
+}
+
+#[tokio::test]
+async fn doctor_checks_the_image_given_after_the_subcommand() {
+    ensure_agent_image();
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.store().await;
+    let missing = "clawfleet-doctor-test/missing:none";
+    let (ok, text) = doctor_with(&db.url, &[], &["--image", missing]);
+    assert!(!ok, "{text}");
+    assert!(failed_line(&text, "image").contains(missing), "{text}");
+    // Before the subcommand it is the default the one after overrides.
+    let (ok, text) = doctor_with(
+        &db.url,
+        &[("OPENCLAW_IMAGE", missing)],
+        &["--image", AGENT_IMAGE],
+    );
+    assert!(ok, "{text}");
 }
 
 #[tokio::test]

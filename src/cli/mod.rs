@@ -195,9 +195,17 @@ pub enum Command {
     /// Print a new encryption key entry for CLAWFLEET_ENCRYPTION_KEYS
     Keygen(KeygenArgs),
     /// Check everything `run` needs; one line per check, exit 0 only if all pass
-    Doctor,
+    Doctor(DoctorArgs),
     /// Probe a running controller's /healthz on --listen (for container HEALTHCHECKs); exit 0 when healthy
     Healthcheck,
+}
+
+/// Flags of `doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Default image to check (overrides the one given before the subcommand)
+    #[arg(long = "image", value_parser = parse_image)]
+    pub default_image: Option<ImageRef>,
 }
 
 /// Flags of `keygen`.
