@@ -353,10 +353,13 @@ impl<E: Engine> Reconciler<E> {
             .iter()
             .find(|c| c.name == name)
             .map(|c| c.id.clone());
+        // Docker resolves a name it does not know as an id prefix: only a
+        // container of exactly this name counts.
         let inspected = self
             .engine
             .inspect_container(by_name.as_deref().unwrap_or(name))
-            .await?;
+            .await?
+            .filter(|c| c.name == name);
         let mut found = Found {
             canonical: None,
             foreign_holder: None,

@@ -374,6 +374,48 @@ async fn an_unlabelled_container_of_the_right_name_is_adopted_with_its_volume() 
 }
 
 #[tokio::test]
+async fn a_container_whose_id_starts_with_a_users_name_is_not_taken_for_it() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let fx = DockerFixture::new("idprefix");
+    let foreign = fx.name("foreign");
+    let id = docker(&[
+        "run",
+        "-d",
+        "--name",
+        &foreign,
+        "-e",
+        "OPENCLAW_GATEWAY_TOKEN=foreign",
+        support::docker::AGENT_IMAGE,
+    ])
+    .unwrap();
+    // The engine answers an inspect of a name it does not know with the
+    // container whose id starts with it: make a user's name such a prefix.
+    let (prefix, user) = (&id[..8], &id[8..12]);
+    let config = ControllerConfig::new(&db, &fx).with("CLAWFLEET_NAME_PREFIX", prefix);
+    let _controller = ControllerProcess::start(&config);
+    db.exec(&format!(
+        "INSERT INTO desired_containers (user_id) VALUES ('{user}')"
+    ))
+    .await;
+    let s = wait_running(&store, user).await;
+    assert_eq!(s.container_name.as_deref(), Some(&id[..12]));
+    assert_ne!(s.container_id.as_deref(), Some(id.as_str()));
+    assert_eq!(
+        docker(&[
+            "inspect",
+            "--format",
+            "{{.State.Status}} {{.Name}} {{index .Config.Labels \"io.clawfleet.managed\"}}",
+            &id
+        ])
+        .unwrap()
+        .trim(),
+        format!("running /{foreign}"),
+        "the foreign container is left as it was"
+    );
+}
+
+#[tokio::test]
 async fn an_unhealthy_container_is_restarted() {
     let db = TestDb::new(Backend::Sqlite).await;
     let store = db.store().await;
