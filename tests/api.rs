@@ -520,11 +520,14 @@ async fn ensure_running_an_idle_user_waits_for_its_container_to_run_again() {
     // the same container.
     let again = assert_status(&api.ensure_running(user, "60s").await, 200);
     assert_eq!(again["container_name"], first["container_name"]);
-    let path = user_path(user, "");
-    assert_status(
-        &api.client.put(&path, &json!({"idle_timeout": 5})).await,
-        200,
-    );
+    // Idle for ages under a timeout long enough that the container, once
+    // woken, is not idle again before it is healthy on a loaded machine.
+    api.db
+        .exec(
+            "UPDATE desired_containers SET idle_timeout_secs = 600, \
+             last_active_at = '2000-01-01T00:00:00Z' WHERE user_id = 'ivy'",
+        )
+        .await;
     wait_for_status(&api.store, user, Duration::from_secs(30), "idle", |s| {
         s.phase == Phase::Idle
     })
