@@ -245,7 +245,7 @@ pub fn gateway(
     path: &str,
     token: Option<&str>,
 ) -> Result<(u16, String), String> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut stream =
         std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     stream
@@ -256,20 +256,7 @@ pub fn gateway(
     stream
         .write_all(request.as_bytes())
         .map_err(|e| e.to_string())?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| e.to_string())?;
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or("no status")?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Ok((status, body))
+    super::docker::read_http_response(stream)
 }
 
 /// The plaintext gateway token in a status row (sealed with [`test_key`]).

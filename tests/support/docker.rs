@@ -185,7 +185,8 @@ pub fn gateway_request(port: u16, method: &str, path: &str) -> Result<(u16, Stri
     read_http_response(stream)
 }
 
-fn read_http_response(mut stream: impl std::io::Read) -> Result<(u16, String), String> {
+/// Reads a whole HTTP/1.1 response (the request said `Connection: close`); status and body.
+pub fn read_http_response(mut stream: impl std::io::Read) -> Result<(u16, String), String> {
     let mut response = String::new();
     stream
         .read_to_string(&mut response)
@@ -370,26 +371,7 @@ impl EngineProxy {
             .await
             .expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
-        let connections: Connections = Arc::default();
-        let down = Arc::new(AtomicBool::new(false));
-        let (open, refusing) = (Arc::clone(&connections), Arc::clone(&down));
-        let accept = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                // Checked under the lock `set_down` cuts under, so a
-                // connection accepted as the proxy goes down is cut too.
-                let mut open = open.lock().expect("proxy lock");
-                if !refusing.load(Ordering::SeqCst) {
-                    open.push(forward(client));
-                }
-            }
-        });
-        Self {
-            docker_host: format!("{scheme}://127.0.0.1:{port}"),
-            connections,
-            down,
-            accept,
-            _dir: None,
-        }
+        Self::serve(listener, format!("{scheme}://127.0.0.1:{port}"), None)
     }
 
     /// A proxy on a Unix socket in a temporary folder, reached as `unix://<path>`.
@@ -397,11 +379,16 @@ impl EngineProxy {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("engine.sock");
         let listener = tokio::net::UnixListener::bind(&path).expect("bind proxy socket");
+        Self::serve(listener, format!("unix://{}", path.display()), Some(dir))
+    }
+
+    /// Forwards every client `listener` accepts to the engine.
+    fn serve<L: Accept>(listener: L, docker_host: String, dir: Option<tempfile::TempDir>) -> Self {
         let connections: Connections = Arc::default();
         let down = Arc::new(AtomicBool::new(false));
         let (open, refusing) = (Arc::clone(&connections), Arc::clone(&down));
         let accept = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
+            while let Ok(client) = listener.next_client().await {
                 // Checked under the lock `set_down` cuts under, so a
                 // connection accepted as the proxy goes down is cut too.
                 let mut open = open.lock().expect("proxy lock");
@@ -411,11 +398,11 @@ impl EngineProxy {
             }
         });
         Self {
-            docker_host: format!("unix://{}", path.display()),
+            docker_host,
             connections,
             down,
             accept,
-            _dir: Some(dir),
+            _dir: dir,
         }
     }
 
@@ -447,6 +434,28 @@ type Connections = Arc<Mutex<Vec<tokio::task::AbortHandle>>>;
 
 /// Copies between `client` and a new connection to the engine's socket until
 /// either side closes or the proxy cuts it (with the returned handle).
+/// A listener the proxy can take clients from (TCP or Unix socket).
+trait Accept: Send + 'static {
+    type Client: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn next_client(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<Self::Client>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Client = tokio::net::TcpStream;
+    async fn next_client(&self) -> std::io::Result<Self::Client> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Client = tokio::net::UnixStream;
+    async fn next_client(&self) -> std::io::Result<Self::Client> {
+        Ok(self.accept().await?.0)
+    }
+}
+
 fn forward<S>(mut client: S) -> tokio::task::AbortHandle
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
