@@ -227,6 +227,7 @@ impl<E: Engine> Controller<E> {
             observers.reconciles.clone(),
         ));
         tasks.spawn(log_progress(progress.clone(), queue.clone()));
+        tasks.spawn(wake_port_waiters(reconciler.clone(), queue.clone()));
 
         // Polled in place, not spawned: dropping `run` (a lost lease) aborts
         // every reconcile in flight at once.
@@ -369,6 +370,24 @@ async fn resync_loop<E: Engine>(
                 }
             }
             Err(e) => warn!(error = %e, "full resync failed; trying again next period"),
+        }
+    }
+}
+
+/// Queues the users refused for a full port range again once a port frees
+/// (README, "Operations"): they wait idle, not in a retry loop.
+async fn wake_port_waiters<E: Engine>(
+    reconciler: Arc<Reconciler<E>>,
+    queue: Arc<WorkQueue<String>>,
+) {
+    loop {
+        let users = reconciler.ports().freed().await;
+        info!(
+            users = users.len(),
+            "a host port was freed: trying the users waiting for one"
+        );
+        for user in users {
+            queue.add(user);
         }
     }
 }

@@ -228,6 +228,11 @@ impl<E: Engine> Reconciler<E> {
         &self.settings
     }
 
+    /// The port allocator (users waiting for a port are woken through it).
+    pub fn ports(&self) -> &PortAllocator {
+        &self.ports
+    }
+
     /// Reconciles `user_id` once.
     pub async fn reconcile(&self, user_id: &str) -> Result<Outcome, ReconcileError> {
         let now = (self.clock)();
@@ -488,6 +493,8 @@ impl<E: Engine> Reconciler<E> {
             row.gateway_token = Some(self.keys.seal(&GatewayToken::generate()?)?);
         }
         if let Some(port) = row.host_port.filter(|p| self.ports.usable(*p)) {
+            // The user's own port, whatever the probe may have found on it.
+            self.ports.note_claimed(port);
             return Ok(port);
         }
         // A port out of the range or found busy is given up for another.
@@ -504,7 +511,10 @@ impl<E: Engine> Reconciler<E> {
                     self.ports.note_claimed(port);
                     return Ok(port);
                 }
-                Err(StoreError::PortTaken(_)) => row.host_port = None,
+                Err(StoreError::PortTaken(_)) => {
+                    self.ports.note_claimed(port);
+                    row.host_port = None;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -514,7 +524,7 @@ impl<E: Engine> Reconciler<E> {
         let claim_row = row.clone();
         let port = self
             .ports
-            .allocate(|port| {
+            .allocate(user_id, |port| {
                 let mut candidate = claim_row.clone();
                 candidate.host_port = Some(port);
                 let store = self.store.clone();
