@@ -11,10 +11,12 @@
 //! by a timeout) and leaves every user's container as it is.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::FutureExt;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{info, warn, Instrument};
@@ -282,6 +284,15 @@ async fn until_ok<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
     }
 }
 
+/// The message a panic was raised with, when it is text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not text)")
+}
+
 async fn reconcile_one<E: Engine>(
     reconciler: &Reconciler<E>,
     progress: &Progress,
@@ -294,11 +305,24 @@ async fn reconcile_one<E: Engine>(
         actions = tracing::field::Empty
     );
     let started = std::time::Instant::now();
-    let result = reconciler.reconcile(&user).instrument(span.clone()).await;
+    // A panic is caught here, not only by the worker pool, so that it is
+    // counted as the `panic` error kind.
+    let result = AssertUnwindSafe(reconciler.reconcile(&user).instrument(span.clone()))
+        .catch_unwind()
+        .await;
     let seconds = started.elapsed().as_secs_f64();
     let _entered = span.enter();
     match result {
-        Ok(outcome) => {
+        Err(panic) => {
+            tracing::error!(
+                panic = panic_message(panic.as_ref()),
+                "reconcile panicked; retrying with back-off"
+            );
+            observer.reconciled("error", Some("panic"), seconds);
+            progress.record_error(&user);
+            Outcome::Retry
+        }
+        Ok(Ok(outcome)) => {
             progress.record(
                 &user,
                 outcome.phase,
@@ -320,7 +344,7 @@ async fn reconcile_one<E: Engine>(
                 }
             }
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             warn!(error = %e, "reconcile failed; retrying with back-off");
             observer.reconciled("error", Some(e.kind()), seconds);
             progress.record_error(&user);
