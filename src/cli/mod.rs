@@ -296,11 +296,11 @@ impl GlobalArgs {
         create: bool,
     ) -> Result<(secrets::KeyRing, secrets::KeySource), CliError> {
         let env = std::env::var(ENCRYPTION_KEYS_ENV).ok();
-        Ok(secrets::load_key_ring(
-            env.as_deref(),
-            &self.data_dir,
-            create,
-        )?)
+        secrets::load_key_ring(env.as_deref(), &self.data_dir, create).map_err(|e| match env {
+            // Name the variable: the error cannot quote its (secret) value.
+            Some(_) => CliError::Config(format!("{ENCRYPTION_KEYS_ENV}: {e}")),
+            None => e.into(),
+        })
     }
 }
 
