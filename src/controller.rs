@@ -463,7 +463,10 @@ mod tests {
     async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !done() {
-            assert!(std::time::Instant::now() < deadline, "gave up waiting for {what}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gave up waiting for {what}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -532,7 +535,10 @@ mod tests {
             if status.as_ref().is_some_and(|s| s.phase == Phase::Running) {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "alice never ran: {status:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "alice never ran: {status:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = stop.send(());

@@ -231,7 +231,10 @@ impl ImageAllowList {
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut patterns = Vec::new();
         for pattern in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            if let Some(c) = pattern.chars().find(|c| c.is_whitespace() || c.is_control()) {
+            if let Some(c) = pattern
+                .chars()
+                .find(|c| c.is_whitespace() || c.is_control())
+            {
                 return Err(format!(
                     "image pattern {} holds whitespace or a control character ({c:?}); separate patterns with commas",
                     quote_short(pattern)
@@ -386,9 +389,15 @@ mod tests {
         for (image, repository) in [
             ("alpine/openclaw:latest", "alpine/openclaw"),
             ("alpine", "alpine"),
-            ("registry.example.com:5000/team/agent:1.2", "registry.example.com:5000/team/agent"),
+            (
+                "registry.example.com:5000/team/agent:1.2",
+                "registry.example.com:5000/team/agent",
+            ),
             ("localhost:5000/agent", "localhost:5000/agent"),
-            ("ghcr.io/org/agent:1@sha256:0123456789abcdef0123456789abcdef", "ghcr.io/org/agent"),
+            (
+                "ghcr.io/org/agent:1@sha256:0123456789abcdef0123456789abcdef",
+                "ghcr.io/org/agent",
+            ),
         ] {
             assert_eq!(ImageRef::parse(image).unwrap().repository(), repository);
         }
@@ -414,7 +423,10 @@ mod tests {
             "10.0.0.1:5000/agent:1",
             "agent:1",
         ] {
-            assert!(!list.allows(&ImageRef::parse(refused).unwrap()), "{refused}");
+            assert!(
+                !list.allows(&ImageRef::parse(refused).unwrap()),
+                "{refused}"
+            );
         }
         assert!(!list.allows_any());
     }

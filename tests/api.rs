@@ -352,14 +352,20 @@ async fn an_id_holding_a_newline_cannot_forge_a_log_line() {
     let api = Api::start("forge", Backend::Sqlite).await;
     let forged = "FORGED clawfleet: all users deleted";
     let path = |rest: &str| user_path(&format!("mallory\n{forged}"), rest);
-    assert_status(&api.client.put(&path(""), &json!({"state": "stopped"})).await, 200);
+    assert_status(
+        &api.client
+            .put(&path(""), &json!({"state": "stopped"}))
+            .await,
+        200,
+    );
     assert_status(&api.client.post(&path("/stop")).await, 200);
     assert_status(&api.client.post(&path("/restart")).await, 202);
     assert_eq!(api.client.delete(&path("")).await.status, 204);
     let log = api.controller.log();
     assert!(log.contains("desired row deleted through the api"), "{log}");
     assert!(
-        log.lines().all(|line| !line.trim_start().starts_with("FORGED")),
+        log.lines()
+            .all(|line| !line.trim_start().starts_with("FORGED")),
         "a forged line in the log:\n{log}"
     );
 }
@@ -685,8 +691,10 @@ async fn fifty_concurrent_ensure_running_calls_for_one_new_user_share_one_contai
 #[tokio::test]
 async fn ensure_running_times_out_with_the_phase_and_message_of_a_missing_image() {
     let api = Api::start_with("noimage", Backend::Sqlite, |c| {
-        c.with("CLAWFLEET_API_TOKEN", API_TOKEN)
-            .with("CLAWFLEET_ALLOWED_IMAGES", "clawfleet-agent-stub:*,no-such-image:*")
+        c.with("CLAWFLEET_API_TOKEN", API_TOKEN).with(
+            "CLAWFLEET_ALLOWED_IMAGES",
+            "clawfleet-agent-stub:*,no-such-image:*",
+        )
     })
     .await;
     assert_status(

@@ -256,7 +256,8 @@ async fn users_show_and_list_escape_an_id_holding_a_newline() {
     for args in [vec!["users", "show", id], vec!["users", "list"]] {
         let out = ok(clawfleet(&db, &args));
         assert!(
-            out.lines().all(|line| !line.starts_with("phase:             running")),
+            out.lines()
+                .all(|line| !line.starts_with("phase:             running")),
             "{args:?} printed a forged line:\n{out}"
         );
         assert!(out.contains(r"evil\nphase:"), "{args:?}:\n{out}");

@@ -95,12 +95,21 @@ const fn anything(probe: Probe, valid: &'static str, why: &'static str) -> Case 
 fn cases() -> BTreeMap<&'static str, Case> {
     BTreeMap::from([
         ("DATABASE_URL", list("{db}", &["mysql://db/clawfleet"])),
-        ("DOCKER_HOST", run("unix:///var/run/docker.sock", &["ftp://engine"])),
+        (
+            "DOCKER_HOST",
+            run("unix:///var/run/docker.sock", &["ftp://engine"]),
+        ),
         ("CLAWFLEET_INSTANCE", list("smoke-instance", &["a b", ""])),
-        ("OPENCLAW_IMAGE", list("registry.example.com:5000/agent:1", &["../x", "Alpine"])),
+        (
+            "OPENCLAW_IMAGE",
+            list("registry.example.com:5000/agent:1", &["../x", "Alpine"]),
+        ),
         ("OPENCLAW_NETWORK", list("smoke-net", &["-x", "a b"])),
         ("CLAWFLEET_NAME_PREFIX", list("smoke-", &["A/B"])),
-        ("CLAWFLEET_PORT_RANGE", list("20000-20099", &["20099-20000", "0-10", "19000"])),
+        (
+            "CLAWFLEET_PORT_RANGE",
+            list("20000-20099", &["20099-20000", "0-10", "19000"]),
+        ),
         ("OPENCLAW_PORT_RANGE_START", run("21000", &["x", "70000"])),
         ("CLAWFLEET_PUBLISH_IP", list("0.0.0.0", &["localhost"])),
         (
@@ -111,8 +120,17 @@ fn cases() -> BTreeMap<&'static str, Case> {
                 "any text is handed to the containers as MOSAIC_API_URL",
             ),
         ),
-        ("CLAWFLEET_LISTEN", list("127.0.0.1:0", &["nohost", "127.0.0.1"])),
-        ("CLAWFLEET_ALLOWED_IMAGES", list("alpine/openclaw:*,registry.example.com/*", &[",", "a:* b:*"])),
+        (
+            "CLAWFLEET_LISTEN",
+            list("127.0.0.1:0", &["nohost", "127.0.0.1"]),
+        ),
+        (
+            "CLAWFLEET_ALLOWED_IMAGES",
+            list(
+                "alpine/openclaw:*,registry.example.com/*",
+                &[",", "a:* b:*"],
+            ),
+        ),
         ("CLAWFLEET_STOP_TIMEOUT", list("30s", &["forever", HUGE])),
         ("CLAWFLEET_RESYNC_PERIOD", list("1m", &["soon", HUGE])),
         ("CLAWFLEET_CONCURRENCY", list("4", &["0", "1025", "x"])),
@@ -132,7 +150,11 @@ fn cases() -> BTreeMap<&'static str, Case> {
         ("CLAWFLEET_LEASE_TTL", run("20s", &["1s", HUGE])),
         (
             "CLAWFLEET_HOLDER_ID",
-            anything(Probe::Run, "smoke-holder", "any text names the process in the lease"),
+            anything(
+                Probe::Run,
+                "smoke-holder",
+                "any text names the process in the lease",
+            ),
         ),
         (
             "CLAWFLEET_ENCRYPTION_KEYS",
@@ -140,7 +162,11 @@ fn cases() -> BTreeMap<&'static str, Case> {
         ),
         (
             "CLAWFLEET_API_TOKEN",
-            anything(Probe::Run, "a-long-api-token-value", "any text is a token; empty turns the API off"),
+            anything(
+                Probe::Run,
+                "a-long-api-token-value",
+                "any text is a token; empty turns the API off",
+            ),
         ),
     ])
 }
@@ -209,7 +235,10 @@ fn readme_rows() -> Vec<Row> {
             envs,
         });
     }
-    assert!(rows.len() > 20, "README configuration tables not found: {rows:?}");
+    assert!(
+        rows.len() > 20,
+        "README configuration tables not found: {rows:?}"
+    );
     rows
 }
 
@@ -351,7 +380,9 @@ fn try_attempt(attempt: &Attempt, base: &BTreeMap<String, String>, work: &Path) 
         );
     }
     match attempt.probe {
-        Probe::UsersList => cmd.args(attempt.args.iter().map(fill)).args(["users", "list"]),
+        Probe::UsersList => cmd
+            .args(attempt.args.iter().map(fill))
+            .args(["users", "list"]),
         Probe::Run => cmd.arg("run").args(attempt.args.iter().map(fill)),
     };
     let mut child = cmd.spawn().expect("start clawfleet");
@@ -397,8 +428,8 @@ fn judge(attempt: &Attempt, finished: &Finished) -> Option<String> {
         return Some(format!("{what} panicked:\n{}", finished.log));
     }
     if attempt.valid {
-        let clean = finished.status.success()
-            && (attempt.probe == Probe::UsersList || finished.started);
+        let clean =
+            finished.status.success() && (attempt.probe == Probe::UsersList || finished.started);
         return (!clean).then(|| {
             format!(
                 "{what} is valid but clawfleet exited with {}:\n{}",
@@ -418,9 +449,11 @@ fn judge(attempt: &Attempt, finished: &Finished) -> Option<String> {
             .replace(['-', '_'], " ")
     };
     let text = finished.log.to_ascii_lowercase();
-    let named = attempt.names.iter().any(|name| {
-        finished.log.contains(name.as_str()) || text.contains(&words(name))
-    }) || (!attempt.value.is_empty() && finished.log.contains(&attempt.value));
+    let named = attempt
+        .names
+        .iter()
+        .any(|name| finished.log.contains(name.as_str()) || text.contains(&words(name)))
+        || (!attempt.value.is_empty() && finished.log.contains(&attempt.value));
     (!named).then(|| {
         format!(
             "{what} was refused without naming {:?} or quoting the value:\n{}",

@@ -301,12 +301,10 @@ async fn a_bad_row_is_failed_with_a_message_while_the_others_converge() {
     let db = TestDb::new(Backend::Sqlite).await;
     let store = db.store().await;
     let fx = DockerFixture::new("badrow");
-    let _controller = ControllerProcess::start(
-        &ControllerConfig::new(&db, &fx).with(
-            "CLAWFLEET_ALLOWED_IMAGES",
-            "clawfleet-agent-stub:*,no-such-image:*",
-        ),
-    );
+    let _controller = ControllerProcess::start(&ControllerConfig::new(&db, &fx).with(
+        "CLAWFLEET_ALLOWED_IMAGES",
+        "clawfleet-agent-stub:*,no-such-image:*",
+    ));
     db.exec(
         "INSERT INTO desired_containers (user_id, state) VALUES ('bad', 'banana');
          INSERT INTO desired_containers (user_id, image) VALUES ('dots', '../etc/passwd');
@@ -518,8 +516,9 @@ async fn allowing_any_image_with_a_star_starts_and_logs_a_warning() {
     let db = TestDb::new(Backend::Sqlite).await;
     let store = db.store().await;
     let fx = DockerFixture::new("anyimage");
-    let controller =
-        ControllerProcess::start(&ControllerConfig::new(&db, &fx).with("CLAWFLEET_ALLOWED_IMAGES", "*"));
+    let controller = ControllerProcess::start(
+        &ControllerConfig::new(&db, &fx).with("CLAWFLEET_ALLOWED_IMAGES", "*"),
+    );
     controller.http_addr().await;
     db.exec("INSERT INTO desired_containers (user_id) VALUES ('good');")
         .await;

@@ -152,7 +152,15 @@ pub enum Pool {
 }
 
 /// Query parameters whose name holds one of these (lowercased) carry a secret.
-const SECRET_PARAMETER_WORDS: [&str; 7] = ["pass", "pwd", "secret", "token", "key", "auth", "credential"];
+const SECRET_PARAMETER_WORDS: [&str; 7] = [
+    "pass",
+    "pwd",
+    "secret",
+    "token",
+    "key",
+    "auth",
+    "credential",
+];
 
 /// Removes the secrets from a database URL so it can be shown: the password
 /// of the userinfo, and every password-like query parameter (sqlx accepts
@@ -183,7 +191,11 @@ pub fn redact_url(text: &str) -> String {
         let shown: Vec<(String, String)> = pairs
             .into_iter()
             .map(|(name, value)| {
-                let value = if secret(&name) { HIDDEN.to_owned() } else { value };
+                let value = if secret(&name) {
+                    HIDDEN.to_owned()
+                } else {
+                    value
+                };
                 (name, value)
             })
             .collect();
@@ -385,7 +397,10 @@ mod tests {
     fn password_like_query_parameters_are_removed_from_shown_urls() {
         for (url, secret) in [
             ("postgres://app@db/cf?password=s3cret", "s3cret"),
-            ("postgres://db/cf?user=app&PASSWORD=s3cret&sslmode=require", "s3cret"),
+            (
+                "postgres://db/cf?user=app&PASSWORD=s3cret&sslmode=require",
+                "s3cret",
+            ),
             ("postgres://db/cf?sslpassword=s3cret", "s3cret"),
             ("postgres://db/cf?pwd=s3cret&pass=s3cret2", "s3cret"),
             ("postgres://db/cf?api_token=s3cret", "s3cret"),
