@@ -441,18 +441,12 @@ impl<E: Engine> Reconciler<E> {
             .clone()
             .unwrap_or_else(|| self.settings.image.clone());
         if !self.settings.image_allowed(&image) {
-            let allowed: Vec<&str> = self
-                .settings
-                .allowed_images
-                .iter()
-                .map(|p| p.as_str())
-                .collect();
             return Ok((
                 Target::Failed {
                     message: format!(
                         "image {} is not allowed (--allowed-images: {})",
                         quote_short(image.as_str()),
-                        allowed.join(", ")
+                        self.settings.allowed_images
                     ),
                 },
                 None,

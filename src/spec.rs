@@ -177,7 +177,7 @@ mod tests {
             port_range: PortRange::default(),
             publish_ip: "127.0.0.1".parse().unwrap(),
             mosaic_api_url: "http://mosaic-api:3000/api".into(),
-            allowed_images: vec![],
+            allowed_images: crate::image_ref::ImageAllowList::any(),
             stop_timeout: Duration::from_secs(10),
             limits: ResourceLimits::default(),
         }

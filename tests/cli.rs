@@ -245,3 +245,57 @@ fn global_flags_are_accepted_after_the_subcommand() {
         .unwrap();
     assert!(ok(out).contains("0 users"));
 }
+
+/// Regression: `users show` printed the id raw, so an id holding a newline
+/// forged a line of its output.
+#[tokio::test]
+async fn users_show_and_list_escape_an_id_holding_a_newline() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let id = "evil\nphase:             running";
+    ok(clawfleet(&db, &["users", "set", id]));
+    for args in [vec!["users", "show", id], vec!["users", "list"]] {
+        let out = ok(clawfleet(&db, &args));
+        assert!(
+            out.lines()
+                .all(|line| !line.starts_with("phase:             running")),
+            "{args:?} printed a forged line:\n{out}"
+        );
+        assert!(out.contains(r"evil\nphase:"), "{args:?}:\n{out}");
+    }
+}
+
+/// Regression: replicas of an HA group starting at once ran migrations
+/// concurrently on one fresh database and some of them failed.
+#[tokio::test]
+async fn concurrent_migrates_on_one_fresh_postgres_database_all_succeed() {
+    for _ in 0..3 {
+        let db = TestDb::new(Backend::Postgres).await;
+        let migrates: Vec<_> = (0..6)
+            .map(|_| {
+                let url = db.url.clone();
+                std::thread::spawn(move || {
+                    Command::new(env!("CARGO_BIN_EXE_clawfleet"))
+                        .arg("migrate")
+                        .env_clear()
+                        .env("DATABASE_URL", url)
+                        .output()
+                        .expect("run clawfleet migrate")
+                })
+            })
+            .collect();
+        let mut applied = 0;
+        for migrate in migrates {
+            let out = migrate.join().expect("migrate thread");
+            assert!(
+                out.status.success(),
+                "a concurrent migrate failed: {}",
+                stderr(&out)
+            );
+            if stdout(&out).contains("applied") {
+                applied += 1;
+            }
+        }
+        assert_eq!(applied, 1, "exactly one process applied the migrations");
+        db.store().await;
+    }
+}

@@ -137,7 +137,7 @@ fn settings() -> ContainerSettings {
         port_range: PortRange::new(19000, 19099).unwrap(),
         publish_ip: "127.0.0.1".parse().unwrap(),
         mosaic_api_url: "http://mosaic-api:3000/api".into(),
-        allowed_images: vec![],
+        allowed_images: clawfleet::image_ref::ImageAllowList::any(),
         stop_timeout: std::time::Duration::from_secs(1),
         limits: ResourceLimits::default(),
     }

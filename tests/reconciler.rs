@@ -301,7 +301,10 @@ async fn a_bad_row_is_failed_with_a_message_while_the_others_converge() {
     let db = TestDb::new(Backend::Sqlite).await;
     let store = db.store().await;
     let fx = DockerFixture::new("badrow");
-    let _controller = ControllerProcess::start(&ControllerConfig::new(&db, &fx));
+    let _controller = ControllerProcess::start(&ControllerConfig::new(&db, &fx).with(
+        "CLAWFLEET_ALLOWED_IMAGES",
+        "clawfleet-agent-stub:*,no-such-image:*",
+    ));
     db.exec(
         "INSERT INTO desired_containers (user_id, state) VALUES ('bad', 'banana');
          INSERT INTO desired_containers (user_id, image) VALUES ('dots', '../etc/passwd');
@@ -664,4 +667,53 @@ async fn a_revision_counter_moved_far_ahead_does_not_stall_the_feed_on_sqlite() 
 #[tokio::test]
 async fn a_revision_counter_moved_far_ahead_does_not_stall_the_feed_on_postgres() {
     feed_survives_a_revision_jump(Backend::Postgres).await;
+/// Regression: with no `--allowed-images` any row could run any image from
+/// any registry; the default list is now the default image's repository.
+#[tokio::test]
+async fn a_row_asking_for_an_image_outside_the_default_allow_list_is_failed_naming_the_list() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let fx = DockerFixture::new("allowlist");
+    let _controller = ControllerProcess::start(&ControllerConfig::new(&db, &fx));
+    db.exec(
+        "INSERT INTO desired_containers (user_id, image) VALUES ('outside', '10.0.0.1:5000/agent:1');
+         INSERT INTO desired_containers (user_id) VALUES ('good');",
+    )
+    .await;
+    let outside = wait_for_status(&store, "outside", LONG, "failed", |s| {
+        s.phase == Phase::Failed
+    })
+    .await;
+    let message = outside.message.as_deref().unwrap_or_default();
+    for needle in [
+        "10.0.0.1:5000/agent:1",
+        "not allowed",
+        "clawfleet-agent-stub:*",
+        "clawfleet-agent-stub@*",
+    ] {
+        assert!(message.contains(needle), "{needle:?} missing: {message}");
+    }
+    wait_running(&store, "good").await;
+    assert_eq!(container_state(&fx.name("outside")), None);
+}
+
+/// Regression: any value of `--allowed-images` panicked at start.
+#[tokio::test]
+async fn allowing_any_image_with_a_star_starts_and_logs_a_warning() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let fx = DockerFixture::new("anyimage");
+    let controller = ControllerProcess::start(
+        &ControllerConfig::new(&db, &fx).with("CLAWFLEET_ALLOWED_IMAGES", "*"),
+    );
+    controller.http_addr().await;
+    db.exec("INSERT INTO desired_containers (user_id) VALUES ('good');")
+        .await;
+    wait_running(&store, "good").await;
+    let log = controller.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("allows any image")),
+        "{log}"
+    );
 }

@@ -45,7 +45,7 @@ pub fn settings(
         port_range: ports,
         publish_ip: "127.0.0.1".parse().expect("ip"),
         mosaic_api_url: "http://mosaic-api:3000/api".into(),
-        allowed_images: vec![],
+        allowed_images: clawfleet::image_ref::ImageAllowList::any(),
         stop_timeout: Duration::from_secs(2),
         limits: ResourceLimits::default(),
     }

@@ -18,12 +18,12 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    parse_cpus, parse_duration, parse_image, parse_image_patterns, parse_instance, parse_memory,
+    parse_cpus, parse_duration, parse_image, parse_image_allow_list, parse_instance, parse_memory,
     parse_name_prefix, parse_network, resolve_port_range, ContainerSettings, LogFormat, PortRange,
     RuntimeSettings, ENCRYPTION_KEYS_ENV, PORT_RANGE_START_ENV,
 };
 use crate::docker::ResourceLimits;
-use crate::image_ref::{ImagePattern, ImageRef};
+use crate::image_ref::{ImageAllowList, ImageRef};
 use crate::secrets::{self, SecretsError};
 use crate::store::{Store, StoreError};
 
@@ -132,9 +132,9 @@ pub struct GlobalArgs {
     )]
     pub listen: SocketAddr,
 
-    /// Comma-separated image patterns rows may ask for (`*` is a wildcard) [default: any]
-    #[arg(long, env = "CLAWFLEET_ALLOWED_IMAGES", value_parser = parse_image_patterns, global = true, hide_env_values = true)]
-    pub allowed_images: Option<Vec<ImagePattern>>,
+    /// Comma-separated image patterns rows may ask for (`*` is a wildcard; `*` alone allows any image) [default: any tag or digest of the default image's repository]
+    #[arg(long, env = "CLAWFLEET_ALLOWED_IMAGES", value_parser = parse_image_allow_list, global = true, hide_env_values = true)]
+    pub allowed_images: Option<ImageAllowList>,
 
     /// Grace period of `docker stop` before the container is killed
     #[arg(long, env = "CLAWFLEET_STOP_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true, hide_env_values = true)]
@@ -243,18 +243,24 @@ impl GlobalArgs {
         image: Option<ImageRef>,
     ) -> Result<ContainerSettings, CliError> {
         let legacy = std::env::var(PORT_RANGE_START_ENV).ok();
+        let image = image.unwrap_or_else(|| {
+            ImageRef::parse("alpine/openclaw:latest").expect("the default image is valid")
+        });
+        // Unset, the list follows the default image (README "Configuration").
+        let allowed_images = self
+            .allowed_images
+            .clone()
+            .unwrap_or_else(|| ImageAllowList::of_repository(&image));
         Ok(ContainerSettings {
             instance: self.instance.clone(),
-            image: image.unwrap_or_else(|| {
-                ImageRef::parse("alpine/openclaw:latest").expect("the default image is valid")
-            }),
+            image,
             network: self.network.clone(),
             name_prefix: self.name_prefix.clone(),
             port_range: resolve_port_range(self.port_range, legacy.as_deref())
                 .map_err(CliError::Config)?,
             publish_ip: self.publish_ip,
             mosaic_api_url: self.mosaic_api_url.clone(),
-            allowed_images: self.allowed_images.clone().unwrap_or_default(),
+            allowed_images,
             stop_timeout: self.stop_timeout,
             limits: ResourceLimits {
                 memory_bytes: self.memory_limit,
@@ -290,19 +296,18 @@ impl GlobalArgs {
         create: bool,
     ) -> Result<(secrets::KeyRing, secrets::KeySource), CliError> {
         let env = std::env::var(ENCRYPTION_KEYS_ENV).ok();
-        Ok(secrets::load_key_ring(
-            env.as_deref(),
-            &self.data_dir,
-            create,
-        )?)
+        secrets::load_key_ring(env.as_deref(), &self.data_dir, create).map_err(|e| match env {
+            // Name the variable: the error cannot quote its (secret) value.
+            Some(_) => CliError::Config(format!("{ENCRYPTION_KEYS_ENV}: {e}")),
+            None => e.into(),
+        })
     }
 }
 
 /// `clawfleet migrate`.
 pub async fn migrate(global: &GlobalArgs) -> Result<(), CliError> {
     let store = Store::connect(&global.database_url).await?;
-    let pending = store.pending_migrations().await?;
-    store.migrate().await?;
+    let pending = store.migrate().await?;
     if pending.is_empty() {
         println!("database is up to date");
     } else {

@@ -181,6 +181,7 @@ pub async fn run(
 ) -> Result<(), CliError> {
     let settings = global.container_settings(args.default_image.clone().or(image))?;
     let runtime = global.runtime_settings();
+    warn_about_allowed_images(&settings);
     let store = global.open_store().await?;
     info!(database = %crate::store::redact_url(&runtime.database_url), "database migrated");
     // SQLite: one process per database file, for the life of the process.
@@ -226,6 +227,7 @@ pub async fn run(
         network = %settings.network,
         ports = %settings.port_range,
         publish_ip = %settings.publish_ip,
+        allowed_images = %settings.allowed_images,
         concurrency = runtime.concurrency,
         "controller starting"
     );
@@ -337,6 +339,24 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Warns when the image allow-list is open to any image, or shuts out the
+/// default image (every row naming no image would then fail).
+fn warn_about_allowed_images(settings: &ContainerSettings) {
+    let allowed = settings.allowed_images.to_string();
+    if settings.allowed_images.allows_any() {
+        warn!(
+            allowed_images = %allowed,
+            "--allowed-images allows any image: rows and API callers can run any image from any registry the engine reaches"
+        );
+    } else if !settings.image_allowed(&settings.image) {
+        warn!(
+            allowed_images = %allowed,
+            image = %settings.image,
+            "the default image is not in --allowed-images: rows naming no image will fail"
+        );
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

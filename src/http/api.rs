@@ -397,7 +397,7 @@ async fn put_user(
     let body = body.map_err(|e| ApiError::bad_request("body", e.body_text()))?;
     let update = PutBody::parse(&body)?.into_update(id.clone())?;
     state.store.upsert_desired(&update).await?;
-    tracing::info!(user_id = %id, "desired row written through the api");
+    tracing::info!(user_id = %quote_short(&id), "desired row written through the api");
     view_of(&state, &id).await.map(Json)
 }
 
@@ -409,7 +409,7 @@ async fn delete_user(
     if !state.store.delete_desired(&id).await? {
         return Err(ApiError::NoSuchUser(quote_short(&id)));
     }
-    tracing::info!(user_id = %id, "desired row deleted through the api");
+    tracing::info!(user_id = %quote_short(&id), "desired row deleted through the api");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -432,7 +432,7 @@ async fn stop_user(
     UserId(id): UserId,
 ) -> Result<Json<Value>, ApiError> {
     state.store.set_state(&id, DesiredState::Stopped).await?;
-    tracing::info!(user_id = %id, "stop requested through the api");
+    tracing::info!(user_id = %quote_short(&id), "stop requested through the api");
     view_of(&state, &id).await.map(Json)
 }
 
@@ -443,7 +443,7 @@ async fn restart_user(
     UserId(id): UserId,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     state.store.request_restart(&id).await?;
-    tracing::info!(user_id = %id, "restart requested through the api");
+    tracing::info!(user_id = %quote_short(&id), "restart requested through the api");
     let nonce = match state.store.desired(&id).await? {
         Some(Ok(d)) => Some(d.restart_nonce),
         _ => None,

@@ -93,6 +93,14 @@ pub(super) struct Fault {
 }
 
 impl State {
+    /// True (and one fewer to come) when a panic is queued for `op`.
+    pub(super) fn take_panic(&mut self, op: Op) -> bool {
+        let queued = &mut self.panics[op.index()];
+        let panic = *queued > 0;
+        *queued = queued.saturating_sub(1);
+        panic
+    }
+
     /// Counts a call of `op` and applies unreachability and the next
     /// injected fault: `Err` fails the call now, `Ok(Some)` after its effect.
     pub(super) fn admit(&mut self, op: Op) -> Result<Option<EngineError>, EngineError> {
@@ -135,6 +143,13 @@ impl MemoryEngine {
             error,
             after_effect: false,
         });
+    }
+
+    /// Makes the next call of `op` panic (not under the engine's lock), as a
+    /// bug in the code under test would. Several calls queue several panics.
+    /// [`Op::Events`] subscriptions never panic.
+    pub fn panic_next(&self, op: Op) {
+        self.lock().panics[op.index()] += 1;
     }
 
     /// Makes the next call of `op` take effect and then fail with `error`, as

@@ -160,6 +160,10 @@ impl MemoryEngine {
         body: impl FnOnce(&mut State, DateTime<Utc>) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
         let mut state = self.lock();
+        if state.take_panic(op) {
+            drop(state);
+            panic!("injected panic in the memory engine's {}", op.as_str());
+        }
         let lost_reply = state.admit(op)?;
         let now = (self.clock)();
         let result = body(&mut state, now);

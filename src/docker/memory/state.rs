@@ -85,6 +85,8 @@ pub(super) struct State {
     pub(super) events: EventLog,
     pub(super) calls: [u64; Op::ALL.len()],
     pub(super) faults: [VecDeque<Fault>; Op::ALL.len()],
+    /// Calls of each operation still to panic (`MemoryEngine::panic_next`).
+    pub(super) panics: [u32; Op::ALL.len()],
     pub(super) unreachable: bool,
     pub(super) version: EngineVersion,
 }
@@ -115,6 +117,7 @@ impl State {
             events: EventLog::new(event_capacity),
             calls: [0; Op::ALL.len()],
             faults: std::array::from_fn(|_| VecDeque::new()),
+            panics: [0; Op::ALL.len()],
             unreachable: false,
             version: EngineVersion {
                 version: "28.0.0".to_owned(),
