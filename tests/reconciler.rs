@@ -667,6 +667,8 @@ async fn a_revision_counter_moved_far_ahead_does_not_stall_the_feed_on_sqlite() 
 #[tokio::test]
 async fn a_revision_counter_moved_far_ahead_does_not_stall_the_feed_on_postgres() {
     feed_survives_a_revision_jump(Backend::Postgres).await;
+}
+
 /// Regression: with no `--allowed-images` any row could run any image from
 /// any registry; the default list is now the default image's repository.
 #[tokio::test]
