@@ -484,8 +484,17 @@ impl<E: Engine> Reconciler<E> {
         row: &mut ContainerStatus,
         now: DateTime<Utc>,
     ) -> Result<u16, ReconcileError> {
-        if row.gateway_token.is_none() {
-            row.gateway_token = Some(self.keys.seal(&GatewayToken::generate()?)?);
+        match row.gateway_token.as_deref() {
+            None => row.gateway_token = Some(self.keys.seal(user_id, &GatewayToken::generate()?)?),
+            // A v1 token, or one sealed before a rotation, is sealed again as
+            // it is: the plaintext, and so the container, stay. One that does
+            // not open is left for `create` and `doctor` to report.
+            Some(sealed) if self.keys.needs_reseal(sealed) => {
+                if let Ok(token) = self.keys.open(user_id, sealed) {
+                    row.gateway_token = Some(self.keys.seal(user_id, &token)?);
+                }
+            }
+            Some(_) => {}
         }
         if let Some(port) = row.host_port.filter(|p| self.ports.usable(*p)) {
             return Ok(port);
@@ -714,10 +723,7 @@ impl<E: Engine> Reconciler<E> {
             .gateway_token
             .clone()
             .expect("a token is claimed with the port");
-        let token = self.keys.open(&sealed)?;
-        if self.keys.needs_reseal(&sealed) {
-            row.gateway_token = Some(self.keys.seal(&token)?);
-        }
+        let token = self.keys.open(&spec.user_id, &sealed)?;
         let network = self.network_id().await?;
         self.engine
             .ensure_volume(
