@@ -235,7 +235,9 @@ impl<E: Engine> Reconciler<E> {
         let previous = self.store.status(user_id).await?;
         let name = crate::naming::container_name(&self.settings.name_prefix, user_id);
         let found = self.observe(user_id, &name).await?;
-        let mut row = previous.clone().unwrap_or_else(|| new_row(user_id, now));
+        let mut row = previous
+            .clone()
+            .unwrap_or_else(|| ContainerStatus::pending(user_id, now));
         // A restart counted in memory but never written is not lost.
         row.restarts = self.remember(user_id, |m| match m.unrecorded_restarts {
             Some(n) if n > row.restarts => n,
@@ -915,25 +917,6 @@ impl<E: Engine> Reconciler<E> {
             debug!(error = %e, "could not record the error in the status row");
         }
         error
-    }
-}
-
-fn new_row(user_id: &str, now: DateTime<Utc>) -> ContainerStatus {
-    ContainerStatus {
-        user_id: user_id.to_owned(),
-        phase: Phase::Pending,
-        container_id: None,
-        container_name: None,
-        host_port: None,
-        url: None,
-        host_url: None,
-        health: None,
-        gateway_token: None,
-        observed_revision: None,
-        message: None,
-        restarts: 0,
-        last_transition_at: now,
-        updated_at: now,
     }
 }
 

@@ -388,14 +388,24 @@ impl KeyRing {
     }
 }
 
-/// The clear part of a sealed token: its format version and key id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The clear part of a sealed token: its format version and key id. Its
+/// `Debug` leaves the sealed payload out.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct SealedHeader<'a> {
     /// `v2`, or `v1` for a token sealed by an earlier build.
     pub version: &'a str,
     /// The id of the key that sealed it.
     pub key_id: &'a str,
     payload: &'a str,
+}
+
+impl fmt::Debug for SealedHeader<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealedHeader")
+            .field("version", &self.version)
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'a> SealedHeader<'a> {
@@ -834,6 +844,7 @@ mod tests {
         ] {
             assert!(!shown.contains(token.expose()), "{shown}");
             assert!(!shown.contains(secret_part), "{shown}");
+            assert!(!shown.contains(header.payload), "{shown}");
         }
     }
 

@@ -5,9 +5,8 @@ mod support;
 
 use std::process::{Command, Output};
 
-use chrono::Utc;
 use clawfleet::secrets::{EncryptionKey, GatewayToken, KeyRing};
-use clawfleet::status::{ContainerStatus, Phase};
+use support::controller::{status_with_token, write_status};
 use support::{Backend, TestDb};
 
 fn clawfleet(db: &TestDb, args: &[&str]) -> Output {
@@ -113,29 +112,11 @@ async fn users_show_prints_the_token_only_when_asked() {
     let ring = KeyRing::new(vec![key.clone()]).unwrap();
     let token = GatewayToken::generate().unwrap();
     ok(clawfleet(&db, &["users", "set", "alice"]));
-    let now = Utc::now();
-    store
-        .write_status(
-            &ContainerStatus {
-                user_id: "alice".into(),
-                phase: Phase::Running,
-                container_id: None,
-                container_name: None,
-                host_port: None,
-                url: None,
-                host_url: None,
-                health: None,
-                gateway_token: Some(ring.seal("alice", &token).unwrap()),
-                observed_revision: None,
-                message: None,
-                restarts: 0,
-                last_transition_at: now,
-                updated_at: now,
-            },
-            now,
-        )
-        .await
-        .unwrap();
+    write_status(
+        &store,
+        &status_with_token("alice", ring.seal("alice", &token).unwrap()),
+    )
+    .await;
 
     let plain = ok(clawfleet(&db, &["users", "show", "alice"]));
     assert!(!plain.contains(token.expose()));
@@ -256,6 +237,9 @@ fn clawfleet_without_keys(db: &TestDb, data_dir: &std::path::Path, args: &[&str]
         .env("DATABASE_URL", &db.url)
         .env("CLAWFLEET_DATA_DIR", data_dir)
         .env("CLAWFLEET_LISTEN", "127.0.0.1:0")
+        // Nothing may reach the engine: a `run` that got past the keys fails there.
+        .env("DOCKER_HOST", "tcp://127.0.0.1:1")
+        .env("CLAWFLEET_INSTANCE", "cli-keys-test")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -327,29 +311,11 @@ async fn on_postgres_every_command_takes_keys_only_from_the_environment() {
     .unwrap();
     let store = db.store().await;
     let token = GatewayToken::generate().unwrap();
-    let now = Utc::now();
-    store
-        .write_status(
-            &ContainerStatus {
-                user_id: "alice".into(),
-                phase: Phase::Running,
-                container_id: None,
-                container_name: None,
-                host_port: None,
-                url: None,
-                host_url: None,
-                health: None,
-                gateway_token: Some(ring.seal("alice", &token).unwrap()),
-                observed_revision: None,
-                message: None,
-                restarts: 0,
-                last_transition_at: now,
-                updated_at: now,
-            },
-            now,
-        )
-        .await
-        .unwrap();
+    write_status(
+        &store,
+        &status_with_token("alice", ring.seal("alice", &token).unwrap()),
+    )
+    .await;
     let out = clawfleet_without_keys(
         &db,
         data.path(),

@@ -20,7 +20,7 @@ use clawfleet::secrets::GatewayToken;
 use clawfleet::status::{Health, Phase};
 use clawfleet::store::Store;
 use proptest::prelude::*;
-use support::controller::{seal_v1, test_key, test_ring};
+use support::controller::{seal_v1, status_with_token, test_key, test_ring, write_status};
 
 const IMAGE: &str = "clawfleet-agent-stub:dev";
 const INSTANCE: &str = "prop";
@@ -239,34 +239,22 @@ async fn set_up(case: &Case, store: &Store, engine: &MemoryEngine, desired_hash:
         let token = test_ring()
             .seal(USER, &GatewayToken::generate().unwrap())
             .unwrap();
-        store
-            .write_status(
-                &clawfleet::status::ContainerStatus {
-                    user_id: USER.into(),
-                    phase,
-                    container_id: None,
-                    container_name: None,
-                    host_port: Some(19000),
-                    url: None,
-                    host_url: None,
-                    health: None,
-                    gateway_token: Some(token),
-                    observed_revision: None,
-                    message: None,
-                    restarts: 0,
-                    last_transition_at: now,
-                    updated_at: now,
-                },
-                now,
-            )
-            .await
-            .unwrap();
+        let row = clawfleet::status::ContainerStatus {
+            phase,
+            host_port: Some(19000),
+            ..status_with_token(USER, token)
+        };
+        write_status(store, &row).await;
     }
 }
 
-async fn check(case: Case) -> Result<(), TestCaseError> {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&format!("sqlite://{}/p.db?mode=rwc", dir.path().display()))
+/// A reconciler of `case` set up on a fresh SQLite store (in `dir`) and
+/// in-memory engine, with the spec hash a running user should have.
+async fn reconciler_for(
+    case: &Case,
+    dir: &std::path::Path,
+) -> (Reconciler<MemoryEngine>, Store, Arc<MemoryEngine>, String) {
+    let store = Store::connect(&format!("sqlite://{}/p.db?mode=rwc", dir.display()))
         .await
         .unwrap();
     store.migrate().await.unwrap();
@@ -274,7 +262,7 @@ async fn check(case: Case) -> Result<(), TestCaseError> {
     let settings = Arc::new(settings());
     let desired_hash =
         clawfleet::spec::DesiredSpec::new(&settings, USER, &settings.image, 0, Some(19000)).hash;
-    set_up(&case, &store, &engine, &desired_hash).await;
+    set_up(case, &store, &engine, &desired_hash).await;
     let reconciler = Reconciler::new(
         store.clone(),
         engine.clone(),
@@ -286,6 +274,12 @@ async fn check(case: Case) -> Result<(), TestCaseError> {
             ..Default::default()
         },
     );
+    (reconciler, store, engine, desired_hash)
+}
+
+async fn check(case: Case) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let (reconciler, store, engine, desired_hash) = reconciler_for(&case, dir.path()).await;
 
     let mut rounds = 0;
     let last = loop {
@@ -383,13 +377,6 @@ proptest! {
 
 #[tokio::test]
 async fn a_v1_token_is_resealed_as_v2_at_the_next_reconcile_and_the_container_stays() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&format!("sqlite://{}/p.db?mode=rwc", dir.path().display()))
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
-    let engine = Arc::new(MemoryEngine::new());
-    let settings = Arc::new(settings());
     let case = Case {
         row: Row::Running,
         existing: Existing::None,
@@ -397,15 +384,8 @@ async fn a_v1_token_is_resealed_as_v2_at_the_next_reconcile_and_the_container_st
         stray_left: false,
         previous_phase: None,
     };
-    set_up(&case, &store, &engine, "").await;
-    let reconciler = Reconciler::new(
-        store.clone(),
-        engine.clone(),
-        settings.clone(),
-        test_ring(),
-        PortAllocator::new(settings.port_range, settings.publish_ip).without_probe(),
-        ReconcilerOptions::default(),
-    );
+    let dir = tempfile::tempdir().unwrap();
+    let (reconciler, store, engine, _) = reconciler_for(&case, dir.path()).await;
     for _ in 0..8 {
         if reconciler.reconcile(USER).await.unwrap().converged {
             break;
@@ -420,17 +400,11 @@ async fn a_v1_token_is_resealed_as_v2_at_the_next_reconcile_and_the_container_st
 
     // The row as a build before v2 left it.
     let v1 = seal_v1(&test_key(), &token);
-    let now = Utc::now();
-    store
-        .write_status(
-            &clawfleet::status::ContainerStatus {
-                gateway_token: Some(v1.clone()),
-                ..before.clone()
-            },
-            now,
-        )
-        .await
-        .unwrap();
+    let row = clawfleet::status::ContainerStatus {
+        gateway_token: Some(v1.clone()),
+        ..before.clone()
+    };
+    write_status(&store, &row).await;
     engine.reset_calls();
 
     let outcome = reconciler.reconcile(USER).await.unwrap();

@@ -6,7 +6,7 @@ mod support;
 use std::process::{Command, Output};
 
 use clawfleet::secrets::{EncryptionKey, GatewayToken, KeyRing};
-use support::controller::{port_range, seal_v1, test_key};
+use support::controller::{port_range, seal_v1, status_with_token, test_key, write_status};
 use support::docker::{ensure_agent_image, AGENT_IMAGE};
 use support::{Backend, TestDb};
 
@@ -134,29 +134,7 @@ async fn doctor_fails_on_a_missing_key() {
 
 /// Writes a status row for `user` holding `sealed` as its token.
 async fn store_token(store: &clawfleet::store::Store, user: &str, sealed: String) {
-    let now = chrono::Utc::now();
-    store
-        .write_status(
-            &clawfleet::status::ContainerStatus {
-                user_id: user.into(),
-                phase: clawfleet::status::Phase::Running,
-                container_id: None,
-                container_name: None,
-                host_port: None,
-                url: None,
-                host_url: None,
-                health: None,
-                gateway_token: Some(sealed),
-                observed_revision: None,
-                message: None,
-                restarts: 0,
-                last_transition_at: now,
-                updated_at: now,
-            },
-            now,
-        )
-        .await
-        .unwrap();
+    write_status(store, &status_with_token(user, sealed)).await;
 }
 
 #[tokio::test]

@@ -51,6 +51,24 @@ pub fn seal_v1(key: &EncryptionKey, token: &clawfleet::secrets::GatewayToken) ->
     )
 }
 
+/// A `running` status row for `user` holding `sealed` as its token, nothing
+/// else known.
+pub fn status_with_token(user: &str, sealed: String) -> ContainerStatus {
+    ContainerStatus {
+        phase: Phase::Running,
+        gateway_token: Some(sealed),
+        ..ContainerStatus::pending(user, chrono::Utc::now())
+    }
+}
+
+/// Writes `status` as the controller would.
+pub async fn write_status(store: &Store, status: &ContainerStatus) {
+    store
+        .write_status(status, chrono::Utc::now())
+        .await
+        .expect("write status");
+}
+
 /// A port range of `len` ports unlikely to be used by a test running beside this one.
 pub fn port_range(len: u16) -> (u16, u16) {
     let seed = std::process::id() as u64 * 7919
