@@ -330,3 +330,19 @@ async fn on_postgres_every_command_takes_keys_only_from_the_environment() {
         &["users", "show", "alice"],
     ));
 }
+
+#[tokio::test]
+async fn an_empty_key_file_is_an_error_naming_it_and_is_never_replaced() {
+    // Regression: an empty key file (a crash while it was written) said only
+    // "no encryption key configured", as if none had ever been made.
+    let db = TestDb::new(Backend::Sqlite).await;
+    let data = tempfile::tempdir().unwrap();
+    let path = data.path().join("encryption.keys");
+    std::fs::write(&path, "").unwrap();
+    let out = clawfleet_without_keys(&db, data.path(), &["run"]);
+    assert!(!out.status.success());
+    let message = stderr(&out);
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(message.contains("empty"), "{message}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "", "left alone");
+}
