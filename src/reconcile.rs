@@ -240,7 +240,9 @@ impl<E: Engine> Reconciler<E> {
         let previous = self.store.status(user_id).await?;
         let name = crate::naming::container_name(&self.settings.name_prefix, user_id);
         let found = self.observe(user_id, &name).await?;
-        let mut row = previous.clone().unwrap_or_else(|| new_row(user_id, now));
+        let mut row = previous
+            .clone()
+            .unwrap_or_else(|| ContainerStatus::pending(user_id, now));
         // A restart counted in memory but never written is not lost.
         row.restarts = self.remember(user_id, |m| match m.unrecorded_restarts {
             Some(n) if n > row.restarts => n,
@@ -483,8 +485,17 @@ impl<E: Engine> Reconciler<E> {
         row: &mut ContainerStatus,
         now: DateTime<Utc>,
     ) -> Result<u16, ReconcileError> {
-        if row.gateway_token.is_none() {
-            row.gateway_token = Some(self.keys.seal(&GatewayToken::generate()?)?);
+        match row.gateway_token.as_deref() {
+            None => row.gateway_token = Some(self.keys.seal(user_id, &GatewayToken::generate()?)?),
+            // A v1 token, or one sealed before a rotation, is sealed again as
+            // it is: the plaintext, and so the container, stay. One that does
+            // not open is left for `create` and `doctor` to report.
+            Some(sealed) if self.keys.needs_reseal(sealed) => {
+                if let Ok(token) = self.keys.open(user_id, sealed) {
+                    row.gateway_token = Some(self.keys.seal(user_id, &token)?);
+                }
+            }
+            Some(_) => {}
         }
         if let Some(port) = row.host_port.filter(|p| self.ports.usable(*p)) {
             // The user's own port, whatever the probe may have found on it.
@@ -718,10 +729,7 @@ impl<E: Engine> Reconciler<E> {
             .gateway_token
             .clone()
             .expect("a token is claimed with the port");
-        let token = self.keys.open(&sealed)?;
-        if self.keys.needs_reseal(&sealed) {
-            row.gateway_token = Some(self.keys.seal(&token)?);
-        }
+        let token = self.keys.open(&spec.user_id, &sealed)?;
         let network = self.network_id().await?;
         self.engine
             .ensure_volume(
@@ -913,25 +921,6 @@ impl<E: Engine> Reconciler<E> {
             debug!(error = %e, "could not record the error in the status row");
         }
         error
-    }
-}
-
-fn new_row(user_id: &str, now: DateTime<Utc>) -> ContainerStatus {
-    ContainerStatus {
-        user_id: user_id.to_owned(),
-        phase: Phase::Pending,
-        container_id: None,
-        container_name: None,
-        host_port: None,
-        url: None,
-        host_url: None,
-        health: None,
-        gateway_token: None,
-        observed_revision: None,
-        message: None,
-        restarts: 0,
-        last_transition_at: now,
-        updated_at: now,
     }
 }
 

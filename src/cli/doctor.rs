@@ -3,6 +3,7 @@
 //! It creates nothing: no migration, no key, no network (an image may be
 //! pulled, since "pullable" can only be known by pulling).
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
@@ -10,12 +11,11 @@ use super::{CliError, GlobalArgs};
 use crate::config::{API_TOKEN_ENV, ENCRYPTION_KEYS_ENV};
 use crate::docker::{DockerEngine, Engine};
 use crate::image_ref::ImageRef;
+use crate::secrets::{KeyRing, KeySource, SealedHeader};
 use crate::store::{redact_url, Store};
 
 /// How long each check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Gateway tokens opened at most, to prove the keys open existing tokens.
-const TOKEN_SAMPLE: usize = 1000;
 
 /// One check's verdict.
 struct Check {
@@ -39,6 +39,53 @@ impl Check {
             what: what.into(),
             hint: Some(hint.into()),
         }
+    }
+}
+
+/// Opens every stored token (`(user id, sealed)`) and says which key id, in
+/// which format, sealed how many; tokens no key opens fail the check by
+/// count, never shown.
+fn token_check(ring: &KeyRing, source: &KeySource, sealed: &[(String, String)]) -> Check {
+    let mut opened: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut failures = 0;
+    for (user_id, token) in sealed {
+        match (ring.open(user_id, token), SealedHeader::parse(token)) {
+            (Ok(_), Ok(header)) => *opened.entry((header.key_id, header.version)).or_default() += 1,
+            _ => failures += 1,
+        }
+    }
+    // Sealing key first, the current format before the earlier one.
+    let shares: Vec<String> = ring
+        .key_ids()
+        .into_iter()
+        .flat_map(|id| ["v2", "v1"].map(|version| (id, version)))
+        .filter_map(|share| {
+            Some(format!(
+                "{}: {} ({})",
+                share.0,
+                opened.get(&share)?,
+                share.1
+            ))
+        })
+        .collect();
+    let total = sealed.len();
+    let shares = shares.join(", ");
+    if failures == 0 {
+        let colon = if shares.is_empty() { "" } else { ": " };
+        Check::pass(format!(
+            "encryption keys from {source} ({} key(s)); {total} stored token(s) open{colon}{shares}",
+            ring.key_ids().len(),
+        ))
+    } else {
+        let open = if shares.is_empty() {
+            String::new()
+        } else {
+            format!("; open: {shares}")
+        };
+        Check::fail(
+            format!("encryption keys from {source}: {failures} of {total} stored token(s) do not open{open}"),
+            format!("a key that sealed them is missing: add it back to {ENCRYPTION_KEYS_ENV} (after the sealing key); a token copied from another user's row never opens"),
+        )
     }
 }
 
@@ -131,35 +178,32 @@ pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), 
         }
     };
 
-    match global.key_ring(false) {
-        Ok((ring, source)) => {
-            let sealed: Vec<String> = match &store {
-                Some(store) => store
-                    .status_all()
-                    .await
-                    .map(|rows| rows.into_iter().filter_map(|r| r.gateway_token).take(TOKEN_SAMPLE).collect())
-                    .unwrap_or_default(),
-                None => Vec::new(),
-            };
-            let failures = sealed.iter().filter(|s| ring.open(s).is_err()).count();
-            if failures == 0 {
-                checks.push(Check::pass(format!(
-                    "encryption keys from {source} ({} key(s)); {} stored token(s) open",
-                    ring.key_ids().len(),
-                    sealed.len()
-                )));
+    checks.push(match global.key_ring(false) {
+        Ok((ring, source)) => match &store {
+            Some(store) => match store.status_all().await {
+                Ok(rows) => {
+                    let sealed: Vec<(String, String)> = rows
+                        .into_iter()
+                        .filter_map(|r| Some((r.user_id, r.gateway_token?)))
+                        .collect();
+                    token_check(&ring, &source, &sealed)
+                }
+                Err(e) => Check::fail(
+                    format!("encryption keys from {source}: stored tokens not read: {e}"),
+                    "fix the database first",
+                ),
+            },
+            None => token_check(&ring, &source, &[]),
+        },
+        Err(e) => {
+            let hint = if crate::store::is_postgres_url(&global.database_url) {
+                format!("set the same {ENCRYPTION_KEYS_ENV} on every replica (`clawfleet keygen` makes a key); with stored tokens it must hold the key that sealed them")
             } else {
-                checks.push(Check::fail(
-                    format!("encryption keys from {source}: {failures} of {} stored token(s) do not open", sealed.len()),
-                    "a key that sealed them is missing: add it back to CLAWFLEET_ENCRYPTION_KEYS (after the sealing key)",
-                ));
-            }
+                format!("or let `clawfleet run` create the key file in --data-dir; with stored tokens, restore the key that sealed them into {ENCRYPTION_KEYS_ENV}")
+            };
+            Check::fail(format!("encryption keys: {e}"), hint)
         }
-        Err(e) => checks.push(Check::fail(
-            format!("encryption keys: {e}"),
-            format!("or let `clawfleet run` create the key file in --data-dir; with stored tokens, restore the key that sealed them into {ENCRYPTION_KEYS_ENV}"),
-        )),
-    }
+    });
 
     if let Some(engine) = &engine {
         let image = settings.image.as_str();

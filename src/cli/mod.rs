@@ -2,7 +2,7 @@
 //! and what each command prints.
 //!
 //! Secrets are never flags (they would show in `ps`): the key ring comes from
-//! `CLAWFLEET_ENCRYPTION_KEYS` or the key file, the API token from
+//! `CLAWFLEET_ENCRYPTION_KEYS` or (on SQLite) the key file, the API token from
 //! `CLAWFLEET_API_TOKEN`. `--help` shows which environment variable sets each
 //! flag but never the variable's current value.
 
@@ -34,8 +34,9 @@ pub use users::UsersCommand;
 const AFTER_HELP: &str = "\
 Secrets are read from the environment only, never from flags:
   CLAWFLEET_ENCRYPTION_KEYS  id:base64key,... (first seals, all open); without it
-                             the key file <data-dir>/encryption.keys is used
-                             (`clawfleet run` creates one if missing)
+                             on SQLite the key file <data-dir>/encryption.keys is
+                             used (`clawfleet run` creates one if missing); on
+                             PostgreSQL it is required, the same on every replica
   CLAWFLEET_API_TOKEN        bearer token of the JSON API; unset: the API is off
 
 Durations are humantime: 30s, 5m, 1h 30m.";
@@ -290,13 +291,23 @@ impl GlobalArgs {
         Ok(store)
     }
 
-    /// Loads the key ring; with `create`, makes a key file when none is configured.
+    /// Loads the key ring from `CLAWFLEET_ENCRYPTION_KEYS`, else on SQLite from
+    /// the key file in `--data-dir` (with `create`, made when missing). On
+    /// PostgreSQL keys come only from the environment: every replica of a
+    /// group must seal with the same keys (README "High availability").
     pub fn key_ring(
         &self,
         create: bool,
     ) -> Result<(secrets::KeyRing, secrets::KeySource), CliError> {
         let env = std::env::var(ENCRYPTION_KEYS_ENV).ok();
-        secrets::load_key_ring(env.as_deref(), &self.data_dir, create).map_err(|e| match env {
+        let file = if crate::store::is_postgres_url(&self.database_url) {
+            secrets::KeyFileUse::Never
+        } else if create {
+            secrets::KeyFileUse::Create
+        } else {
+            secrets::KeyFileUse::Read
+        };
+        secrets::load_key_ring(env.as_deref(), &self.data_dir, file).map_err(|e| match env {
             // Name the variable: the error cannot quote its (secret) value.
             Some(_) => CliError::Config(format!("{ENCRYPTION_KEYS_ENV}: {e}")),
             None => e.into(),

@@ -182,15 +182,8 @@ pub async fn run(
     let settings = global.container_settings(args.default_image.clone().or(image))?;
     let runtime = global.runtime_settings();
     warn_about_allowed_images(&settings);
-    let store = global.open_store().await?;
-    info!(database = %crate::store::redact_url(&runtime.database_url), "database migrated");
-    // SQLite: one process per database file, for the life of the process.
-    let _sqlite_lock = match store.sqlite_file() {
-        Some(path) => {
-            Some(SqliteLock::acquire(&path).map_err(|e| CliError::Config(e.to_string()))?)
-        }
-        None => None,
-    };
+    // Before the database is touched: on PostgreSQL a replica without the
+    // group's keys must not start (README "High availability").
     let (keys, source) = global.key_ring(true)?;
     match &source {
         KeySource::Created(path) => warn!(
@@ -204,6 +197,15 @@ pub async fn run(
             warn!(path = %path.display(), "key file is readable by other users; chmod 600 it");
         }
     }
+    let store = global.open_store().await?;
+    info!(database = %crate::store::redact_url(&runtime.database_url), "database migrated");
+    // SQLite: one process per database file, for the life of the process.
+    let _sqlite_lock = match store.sqlite_file() {
+        Some(path) => {
+            Some(SqliteLock::acquire(&path).map_err(|e| CliError::Config(e.to_string()))?)
+        }
+        None => None,
+    };
     let metrics = Metrics::new();
     let engine = DockerEngine::connect(&runtime.docker_host)
         .await

@@ -157,7 +157,7 @@ async fn show(global: &GlobalArgs, store: &Store, args: &ShowArgs) -> Result<(),
             true,
         ) => {
             let (ring, _) = global.key_ring(false)?;
-            Some(ring.open(sealed)?)
+            Some(ring.open(&args.id, sealed)?)
         }
         _ => None,
     };

@@ -681,10 +681,13 @@ fn running_answer(state: &AppState, status: &ContainerStatus) -> Result<Value, A
         .gateway_token
         .as_deref()
         .ok_or_else(|| ApiError::NoToken(user()))?;
-    let token = state.keys.open(sealed).map_err(|source| ApiError::Token {
-        user: user(),
-        source,
-    })?;
+    let token = state
+        .keys
+        .open(&status.user_id, sealed)
+        .map_err(|source| ApiError::Token {
+            user: user(),
+            source,
+        })?;
     Ok(json!({
         "user_id": status.user_id,
         "phase": status.phase.as_str(),

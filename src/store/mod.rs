@@ -151,6 +151,12 @@ pub enum Pool {
     Postgres(sqlx::PgPool),
 }
 
+/// True for a PostgreSQL URL: a database a group of controllers may share
+/// (README "High availability").
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres:") || url.starts_with("postgresql:")
+}
+
 /// Query parameters whose name holds one of these (lowercased) carry a secret.
 const SECRET_PARAMETER_WORDS: [&str; 7] = [
     "pass",
@@ -250,7 +256,7 @@ impl Store {
                 pool: Pool::Sqlite(pool),
                 status_changes: tokio::sync::broadcast::channel(STATUS_CHANGES).0,
             })
-        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        } else if is_postgres_url(url) {
             let options = PgConnectOptions::from_str(url).map_err(|e| bad_url(e.to_string()))?;
             // One direct connection first: a pool only reports "timed out",
             // hiding "connection refused" or "password authentication failed".
