@@ -69,43 +69,6 @@ BEGIN
 END;
 ";
 
-const SQLITE_DOWN: &str = "
-DROP TRIGGER desired_containers_revision_on_insert;
-DROP TRIGGER desired_containers_revision_on_update;
-DROP TRIGGER desired_containers_revision_guard;
-
-CREATE TRIGGER desired_containers_revision_on_insert
-AFTER INSERT ON desired_containers
-BEGIN
-    UPDATE clawfleet_revision SET value = value + 1 WHERE id = 1;
-    UPDATE desired_containers
-       SET revision = (SELECT value FROM clawfleet_revision WHERE id = 1)
-     WHERE user_id = NEW.user_id;
-    DELETE FROM desired_deletions WHERE user_id = NEW.user_id;
-END;
-
-CREATE TRIGGER desired_containers_revision_on_update
-AFTER UPDATE ON desired_containers
-WHEN NEW.revision IS OLD.revision
-BEGIN
-    UPDATE clawfleet_revision SET value = value + 1 WHERE id = 1;
-    UPDATE desired_containers
-       SET revision = (SELECT value FROM clawfleet_revision WHERE id = 1),
-           updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-     WHERE user_id = NEW.user_id;
-END;
-
-CREATE TRIGGER desired_containers_revision_guard
-BEFORE UPDATE OF revision ON desired_containers
-WHEN NEW.revision IS NOT OLD.revision
- AND NEW.revision IS NOT (SELECT value FROM clawfleet_revision WHERE id = 1)
-BEGIN
-    SELECT RAISE(ABORT, 'desired_containers.revision is assigned by the database');
-END;
-
-ALTER TABLE clawfleet_revision DROP COLUMN assigning;
-";
-
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
@@ -118,13 +81,11 @@ impl MigrationTrait for Migration {
         Ok(())
     }
 
-    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() == DatabaseBackend::Sqlite {
-            manager
-                .get_connection()
-                .execute_unprepared(SQLITE_DOWN)
-                .await?;
-        }
+    /// Keeps the stricter triggers and their column: they work with the
+    /// schema before this migration too (an older build never sets
+    /// `revision`), and the first migration's `down` removes them with their
+    /// tables.
+    async fn down(&self, _manager: &SchemaManager) -> Result<(), DbErr> {
         Ok(())
     }
 }
