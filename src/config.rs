@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::docker::ResourceLimits;
+use crate::docker::{Confinement, ResourceLimits};
 use crate::image_ref::{ImageAllowList, ImageRef};
+use crate::isolation::NetworkIsolation;
 
 /// Environment variable of the original service that sets the start of the port range.
 pub const PORT_RANGE_START_ENV: &str = "OPENCLAW_PORT_RANGE_START";
@@ -286,6 +287,10 @@ pub struct ContainerSettings {
     pub stop_timeout: Duration,
     /// Optional memory, CPU and process limits of every container.
     pub limits: ResourceLimits,
+    /// Capabilities, privileges and log rotation of every container.
+    pub confinement: Confinement,
+    /// Whether the agents' network lets agents reach each other.
+    pub network_isolation: NetworkIsolation,
 }
 
 impl ContainerSettings {
@@ -423,6 +428,8 @@ mod tests {
             mosaic_api_url: "http://x".into(),
             stop_timeout: Duration::from_secs(10),
             limits: ResourceLimits::default(),
+            confinement: Confinement::strict(),
+            network_isolation: NetworkIsolation::Shared,
         };
         assert!(!s.image_allowed(&ImageRef::parse("evil:latest").unwrap()));
         assert!(s.image_allowed(&ImageRef::parse("clawfleet-agent-stub:other").unwrap()));

@@ -23,8 +23,10 @@ use crate::config::ContainerSettings;
 use crate::desired::{quote_short, DesiredContainer, DesiredState};
 use crate::docker::{
     object_labels, shared_labels, ContainerFilter, Engine, EngineError, ObservedContainer,
-    RunState, LABEL_MANAGED,
+    RunState, LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID,
 };
+use crate::isolation::NetworkMismatch;
+use crate::naming::UserNames;
 use crate::plan::{
     plan, Action, CrashHistory, Intent, Observed, Plan, Policy, StartReason, StatusIntent,
     StopReason, Target,
@@ -50,6 +52,19 @@ pub enum ReconcileError {
     /// No port could be allocated.
     #[error(transparent)]
     Ports(#[from] PortError),
+    /// The agents' network disagrees with `--network-isolation`.
+    #[error(transparent)]
+    Network(#[from] NetworkMismatch),
+    /// The user's state volume belongs to another user or instance.
+    #[error(
+        "volume {volume} is labelled for {holder}: it is never mounted into another user's container; remove it (docker volume rm) if it is unwanted, or give this instance another --name-prefix"
+    )]
+    ForeignVolume {
+        /// The volume's name.
+        volume: String,
+        /// Whose it is, per its labels.
+        holder: String,
+    },
 }
 
 impl ReconcileError {
@@ -62,6 +77,7 @@ impl ReconcileError {
             Self::Secrets(_) => false,
             Self::Ports(PortError::Exhausted { .. }) => false,
             Self::Ports(PortError::Store(e)) => e.is_transient(),
+            Self::Network(_) | Self::ForeignVolume { .. } => false,
         }
     }
 
@@ -73,6 +89,7 @@ impl ReconcileError {
             Self::Secrets(_) => "secrets",
             Self::Ports(PortError::Exhausted { .. }) => "ports_exhausted",
             Self::Ports(PortError::Store(_)) => "database",
+            Self::Network(_) | Self::ForeignVolume { .. } => "isolation",
         }
     }
 }
@@ -238,7 +255,8 @@ impl<E: Engine> Reconciler<E> {
         let now = (self.clock)();
         let desired = self.store.desired(user_id).await?;
         let previous = self.store.status(user_id).await?;
-        let name = crate::naming::container_name(&self.settings.name_prefix, user_id);
+        let names = self.names(user_id, previous.as_ref()).await?;
+        let name = names.container.clone();
         let found = self.observe(user_id, &name).await?;
         let mut row = previous
             .clone()
@@ -256,7 +274,7 @@ impl<E: Engine> Reconciler<E> {
         }
 
         let (target, spec) = match self
-            .target(user_id, desired.as_ref(), &found, &mut row, now)
+            .target(user_id, &names, desired.as_ref(), &found, &mut row, now)
             .await
         {
             Ok(t) => t,
@@ -350,6 +368,31 @@ impl<E: Engine> Reconciler<E> {
         Ok(outcome)
     }
 
+    /// The user's container and volume names: today's, unless the user
+    /// already has names of the earlier 12-hex form — recorded in its status
+    /// row, or, with no container recorded, an earlier state volume of ours
+    /// still on the engine (a deleted user coming back) — which it keeps.
+    async fn names(
+        &self,
+        user_id: &str,
+        previous: Option<&ContainerStatus>,
+    ) -> Result<UserNames, ReconcileError> {
+        let prefix = &self.settings.name_prefix;
+        let recorded = previous.and_then(|p| p.container_name.as_deref());
+        if recorded.is_some() {
+            return Ok(UserNames::resolve(prefix, user_id, recorded));
+        }
+        let Some(legacy) = UserNames::legacy(prefix, user_id) else {
+            return Ok(UserNames::current(prefix, user_id));
+        };
+        match self.engine.inspect_volume(&legacy.volume).await? {
+            Some(labels) if foreign_owner(&labels, &self.settings.instance, user_id).is_none() => {
+                Ok(legacy)
+            }
+            _ => Ok(UserNames::current(prefix, user_id)),
+        }
+    }
+
     async fn observe(&self, user_id: &str, name: &str) -> Result<Found, ReconcileError> {
         let filter = ContainerFilter {
             instance: self.settings.instance.clone(),
@@ -397,6 +440,7 @@ impl<E: Engine> Reconciler<E> {
     async fn target(
         &self,
         user_id: &str,
+        names: &UserNames,
         desired: Option<&DesiredRow>,
         found: &Found,
         row: &mut ContainerStatus,
@@ -464,7 +508,14 @@ impl<E: Engine> Reconciler<E> {
         } else {
             row.host_port.filter(|p| self.ports.usable(*p))
         };
-        let spec = DesiredSpec::new(&self.settings, user_id, &image, d.restart_nonce, port);
+        let spec = DesiredSpec::named(
+            &self.settings,
+            names,
+            user_id,
+            &image,
+            d.restart_nonce,
+            port,
+        );
         Ok((
             Target::Present {
                 intent,
@@ -731,12 +782,20 @@ impl<E: Engine> Reconciler<E> {
             .expect("a token is claimed with the port");
         let token = self.keys.open(&spec.user_id, &sealed)?;
         let network = self.network_id().await?;
-        self.engine
+        let volume_labels = self
+            .engine
             .ensure_volume(
                 &spec.volume,
                 &object_labels(&self.settings.instance, &spec.user_id),
             )
             .await?;
+        if let Some(holder) = foreign_owner(&volume_labels, &self.settings.instance, &spec.user_id)
+        {
+            return Err(ReconcileError::ForeignVolume {
+                volume: spec.volume.clone(),
+                holder,
+            });
+        }
         let container = spec.container_spec(&self.settings, &token, name, &network);
         match self.engine.create_container(&container).await {
             Ok(id) => Ok(id),
@@ -791,21 +850,28 @@ impl<E: Engine> Reconciler<E> {
         }
     }
 
-    /// The agents' network id, created once (single-flight: one creator at a time).
+    /// The agents' network id, created once (single-flight: one creator at a
+    /// time) with the options `--network-isolation` asks for. A network that
+    /// disagrees with the setting is refused, and asked about again next time.
     async fn network_id(&self) -> Result<String, ReconcileError> {
         let mut cached = self.network.lock().await;
         if let Some(id) = cached.as_ref() {
             return Ok(id.clone());
         }
-        let id = self
+        let isolation = self.settings.network_isolation;
+        let network = self
             .engine
             .ensure_network(
                 &self.settings.network,
                 &shared_labels(&self.settings.instance),
+                &isolation.network_options(),
             )
             .await?;
-        *cached = Some(id.clone());
-        Ok(id)
+        if let Some(mismatch) = isolation.mismatch(&self.settings.network, &network) {
+            return Err(mismatch.into());
+        }
+        *cached = Some(network.id.clone());
+        Ok(network.id)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -922,6 +988,25 @@ impl<E: Engine> Reconciler<E> {
         }
         error
     }
+}
+
+/// Whose an object is when its labels name another instance or user than
+/// `instance`/`user_id`; `None` for ours or an unlabelled one (adopted, as a
+/// takeover from the original service needs).
+fn foreign_owner(
+    labels: &std::collections::BTreeMap<String, String>,
+    instance: &str,
+    user_id: &str,
+) -> Option<String> {
+    let other = |key: &str, ours: &str| labels.get(key).filter(|v| v.as_str() != ours);
+    if other(LABEL_INSTANCE, instance).is_none() && other(LABEL_USER_ID, user_id).is_none() {
+        return None;
+    }
+    Some(format!(
+        "user {} of instance {}",
+        quote_short(labels.get(LABEL_USER_ID).map_or("?", String::as_str)),
+        quote_short(labels.get(LABEL_INSTANCE).map_or("?", String::as_str)),
+    ))
 }
 
 fn set_phase(row: &mut ContainerStatus, phase: Phase, now: DateTime<Utc>) {

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use chrono::Utc;
 use clawfleet::config::{ContainerSettings, PortRange};
 use clawfleet::docker::{
-    object_labels, ContainerFilter, ContainerSpec, Engine, EnvValue, MemoryEngine, Op,
+    object_labels, Confinement, ContainerFilter, ContainerSpec, Engine, EnvValue, MemoryEngine, Op,
     ResourceLimits, RunState, LABEL_SPEC_HASH,
 };
 use clawfleet::image_ref::ImageRef;
+use clawfleet::isolation::NetworkIsolation;
 use clawfleet::ports::PortAllocator;
 use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
 use clawfleet::secrets::GatewayToken;
@@ -140,6 +141,8 @@ fn settings() -> ContainerSettings {
         allowed_images: clawfleet::image_ref::ImageAllowList::any(),
         stop_timeout: std::time::Duration::from_secs(1),
         limits: ResourceLimits::default(),
+        confinement: Confinement::strict(),
+        network_isolation: NetworkIsolation::Shared,
     }
 }
 
@@ -157,6 +160,7 @@ fn container(name: &str, labels: BTreeMap<String, String>) -> ContainerSpec {
         publish: Some(("127.0.0.1".parse().unwrap(), 19000)),
         stop_timeout: std::time::Duration::from_secs(1),
         limits: ResourceLimits::default(),
+        confinement: Confinement::strict(),
     }
 }
 
@@ -164,7 +168,7 @@ async fn set_up(case: &Case, store: &Store, engine: &MemoryEngine, desired_hash:
     engine.add_image(IMAGE);
     engine.set_image_healthcheck(IMAGE, true);
     engine
-        .ensure_network("mosaic-internal", &BTreeMap::new())
+        .ensure_network("mosaic-internal", &BTreeMap::new(), &BTreeMap::new())
         .await
         .unwrap();
     let now = Utc::now();

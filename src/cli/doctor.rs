@@ -89,6 +89,12 @@ fn token_check(ring: &KeyRing, source: &KeySource, sealed: &[(String, String)]) 
     }
 }
 
+/// True for a `Config.User` that means root: empty, `0`, `root`, or those with group `0`/`root`.
+fn runs_as_root(user: &str) -> bool {
+    let name = user.split(':').next().unwrap_or_default().trim();
+    name.is_empty() || name == "0" || name == "root"
+}
+
 async fn within<T>(future: impl std::future::Future<Output = T>) -> Option<T> {
     tokio::time::timeout(CHECK_TIMEOUT, future).await.ok()
 }
@@ -97,6 +103,8 @@ async fn within<T>(future: impl std::future::Future<Output = T>) -> Option<T> {
 pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), CliError> {
     let settings = global.container_settings(image)?;
     let mut checks = Vec::new();
+    // Worth a look, but no reason to fail: printed with `!` after the checks.
+    let mut warnings: Vec<String> = Vec::new();
 
     let engine = match within(DockerEngine::connect(&global.docker_host)).await {
         Some(Ok(engine)) => match within(engine.version()).await {
@@ -229,15 +237,28 @@ pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), 
                 "check the engine",
             )),
         }
-        match within(engine.find_network(&settings.network)).await {
-            Some(Ok(Some(id))) => checks.push(Check::pass(format!(
-                "network {} present ({})",
-                settings.network,
-                &id[..id.len().min(12)]
-            ))),
+        if let Some(Ok(Some(user))) = within(engine.image_user(image)).await {
+            if runs_as_root(&user) && settings.confinement.cap_add.is_empty() {
+                warnings.push(format!(
+                    "image {image} runs as root with every capability dropped: an entrypoint that chowns or switches user will fail — give back what it needs with CLAWFLEET_CAP_ADD (e.g. CHOWN,SETUID,SETGID,DAC_OVERRIDE,FOWNER), or use an image with a non-root USER"
+                ));
+            }
+        }
+        let isolation = settings.network_isolation;
+        match within(engine.inspect_network(&settings.network)).await {
+            Some(Ok(Some(network))) => match isolation.mismatch(&settings.network, &network) {
+                None => checks.push(Check::pass(format!(
+                    "network {} present ({}), {}",
+                    settings.network,
+                    &network.id[..network.id.len().min(12)],
+                    isolation.as_str()
+                ))),
+                Some(mismatch) => checks.push(Check::fail(mismatch.reason(), mismatch.to_string())),
+            },
             Some(Ok(None)) => checks.push(Check::pass(format!(
-                "network {} absent; it will be created on first use",
-                settings.network
+                "network {} absent; it will be created on first use ({})",
+                settings.network,
+                isolation.as_str()
             ))),
             Some(Err(e)) => checks.push(Check::fail(
                 format!("network {}: {e}", settings.network),
@@ -305,12 +326,33 @@ pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), 
             Some(hint) => println!("✗ {} — {hint}", check.what),
         }
     }
+    for warning in &warnings {
+        println!("! {warning}");
+    }
     if failed > 0 {
         return Err(CliError::Config(format!(
             "{failed} of {} checks failed",
             checks.len()
         )));
     }
-    println!("all {} checks passed", checks.len());
+    match warnings.len() {
+        0 => println!("all {} checks passed", checks.len()),
+        n => println!("all {} checks passed, {n} warning(s)", checks.len()),
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_is_an_empty_user_uid_0_or_root_with_any_group() {
+        for root in ["", "0", "0:0", "root", "root:root", "0:1000"] {
+            assert!(runs_as_root(root), "{root:?}");
+        }
+        for other in ["node", "1000", "1000:0", "65532:65532"] {
+            assert!(!runs_as_root(other), "{other:?}");
+        }
+    }
 }

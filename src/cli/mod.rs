@@ -22,8 +22,9 @@ use crate::config::{
     parse_name_prefix, parse_network, resolve_port_range, ContainerSettings, LogFormat, PortRange,
     RuntimeSettings, ENCRYPTION_KEYS_ENV, PORT_RANGE_START_ENV,
 };
-use crate::docker::ResourceLimits;
+use crate::docker::{Confinement, LogLimits, ResourceLimits};
 use crate::image_ref::{ImageAllowList, ImageRef};
+use crate::isolation::{parse_cap_add, parse_log_size, CapAdd, NetworkIsolation};
 use crate::secrets::{self, SecretsError};
 use crate::store::{Store, StoreError};
 
@@ -157,9 +158,32 @@ pub struct GlobalArgs {
     #[arg(long, env = "CLAWFLEET_CPU_LIMIT", value_parser = parse_cpus, global = true, hide_env_values = true)]
     pub cpu_limit: Option<i64>,
 
-    /// Process limit of each container [default: none]
-    #[arg(long, env = "CLAWFLEET_PIDS_LIMIT", value_parser = clap::value_parser!(i64).range(1..), global = true, hide_env_values = true)]
-    pub pids_limit: Option<i64>,
+    /// Process limit of each container
+    #[arg(long, env = "CLAWFLEET_PIDS_LIMIT", default_value_t = 512, value_parser = clap::value_parser!(i64).range(1..), global = true, hide_env_values = true)]
+    pub pids_limit: i64,
+
+    /// Capabilities given back to each container after all are dropped, comma-separated (CHOWN,SETUID) [default: none]
+    #[arg(long, env = "CLAWFLEET_CAP_ADD", value_parser = parse_cap_add, global = true, hide_env_values = true)]
+    pub cap_add: Option<CapAdd>,
+
+    /// Size at which a container's log file is rotated (json-file driver; 10m, 512k)
+    #[arg(long, env = "CLAWFLEET_LOG_MAX_SIZE", default_value = "10m", value_parser = parse_log_size, global = true, hide_env_values = true)]
+    pub log_max_size: u64,
+
+    /// Log files kept per container, the current one included
+    #[arg(long, env = "CLAWFLEET_LOG_MAX_FILE", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100), global = true, hide_env_values = true)]
+    pub log_max_file: u32,
+
+    /// Whether agents on the network can reach each other: shared, or isolated (inter-container traffic disabled; reach agents through host_url)
+    #[arg(
+        long,
+        env = "CLAWFLEET_NETWORK_ISOLATION",
+        value_enum,
+        default_value = "shared",
+        global = true,
+        hide_env_values = true
+    )]
+    pub network_isolation: NetworkIsolation,
 
     /// Log format
     #[arg(
@@ -266,8 +290,17 @@ impl GlobalArgs {
             limits: ResourceLimits {
                 memory_bytes: self.memory_limit,
                 nano_cpus: self.cpu_limit,
-                pids: self.pids_limit,
+                pids: Some(self.pids_limit),
             },
+            confinement: Confinement {
+                cap_add: self.cap_add.clone().unwrap_or_default().0,
+                log: Some(LogLimits {
+                    max_size_bytes: self.log_max_size,
+                    max_files: self.log_max_file,
+                }),
+                ..Confinement::strict()
+            },
+            network_isolation: self.network_isolation,
         })
     }
 

@@ -84,6 +84,7 @@ struct Checks<E: Engine> {
     store: Store,
     engine: Arc<E>,
     role: Arc<Role>,
+    settings: Arc<ContainerSettings>,
 }
 
 impl<E: Engine> Readiness for Checks<E> {
@@ -99,6 +100,14 @@ impl<E: Engine> Readiness for Checks<E> {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => reasons.push(format!("docker engine unreachable: {e}")),
                 Err(_) => reasons.push("docker engine did not answer within 2s".to_owned()),
+            }
+            let network = crate::isolation::check_network(
+                self.engine.as_ref(),
+                &self.settings.network,
+                self.settings.network_isolation,
+            );
+            if let Ok(Some(mismatch)) = tokio::time::timeout(CHECK_TIMEOUT, network).await {
+                reasons.push(mismatch.reason());
             }
             if self.role.leader.load(Ordering::SeqCst) {
                 let progress = self
@@ -230,6 +239,7 @@ pub async fn run(
         ports = %settings.port_range,
         publish_ip = %settings.publish_ip,
         allowed_images = %settings.allowed_images,
+        network_isolation = settings.network_isolation.as_str(),
         concurrency = runtime.concurrency,
         "controller starting"
     );
@@ -244,6 +254,7 @@ pub async fn run(
             store: store.clone(),
             engine: engine.clone(),
             role: role.clone(),
+            settings: Arc::new(settings.clone()),
         }),
         metrics: metrics.clone(),
     });

@@ -33,8 +33,12 @@ pub enum Op {
     Rename,
     /// [`Engine::ensure_volume`].
     EnsureVolume,
+    /// [`Engine::inspect_volume`].
+    InspectVolume,
     /// [`Engine::ensure_network`].
     EnsureNetwork,
+    /// [`Engine::inspect_network`].
+    InspectNetwork,
     /// [`Engine::image_present`].
     ImagePresent,
     /// [`Engine::pull_image`].
@@ -45,7 +49,7 @@ pub enum Op {
 
 impl Op {
     /// Every operation, in declaration order.
-    pub const ALL: [Op; 14] = [
+    pub const ALL: [Op; 16] = [
         Op::Version,
         Op::List,
         Op::Inspect,
@@ -56,7 +60,9 @@ impl Op {
         Op::Remove,
         Op::Rename,
         Op::EnsureVolume,
+        Op::InspectVolume,
         Op::EnsureNetwork,
+        Op::InspectNetwork,
         Op::ImagePresent,
         Op::Pull,
         Op::Events,
@@ -75,7 +81,9 @@ impl Op {
             Op::Remove => "remove",
             Op::Rename => "rename",
             Op::EnsureVolume => "volume create",
+            Op::InspectVolume => "volume inspect",
             Op::EnsureNetwork => "network create",
+            Op::InspectNetwork => "network inspect",
             Op::ImagePresent => "image inspect",
             Op::Pull => "pull",
             Op::Events => "events",
