@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 use clawfleet::secrets::{EncryptionKey, GatewayToken, KeyRing};
 use support::controller::{port_range, seal_v1, status_with_token, test_key, write_status};
-use support::docker::{ensure_agent_image, AGENT_IMAGE};
+use support::docker::{docker, ensure_agent_image, DockerFixture, AGENT_IMAGE};
 use support::{Backend, TestDb};
 
 fn doctor(db_url: &str, env: &[(&str, &str)]) -> (bool, String) {
@@ -200,4 +200,45 @@ async fn doctor_on_postgres_takes_keys_only_from_the_environment() {
     let line = failed_line(&text, "encryption keys");
     assert!(line.contains("every replica"), "{text}");
     assert!(line.contains("clawfleet keygen"), "{text}");
+}
+
+#[tokio::test]
+async fn doctor_fails_on_a_network_whose_isolation_disagrees_with_the_setting() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.store().await;
+    let fx = DockerFixture::new("doctornet");
+    docker(&["network", "create", &fx.network]).expect("network create");
+    let network = [("OPENCLAW_NETWORK", fx.network.as_str())];
+    let (ok, text) = doctor(&db.url, &network);
+    assert!(ok, "a shared network agrees with the default: {text}");
+
+    let isolated = [
+        ("OPENCLAW_NETWORK", fx.network.as_str()),
+        ("CLAWFLEET_NETWORK_ISOLATION", "isolated"),
+    ];
+    let (ok, text) = doctor(&db.url, &isolated);
+    assert!(!ok, "{text}");
+    let line = failed_line(&text, &fx.network);
+    assert!(
+        line.contains("--network-isolation isolated") && line.contains("docker network rm"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn doctor_warns_when_the_image_runs_as_root_with_every_capability_dropped() {
+    ensure_agent_image();
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.store().await;
+    // The stand-in image has no USER: it runs as root.
+    let (ok, text) = doctor(&db.url, &[]);
+    assert!(ok, "a warning is not a failure: {text}");
+    let warning = text
+        .lines()
+        .find(|l| l.starts_with('!') && l.contains("runs as root"))
+        .unwrap_or_else(|| panic!("no warning about root:\n{text}"));
+    assert!(warning.contains("CLAWFLEET_CAP_ADD"), "{warning}");
+    let (ok, text) = doctor(&db.url, &[("CLAWFLEET_CAP_ADD", "CHOWN")]);
+    assert!(ok, "{text}");
+    assert!(!text.contains("runs as root"), "{text}");
 }
