@@ -220,8 +220,9 @@ pub fn parse_image_allow_list(s: &str) -> Result<ImageAllowList, String> {
     ImageAllowList::parse(s)
 }
 
-/// Parses a memory size: bytes, or a number with `k`, `m`, `g` (binary units, as Docker's `--memory`).
-pub fn parse_memory(s: &str) -> Result<i64, String> {
+/// Parses a size as Docker reads one: bytes, or a number with `k`, `m`,
+/// `g` (binary units); `example` shows the form in the error.
+pub fn parse_size(s: &str, example: &str) -> Result<i64, String> {
     let t = s.trim().to_ascii_lowercase();
     let t = t.strip_suffix('b').unwrap_or(&t);
     let (digits, unit) = match t.chars().last() {
@@ -232,10 +233,14 @@ pub fn parse_memory(s: &str) -> Result<i64, String> {
     };
     let n: i64 = digits
         .parse()
-        .map_err(|_| format!("{s:?} is not a memory size; write e.g. 512m or 2g"))?;
-    let bytes = n
-        .checked_mul(unit)
-        .ok_or_else(|| format!("{s:?} is too large"))?;
+        .map_err(|_| format!("{s:?} is not a size; write e.g. {example}"))?;
+    n.checked_mul(unit)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses a memory size: bytes, or a number with `k`, `m`, `g` (binary units, as Docker's `--memory`).
+pub fn parse_memory(s: &str) -> Result<i64, String> {
+    let bytes = parse_size(s, "512m or 2g")?;
     // Docker refuses memory limits under 6 MiB.
     if bytes < 6 << 20 {
         return Err(format!("{s:?} is below Docker's minimum of 6m"));

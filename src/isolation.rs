@@ -88,21 +88,9 @@ pub fn parse_cap_add(s: &str) -> Result<CapAdd, String> {
 /// Parses a log file size for the `json-file` driver: bytes, or a number
 /// with `k`, `m` or `g` (binary units, as Docker reads `max-size`).
 pub fn parse_log_size(s: &str) -> Result<u64, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let t = t.strip_suffix('b').unwrap_or(&t);
-    let (digits, unit) = match t.chars().last() {
-        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('m') => (&t[..t.len() - 1], 1 << 20),
-        Some('g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a log size; write e.g. 10m or 512k"))?;
-    match n.checked_mul(unit) {
-        Some(0) => Err(format!("{s:?}: a log file must be allowed at least 1 byte")),
-        Some(bytes) if bytes <= i64::MAX as u64 => Ok(bytes),
-        _ => Err(format!("{s:?} is too large")),
+    match crate::config::parse_size(s, "10m or 512k")? {
+        bytes if bytes <= 0 => Err(format!("{s:?}: a log file must be allowed at least 1 byte")),
+        bytes => Ok(bytes.unsigned_abs()),
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clawfleet::docker::{LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID};
 use clawfleet::naming::UserNames;
 use clawfleet::status::{ContainerStatus, Phase};
+use clawfleet::store::Store;
 use support::controller::{
     gateway, wait_for_status, wait_running, ControllerConfig, ControllerProcess,
 };
@@ -44,6 +45,11 @@ fn connects_from(container: &str, target: &str) -> bool {
     }
 }
 
+/// The status of `user` once it is `failed`.
+async fn wait_failed(store: &Store, user: &str) -> ContainerStatus {
+    wait_for_status(store, user, LONG, "failed", |s| s.phase == Phase::Failed).await
+}
+
 /// A container's address on `network`.
 fn address_on(container: &str, network: &str) -> String {
     let format = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
@@ -62,21 +68,30 @@ async fn a_user_container_has_every_capability_dropped_no_new_privileges_and_pid
         .await;
     let status = wait_running(&store, "alice").await;
 
-    let host = host_config(status.container_id.as_deref().unwrap());
-    assert_eq!(host["CapDrop"], serde_json::json!(["ALL"]), "{host}");
-    assert!(
-        host["CapAdd"].is_null() || host["CapAdd"] == serde_json::json!([]),
-        "{host}"
+    assert_confined(
+        status.container_id.as_deref().unwrap(),
+        serde_json::Value::Null,
+        512,
+        ("10m", "3"),
     );
+}
+
+/// Asserts what `docker inspect` shows of a container's confinement:
+/// every capability dropped and `cap_add` given back, `no-new-privileges`,
+/// the pids limit and the json-file log rotation.
+fn assert_confined(container: &str, cap_add: serde_json::Value, pids: i64, log: (&str, &str)) {
+    let host = host_config(container);
+    assert_eq!(host["CapDrop"], serde_json::json!(["ALL"]), "{host}");
+    assert_eq!(host["CapAdd"], cap_add, "{host}");
     assert_eq!(
         host["SecurityOpt"],
         serde_json::json!(["no-new-privileges:true"]),
         "{host}"
     );
-    assert_eq!(host["PidsLimit"], 512, "{host}");
+    assert_eq!(host["PidsLimit"], pids, "{host}");
     assert_eq!(host["LogConfig"]["Type"], "json-file", "{host}");
-    assert_eq!(host["LogConfig"]["Config"]["max-size"], "10m", "{host}");
-    assert_eq!(host["LogConfig"]["Config"]["max-file"], "3", "{host}");
+    assert_eq!(host["LogConfig"]["Config"]["max-size"], log.0, "{host}");
+    assert_eq!(host["LogConfig"]["Config"]["max-file"], log.1, "{host}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,11 +141,7 @@ async fn with_isolated_networks_an_agent_cannot_reach_another_agent_but_the_host
     );
 
     // The overrides reach the container.
-    let host = host_config(a_name);
-    assert_eq!(host["CapAdd"], serde_json::json!(["CHOWN"]), "{host}");
-    assert_eq!(host["PidsLimit"], 100, "{host}");
-    assert_eq!(host["LogConfig"]["Config"]["max-size"], "1m", "{host}");
-    assert_eq!(host["LogConfig"]["Config"]["max-file"], "2", "{host}");
+    assert_confined(a_name, serde_json::json!(["CHOWN"]), 100, ("1m", "2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,11 +164,8 @@ async fn a_network_that_disagrees_with_the_isolation_setting_is_never_used() {
     db.exec("INSERT INTO desired_containers (user_id) VALUES ('alice')")
         .await;
 
-    let failed = wait_for_status(&store, "alice", LONG, "failed", |s| {
-        s.phase == Phase::Failed
-    })
-    .await;
-    let message = failed.message.unwrap_or_default();
+    let failed = wait_failed(&store, "alice").await;
+    let message = failed.message.clone().unwrap_or_default();
     assert!(
         message.contains(&fx.network) && message.contains("--network-isolation"),
         "{message}"
@@ -199,11 +207,8 @@ async fn a_volume_labelled_for_another_instance_is_never_mounted_and_the_user_fa
     db.exec("INSERT INTO desired_containers (user_id) VALUES ('alice')")
         .await;
 
-    let failed = wait_for_status(&store, "alice", LONG, "failed", |s| {
-        s.phase == Phase::Failed
-    })
-    .await;
-    let message = failed.message.unwrap_or_default();
+    let failed = wait_failed(&store, "alice").await;
+    let message = failed.message.clone().unwrap_or_default();
     assert!(
         message.contains(&volume) && message.contains("-other"),
         "{message}"
@@ -245,28 +250,12 @@ async fn users_keep_their_12_hex_names_and_new_users_get_20_hex_names() {
     // Carol's status row records the name an earlier build gave her.
     let carol = UserNames::legacy(&fx.prefix, recorded).unwrap();
     let now = chrono::Utc::now();
-    store
-        .write_status(
-            &ContainerStatus {
-                user_id: recorded.to_owned(),
-                phase: Phase::Stopped,
-                container_id: None,
-                container_name: Some(carol.container.clone()),
-                host_port: None,
-                url: None,
-                host_url: None,
-                health: None,
-                gateway_token: None,
-                observed_revision: None,
-                message: None,
-                restarts: 0,
-                last_transition_at: now,
-                updated_at: now,
-            },
-            now,
-        )
-        .await
-        .expect("status row");
+    let row = ContainerStatus {
+        phase: Phase::Stopped,
+        container_name: Some(carol.container.clone()),
+        ..ContainerStatus::pending(recorded, now)
+    };
+    store.write_status(&row, now).await.expect("status row");
     // Erin was deleted (no status row) and her earlier volume was kept.
     let erin = UserNames::legacy(&fx.prefix, returning).unwrap();
     docker(&[
