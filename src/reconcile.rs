@@ -10,7 +10,10 @@
 //!   two users or a user two tokens;
 //! - a recreate creates the new container before touching the old one, so a
 //!   failed create leaves the user with the container they had;
-//! - no token, plaintext or sealed, reaches a log field or an error message.
+//! - no token, plaintext or sealed, reaches a log field or an error message;
+//! - a state volume labelled for another user or instance is never mounted,
+//!   and no container is created on a network that disagrees with
+//!   `--network-isolation` (README "Security"): both need a human.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
