@@ -476,6 +476,8 @@ mod tests {
             mosaic_api_url: "http://mosaic-api:3000/api".into(),
             stop_timeout: Duration::from_secs(1),
             limits: ResourceLimits::default(),
+            confinement: crate::docker::Confinement::strict(),
+            network_isolation: crate::isolation::NetworkIsolation::Shared,
         }
     }
 

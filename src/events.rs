@@ -207,6 +207,7 @@ mod tests {
             publish: None,
             stop_timeout: Duration::from_secs(10),
             limits: ResourceLimits::default(),
+            confinement: crate::docker::Confinement::unconfined(),
         };
         engine.insert_container(&spec, false).expect("insert");
         while flapping.reconnects.lock().unwrap().len() < 8 {

@@ -143,6 +143,16 @@ fn cases() -> BTreeMap<&'static str, Case> {
         ("CLAWFLEET_MEMORY_LIMIT", list("512m", &["1k", "lots"])),
         ("CLAWFLEET_CPU_LIMIT", list("0.5", &["0", "x"])),
         ("CLAWFLEET_PIDS_LIMIT", list("256", &["0", "x"])),
+        (
+            "CLAWFLEET_CAP_ADD",
+            list("chown,CAP_SETUID", &["TELEPORT", "ALL"]),
+        ),
+        ("CLAWFLEET_LOG_MAX_SIZE", list("1m", &["0", "lots"])),
+        ("CLAWFLEET_LOG_MAX_FILE", list("5", &["0", "101", "x"])),
+        (
+            "CLAWFLEET_NETWORK_ISOLATION",
+            list("isolated", &["banana", "Isolated"]),
+        ),
         ("CLAWFLEET_POLL_INTERVAL", run("100ms", &["soon", HUGE])),
         ("CLAWFLEET_ORPHAN_GRACE", run("1h", &["soon", HUGE])),
         ("CLAWFLEET_FAILED_RETRY", run("1m", &["soon", HUGE])),
