@@ -699,17 +699,16 @@ async fn past_the_inflight_limit_api_calls_answer_503_with_retry_after() {
     })
     .await;
     let addr = api.controller.http_addr().await;
-    // PUTs whose bodies never come hold the places: one more than the
-    // limit, as the listener takes them in any order (the last is refused).
+    // PUTs whose bodies never come hold the places. The listener takes
+    // connections in any order, so each round adds one until a call is
+    // refused (a PUT refused itself, or beaten by a call, holds nothing).
     let head = format!(
         "PUT /v1/users/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_TOKEN}\r\n\
          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
     );
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(send_head(addr, &head).await);
-    }
+    let held = tokio::sync::Mutex::new(Vec::new());
     let busy = eventually(Duration::from_secs(30), "a busy answer", || async {
+        held.lock().await.push(send_head(addr, &head).await);
         let reply = api.client.get("/v1/users").await;
         (reply.status == 503).then_some(reply)
     })
