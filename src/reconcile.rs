@@ -921,7 +921,8 @@ impl<E: Engine> Reconciler<E> {
     }
 }
 
-fn new_row(user_id: &str, now: DateTime<Utc>) -> ContainerStatus {
+/// A status row for a user seen for the first time.
+pub(crate) fn new_row(user_id: &str, now: DateTime<Utc>) -> ContainerStatus {
     ContainerStatus {
         user_id: user_id.to_owned(),
         phase: Phase::Pending,
@@ -958,28 +959,12 @@ fn intent_of(d: &DesiredContainer, now: DateTime<Utc>) -> Intent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PortRange;
-    use crate::docker::{MemoryEngine, Op, ResourceLimits};
-    use crate::image_ref::ImageRef;
+    use crate::docker::{MemoryEngine, Op};
     use crate::secrets::EncryptionKey;
+    use crate::spec::tests::settings;
     use crate::store::DesiredUpdate;
 
     const USER: &str = "alice";
-
-    fn settings() -> ContainerSettings {
-        ContainerSettings {
-            instance: "unit".into(),
-            image: ImageRef::parse("clawfleet-agent-stub:dev").unwrap(),
-            network: "mosaic-internal".into(),
-            name_prefix: "mosaic-user-".into(),
-            port_range: PortRange::new(19000, 19009).unwrap(),
-            publish_ip: "127.0.0.1".parse().unwrap(),
-            mosaic_api_url: "http://mosaic-api:3000/api".into(),
-            allowed_images: vec![],
-            stop_timeout: Duration::from_secs(1),
-            limits: ResourceLimits::default(),
-        }
-    }
 
     #[tokio::test]
     async fn a_transient_error_does_not_record_the_revision_it_did_not_act_on() {
@@ -988,8 +973,8 @@ mod tests {
         let store = Store::connect(&url).await.unwrap();
         store.migrate().await.unwrap();
         let engine = Arc::new(MemoryEngine::new());
-        engine.add_image("clawfleet-agent-stub:dev");
         let settings = Arc::new(settings());
+        engine.add_image(settings.image.as_str());
         let keys = KeyRing::new(vec![EncryptionKey::generate("unit").unwrap()]).unwrap();
         let reconciler = Reconciler::new(
             store.clone(),

@@ -199,10 +199,15 @@ async fn serve_connection(
 
 /// Tells a connection past the limit to come back later, and closes it.
 async fn refuse(mut stream: tokio::net::TcpStream) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(TOO_MANY_CONNECTIONS).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Closing with the request unread would reset the connection, and
+        // the client could lose the answer: read until the client closes.
+        let mut unread = [0u8; 1024];
+        while stream.read(&mut unread).await? > 0 {}
+        std::io::Result::Ok(())
     })
     .await;
 }

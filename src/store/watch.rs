@@ -203,7 +203,7 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::status::Phase;
+    use crate::reconcile::new_row;
 
     async fn store(dir: &tempfile::TempDir) -> Store {
         let url = format!("sqlite://{}/w.db?mode=rwc", dir.path().display());
@@ -212,26 +212,6 @@ mod tests {
         // No periodic re-read during the test: every read is one a write caused.
         store.watchers = StatusWatchers::new(Duration::from_secs(3600));
         store
-    }
-
-    fn row(user_id: &str) -> ContainerStatus {
-        let now = Utc::now();
-        ContainerStatus {
-            user_id: user_id.to_owned(),
-            phase: Phase::Pending,
-            container_id: None,
-            container_name: None,
-            host_port: None,
-            url: None,
-            host_url: None,
-            health: None,
-            gateway_token: None,
-            observed_revision: None,
-            message: None,
-            restarts: 0,
-            last_transition_at: now,
-            updated_at: now,
-        }
     }
 
     async fn next(watch: &mut StatusWatch) -> StatusSnapshot {
@@ -258,7 +238,10 @@ mod tests {
             "one read per user, not per waiter"
         );
 
-        store.write_status(&row("a"), Utc::now()).await.unwrap();
+        store
+            .write_status(&new_row("a", Utc::now()), Utc::now())
+            .await
+            .unwrap();
         for waiter in [&mut a1, &mut a2] {
             match next(waiter).await {
                 StatusSnapshot::Read(Some(s)) => assert_eq!(s.user_id, "a"),
