@@ -196,15 +196,14 @@ where
         sink(user, delay);
     });
     let wake = Arc::new(Notify::new());
-    let listener = match store.pool() {
-        Pool::Postgres(pool) => Some(tokio::spawn(listen(
+    let listener = store.listen_pool().map(|pool| {
+        tokio::spawn(listen(
             pool.clone(),
             clawfleet_migration::NOTIFY_CHANNEL,
             sink.clone(),
             wake.clone(),
-        ))),
-        Pool::Sqlite(_) => None,
-    };
+        ))
+    });
     let _abort_listener = AbortOnDrop(listener);
     // SQLite commits one writer at a time, in revision order: a revision it
     // skipped belongs to a row updated again since, never to a transaction
@@ -263,7 +262,7 @@ impl Drop for AbortOnDrop {
 /// process that does not reconcile learn of it at once. Runs until dropped;
 /// returns at once on SQLite (one process writes and waits).
 pub async fn status_notifications(store: Store) {
-    let Pool::Postgres(pool) = store.pool().clone() else {
+    let Some(pool) = store.listen_pool().cloned() else {
         return;
     };
     let announcer = store.clone();

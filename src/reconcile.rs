@@ -272,8 +272,11 @@ impl<E: Engine> Reconciler<E> {
                 row.restarts
             }
         });
-        if let Some(d) = desired.as_ref().and_then(|d| d.as_ref().ok()) {
-            row.observed_revision = Some(d.revision);
+        match desired.as_ref() {
+            Some(Ok(d)) => row.observed_revision = Some(d.revision),
+            // An invalid row is reported `failed` for its revision too.
+            Some(Err(invalid)) => row.observed_revision = Some(invalid.revision),
+            None => {}
         }
 
         let (target, spec) = match self
@@ -978,6 +981,11 @@ impl<E: Engine> Reconciler<E> {
     }
 
     /// Reports a transient error in the status row (best effort) and hands it back.
+    ///
+    /// The row keeps the revision it last showed: this reconcile did not
+    /// finish acting on the revision it read, and `ensure-running` takes an
+    /// `observed_revision` at or past its own as "this container is the one
+    /// you asked for" (regression: it handed out the old container).
     async fn record_error(
         &self,
         mut row: ContainerStatus,
@@ -985,6 +993,7 @@ impl<E: Engine> Reconciler<E> {
         error: ReconcileError,
         now: DateTime<Utc>,
     ) -> ReconcileError {
+        row.observed_revision = previous.and_then(|p| p.observed_revision);
         row.message = Some(error.to_string());
         if let Err(e) = self.write(&row, previous, now).await {
             debug!(error = %e, "could not record the error in the status row");
@@ -1024,5 +1033,81 @@ fn intent_of(d: &DesiredContainer, now: DateTime<Utc>) -> Intent {
         (DesiredState::Stopped, _) => Intent::Stopped,
         (DesiredState::Running, true) => Intent::Idle,
         (DesiredState::Running, false) => Intent::Running,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::docker::{MemoryEngine, Op};
+    use crate::secrets::EncryptionKey;
+    use crate::spec::tests::settings;
+    use crate::store::DesiredUpdate;
+
+    const USER: &str = "alice";
+
+    #[tokio::test]
+    async fn a_transient_error_does_not_record_the_revision_it_did_not_act_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/r.db?mode=rwc", dir.path().display());
+        let store = Store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let engine = Arc::new(MemoryEngine::new());
+        let settings = Arc::new(settings());
+        engine.add_image(settings.image.as_str());
+        let keys = KeyRing::new(vec![EncryptionKey::generate("unit").unwrap()]).unwrap();
+        let reconciler = Reconciler::new(
+            store.clone(),
+            engine.clone(),
+            settings.clone(),
+            keys,
+            PortAllocator::new(settings.port_range, settings.publish_ip).without_probe(),
+            ReconcilerOptions::default(),
+        );
+        store
+            .upsert_desired(&DesiredUpdate {
+                user_id: USER.into(),
+                state: Some(DesiredState::Running),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            reconciler.reconcile(USER).await.unwrap();
+        }
+        let before = store.status(USER).await.unwrap().unwrap();
+        assert_eq!(before.phase, Phase::Running);
+        let acted_on = before.observed_revision.unwrap();
+
+        // A new revision (a touch), then the container crashes and the
+        // restart fails with an error worth retrying.
+        store.touch(USER, Utc::now()).await.unwrap();
+        let revision = match store.desired(USER).await.unwrap() {
+            Some(Ok(d)) => d.revision,
+            other => panic!("{other:?}"),
+        };
+        assert!(revision > acted_on);
+        let name = before.container_name.clone().unwrap();
+        engine.crash(&name, 1).unwrap();
+        engine.fail_next(
+            Op::Start,
+            EngineError::Unreachable {
+                host: "unit".into(),
+                message: "cut".into(),
+            },
+        );
+        let error = reconciler.reconcile(USER).await.unwrap_err();
+        assert!(error.is_transient(), "{error}");
+
+        let after = store.status(USER).await.unwrap().unwrap();
+        assert!(
+            after.message.as_deref().is_some_and(|m| m.contains("cut")),
+            "the error is reported: {after:?}"
+        );
+        assert_eq!(
+            after.observed_revision,
+            Some(acted_on),
+            "the crashed container is not shown as the one of revision {revision}"
+        );
     }
 }

@@ -195,14 +195,15 @@ fn plain_env(settings: &ContainerSettings, user_id: &str) -> Vec<(&'static str, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::PortRange;
     use crate::docker::{Confinement, ResourceLimits};
     use crate::isolation::NetworkIsolation;
     use std::time::Duration;
 
-    fn settings() -> ContainerSettings {
+    /// Settings of the defaults, for the tests of this crate.
+    pub(crate) fn settings() -> ContainerSettings {
         ContainerSettings {
             instance: "default".into(),
             image: ImageRef::parse("alpine/openclaw:latest").unwrap(),

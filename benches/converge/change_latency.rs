@@ -54,13 +54,15 @@ fn pg_admin_url() -> String {
 }
 
 /// A database created on the test server, dropped when this is dropped.
-struct PgDatabase {
+pub struct PgDatabase {
     name: String,
-    url: String,
+    /// Its URL.
+    pub url: String,
 }
 
 impl PgDatabase {
-    async fn create() -> Result<Self, String> {
+    /// Creates one.
+    pub async fn create() -> Result<Self, String> {
         let admin = pg_admin_url();
         let name = format!(
             "clawfleet_bench_{}_{}",

@@ -16,12 +16,18 @@
 //!    (`converge sim <users> <idle_secs>`): convergence, full resync, peak
 //!    RSS, and CPU over 60 s of idle (`BENCH_IDLE_SECS`).
 //!
+//! 5. The JSON API under load (`api_load`): 5,000 (`BENCH_API_CALLS`, 0 to
+//!    skip) concurrent `ensure-running` calls over 100 (`BENCH_API_USERS`)
+//!    users against the real binary on PostgreSQL and the real engine.
+//!    `BENCH_ONLY=api` runs this measure alone.
+//!
 //! Prints one table (each number beside its target) and one summary line:
 //! `bench: converge_ratio=… resync_10k_ms=… rss_10k_mb=… event_p99_ms=…
 //! change_p99_ms_sqlite=… change_p99_ms_pg=… rss_100k_mb=… idle_cpu_pct_10k=…`.
 //! Numbers, not assertions: nothing here fails because a target is missed.
 //! Progress goes to stderr.
 
+mod api_load;
 mod change_latency;
 mod event_latency;
 mod latency;
@@ -49,6 +55,10 @@ struct Knobs {
     sim_users: usize,
     big_users: usize,
     idle_secs: u64,
+    api_users: usize,
+    api_calls: usize,
+    /// `BENCH_ONLY=api`: the API load alone.
+    api_only: bool,
 }
 
 impl Knobs {
@@ -65,6 +75,9 @@ impl Knobs {
             sim_users: env_usize("BENCH_SIM_USERS", 10_000),
             big_users: env_usize("BENCH_BIG_USERS", 100_000),
             idle_secs: env_usize("BENCH_IDLE_SECS", 60) as u64,
+            api_users: env_usize("BENCH_API_USERS", 100).max(1),
+            api_calls: env_usize("BENCH_API_CALLS", 5_000),
+            api_only: std::env::var("BENCH_ONLY").is_ok_and(|v| v.trim() == "api"),
         }
     }
 }
@@ -196,9 +209,62 @@ fn scale_rows(
     }
 }
 
+/// Runs the API load and adds its rows.
+async fn api_rows(table: &mut Table, k: &Knobs) {
+    if k.api_calls == 0 {
+        return;
+    }
+    eprintln!(
+        "bench: api load: {} concurrent ensure-running calls over {} users (real engine, PostgreSQL)…",
+        k.api_calls, k.api_users
+    );
+    let measure = format!(
+        "api load: {} concurrent ensure-running over {} users (PostgreSQL, real engine)",
+        count(k.api_calls),
+        k.api_users
+    );
+    match api_load::measure(k.api_users, k.api_calls).await {
+        Ok(load) => {
+            table.checked(
+                measure,
+                format!(
+                    "{}  ({} × 200, {} × 503, {} other)",
+                    latency_value(&load.latencies),
+                    load.ok,
+                    load.busy,
+                    load.other
+                ),
+                Target::at_most("hung ", load.latencies.timeouts() as f64, 0.0, ""),
+            );
+            table.row(
+                format!(
+                    "api load: reconciles meanwhile; {} new users inserted during it",
+                    load.newcomers
+                ),
+                format!(
+                    "{:.1} reconciles/s; newcomers running after {}; lease {}",
+                    load.reconcile_rate,
+                    load.newcomers_running
+                        .map_or("— (not within 120 s)".to_owned(), |d| {
+                            format!("{:.1} s", d.as_secs_f64())
+                        }),
+                    if load.lease_lost { "LOST" } else { "kept" },
+                ),
+            );
+        }
+        Err(e) => table.row(measure, format!("not measured: {e}")),
+    }
+}
+
 async fn parent(k: Knobs) {
     let wall = Instant::now();
     let mut table = Table::default();
+    if k.api_only {
+        api_rows(&mut table, &k).await;
+        table.print();
+        eprintln!("bench: wall time {:.0} s", wall.elapsed().as_secs_f64());
+        return;
+    }
 
     eprintln!(
         "bench: converging {} users on the real engine (baseline first)…",
@@ -304,6 +370,7 @@ async fn parent(k: Knobs) {
     if let Some(big) = &big {
         scale_rows(&mut table, big, Some(256.0), None);
     }
+    api_rows(&mut table, &k).await;
     table.print();
     println!(
         "bench: converge_ratio={ratio:.2} resync_10k_ms={:.0} rss_10k_mb={:.1} event_p99_ms={} \

@@ -70,7 +70,7 @@ async fn remove_all(engine: &DockerEngine, instance: &str) {
 /// Removes every container, volume and network labelled with `instance`, and
 /// the baseline's volumes (Docker makes those unlabelled, from the mount):
 /// every volume whose name starts with `prefix`.
-fn clean(instance: &str, prefix: &str) {
+pub fn clean(instance: &str, prefix: &str) {
     let filter = format!("label=io.clawfleet.instance={instance}");
     let listed =
         |args: &[&str]| -> Vec<String> { docker_cli(args).lines().map(str::to_owned).collect() };

@@ -62,6 +62,17 @@ pub struct RunArgs {
     /// This process's name in the leader lease [default: <hostname>-<pid>-<random>]
     #[arg(long, env = "CLAWFLEET_HOLDER_ID", hide_env_values = true)]
     pub holder_id: Option<String>,
+
+    /// JSON API requests served at once; past it they answer 503 with Retry-After
+    #[arg(long, env = "CLAWFLEET_API_MAX_INFLIGHT", default_value_t = http::DEFAULT_MAX_INFLIGHT, value_parser = parse_max_inflight, hide_env_values = true)]
+    pub api_max_inflight: usize,
+}
+
+fn parse_max_inflight(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number from 1 to 1000000")),
+    }
 }
 
 fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
@@ -90,15 +101,25 @@ struct Checks<E: Engine> {
 impl<E: Engine> Readiness for Checks<E> {
     fn check(&self) -> BoxFuture<'_, ReadinessReport> {
         Box::pin(async move {
+            // Short phrases: the driver's text goes to the log, not to callers.
             let mut reasons = Vec::new();
             match tokio::time::timeout(CHECK_TIMEOUT, self.store.ping()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => reasons.push(format!("database unreachable: {e}")),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "readiness: database unreachable");
+                    reasons.push("database unreachable".to_owned());
+                }
                 Err(_) => reasons.push("database did not answer within 2s".to_owned()),
+            }
+            if self.store.writes_failing() {
+                reasons.push("database writes failing (locked or read-only?)".to_owned());
             }
             match tokio::time::timeout(CHECK_TIMEOUT, self.engine.version()).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => reasons.push(format!("docker engine unreachable: {e}")),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "readiness: docker engine unreachable");
+                    reasons.push("docker engine unreachable".to_owned());
+                }
                 Err(_) => reasons.push("docker engine did not answer within 2s".to_owned()),
             }
             let network = crate::isolation::check_network(
@@ -245,17 +266,21 @@ pub async fn run(
     );
 
     let role = Arc::new(Role::default());
+    // The API and /readyz read through connections of their own: no number
+    // of callers can take the reconcilers' (README "Operations").
+    let api_store = store.with_own_pool(crate::store::API_CONNECTIONS);
     let state = Arc::new(AppState {
-        store: store.clone(),
+        store: api_store.clone(),
         keys: keys.clone(),
         api_token,
         default_image: settings.image.clone(),
-        readiness: Arc::new(Checks {
-            store: store.clone(),
+        readiness: Arc::new(http::CachedReadiness::new(Arc::new(Checks {
+            store: api_store,
             engine: engine.clone(),
             role: role.clone(),
             settings: Arc::new(settings.clone()),
-        }),
+        }))),
+        max_inflight: args.api_max_inflight,
         metrics: metrics.clone(),
     });
     let server = http::Server::bind(runtime.listen)

@@ -14,7 +14,7 @@
 //! | `GET /v1/users/{id}` | 200 view, 404 |
 //! | `PUT /v1/users/{id}` `{"state", "idle_timeout", "image"}` | 200 view |
 //! | `DELETE /v1/users/{id}` | 204, 404 |
-//! | `POST /v1/users/{id}/ensure-running?wait=30s` | 200 `{"url", "host_url", "token", ...}`, 504 |
+//! | `POST /v1/users/{id}/ensure-running?wait=30s` | 200 `{"url", "host_url", "token", ...}`, 409 failed, 504 |
 //! | `POST /v1/users/{id}/touch` | 200 `{"user_id", "last_active_at"}`, 404 |
 //! | `POST /v1/users/{id}/stop` | 200 view, 404 |
 //! | `POST /v1/users/{id}/restart` | 202 `{"user_id", "restart_nonce"}`, 404 |
@@ -22,6 +22,13 @@
 //! A view is [`crate::view::user_view`], the object `clawfleet users show
 //! --json` prints; it never holds the gateway token. Only `ensure-running`
 //! hands the token out, to the caller that asked for the container.
+//!
+//! Limits (README "JSON API"): at most `--api-max-inflight` requests are
+//! served at once, past that 503 with `Retry-After`; a request is answered
+//! within [`REQUEST_TIMEOUT`] (`ensure-running` within its `wait` plus that).
+//! The API reads and writes through a pool of its own, and its
+//! `ensure-running` waiters share one watcher per user, so API traffic
+//! cannot take the reconcilers' connections.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,7 +46,7 @@ use axum::{Json, Router};
 use chrono::Utc;
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::AppState;
@@ -47,17 +54,19 @@ use crate::config::{parse_duration, parse_idle_timeout, parse_image};
 use crate::desired::{quote_short, validate_user_id, DesiredState, MAX_IDLE_TIMEOUT_SECS};
 use crate::secrets::SecretsError;
 use crate::status::{ContainerStatus, Health, Phase};
-use crate::store::{DesiredRow, DesiredUpdate, StoreError};
+use crate::store::{DesiredRow, DesiredUpdate, StatusSnapshot, StoreError};
 use crate::view::user_view;
 
 /// How long `ensure-running` waits when the caller names no `wait`.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 /// The longest `wait` a caller may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
-/// How often a waiter re-reads its status row even without a notification:
-/// the notification only covers status rows written by this process, and in
-/// an HA setup another process may write them.
-const RECHECK: Duration = Duration::from_secs(2);
+/// How long any `/v1` request may take, beyond the `wait` of `ensure-running`.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// What `Retry-After` says when the API is busy (seconds).
+const RETRY_AFTER_SECS: u64 = 1;
+/// The default of `--api-max-inflight`.
+pub const DEFAULT_MAX_INFLIGHT: usize = 1024;
 /// Page size of `GET /v1/users` when the caller names none.
 pub const DEFAULT_LIMIT: u64 = 100;
 /// The largest page of `GET /v1/users`.
@@ -116,6 +125,20 @@ pub enum ApiError {
     /// The status row says running but holds no token.
     #[error("user {0} is running but its status row holds no gateway token")]
     NoToken(String),
+    /// `ensure-running`: the status shows `failed` for the row's revision.
+    #[error("user {user} failed: {}", .status_message.as_deref().unwrap_or("no message"))]
+    Failed {
+        /// The quoted, shortened user id.
+        user: String,
+        /// The status message.
+        status_message: Option<String>,
+    },
+    /// `--api-max-inflight` requests are being served already.
+    #[error("the api is busy ({0} requests in flight); retry after {RETRY_AFTER_SECS}s")]
+    Busy(usize),
+    /// The request took longer than its time limit.
+    #[error("the request did not finish within {}; retry later", humantime::format_duration(*.0))]
+    TooSlow(Duration),
 }
 
 impl ApiError {
@@ -135,6 +158,9 @@ impl ApiError {
             Self::NoSuchUser(_) | Self::NoRoute(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            Self::Failed { .. } => (StatusCode::CONFLICT, "failed"),
+            Self::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            Self::TooSlow(_) => (StatusCode::SERVICE_UNAVAILABLE, "request_timeout"),
             Self::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Token { .. } | Self::NoToken(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
@@ -179,32 +205,88 @@ impl IntoResponse for ApiError {
             body["phase"] = json!(phase.map(Phase::as_str));
             body["status_message"] = json!(status_message);
         }
+        if let Self::Failed { .. } = &self {
+            body["phase"] = json!(Phase::Failed.as_str());
+        }
         let mut response = (status, Json(body)).into_response();
-        if matches!(self, Self::Unauthorized) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        let headers = response.headers_mut();
+        match self {
+            Self::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::Busy(_) | Self::TooSlow(_) | Self::Store(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            }
+            _ => {}
         }
         response
     }
 }
 
-/// The `/v1` routes, behind the bearer-token check.
+/// The `/v1` routes, behind the bearer-token check and the in-flight limit.
 pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
+    let limit = state.max_inflight.clamp(1, Semaphore::MAX_PERMITS);
+    let inflight = Inflight {
+        permits: Arc::new(Semaphore::new(limit)),
+        limit,
+    };
+    let waiting = ensure_running_time_limit();
     Router::new()
         .route("/users", get(list_users))
         .route(
             "/users/{id}",
             get(show_user).put(put_user).delete(delete_user),
         )
-        .route("/users/{id}/ensure-running", post(ensure_running))
         .route("/users/{id}/touch", post(touch_user))
         .route("/users/{id}/stop", post(stop_user))
         .route("/users/{id}/restart", post(restart_user))
+        .route_layer(middleware::from_fn_with_state(REQUEST_TIMEOUT, time_limit))
+        // Bounded by its own `wait`, so by a longer limit.
+        .route(
+            "/users/{id}/ensure-running",
+            post(ensure_running).layer(middleware::from_fn_with_state(waiting, time_limit)),
+        )
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        // A layer (not a route layer) so unknown routes are refused alike.
+        // Layers (not route layers) so unknown routes are refused alike; the
+        // last added runs first: authentication, then the in-flight limit.
+        .layer(middleware::from_fn_with_state(inflight, limit_inflight))
         .layer(middleware::from_fn_with_state(state, authenticate))
+}
+
+/// The time limit of `ensure-running`: its longest `wait`, plus the time
+/// any request may take.
+pub fn ensure_running_time_limit() -> Duration {
+    MAX_WAIT + REQUEST_TIMEOUT
+}
+
+/// The in-flight limit: a request holds a permit while it is served.
+#[derive(Clone)]
+struct Inflight {
+    permits: Arc<Semaphore>,
+    limit: usize,
+}
+
+/// Serves a request only while fewer than the limit are in flight; 503
+/// with `Retry-After` past it (the caller retries, nothing queues).
+async fn limit_inflight(
+    State(inflight): State<Inflight>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match inflight.permits.try_acquire_owned() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => ApiError::Busy(inflight.limit).into_response(),
+    }
+}
+
+/// Answers 503 when the request takes longer than `limit` (a slow body
+/// or a slow database): nothing holds a connection and a permit for good.
+async fn time_limit(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::TooSlow(limit).into_response(),
+    }
 }
 
 /// Lets a request through only with the configured bearer token.
@@ -603,10 +685,17 @@ fn is_ready(status: &ContainerStatus, revision: i64) -> bool {
         && status.observed_revision.is_some_and(|r| r >= revision)
 }
 
+/// True when `status` shows the user failed at revision `revision` (or
+/// later): waiting cannot help, the row must change or a human act first.
+fn has_failed(status: &ContainerStatus, revision: i64) -> bool {
+    status.phase == Phase::Failed && status.observed_revision.is_some_and(|r| r >= revision)
+}
+
 /// `POST /v1/users/{id}/ensure-running?wait=30s`: the original service's
 /// `ensureRunning`. Marks the user running and active now, then waits until
 /// the controller reports the container of that revision running, and hands
-/// out its addresses and gateway token.
+/// out its addresses and gateway token; 409 at once when the controller
+/// reports that revision failed.
 async fn ensure_running(
     State(state): State<Arc<AppState>>,
     UserId(id): UserId,
@@ -614,8 +703,8 @@ async fn ensure_running(
 ) -> Result<Json<Value>, ApiError> {
     let wait = wait_param(query(params)?.wait.as_deref())?;
     let deadline = Instant::now() + wait;
-    // Subscribed before the write, so no status change after it is missed.
-    let mut changes = state.store.status_changes();
+    // Joined before the write, so no status change after it is missed.
+    let mut watch = state.store.watch_status(&id);
     let before = state.store.desired(&id).await?.and_then(Result::ok);
     state
         .store
@@ -640,36 +729,39 @@ async fn ensure_running(
         None => return Err(ApiError::NoSuchUser(quote_short(&id))),
     };
     loop {
-        let status = state.store.status(&id).await?;
-        if let Some(status) = status.as_ref().filter(|s| is_ready(s, revision)) {
-            return running_answer(&state, status).map(Json);
-        }
-        let now = Instant::now();
-        if now >= deadline {
+        let status = match watch.latest() {
+            StatusSnapshot::NotRead => None,
+            StatusSnapshot::Failed(reason) => {
+                return Err(ApiError::Store(StoreError::Shared {
+                    operation: "read of status row",
+                    reason,
+                }))
+            }
+            StatusSnapshot::Read(status) => {
+                if let Some(status) = status.as_ref() {
+                    if is_ready(status, revision) {
+                        return running_answer(&state, status).map(Json);
+                    }
+                    if has_failed(status, revision) {
+                        return Err(ApiError::Failed {
+                            user: quote_short(&id),
+                            status_message: status.message.clone(),
+                        });
+                    }
+                }
+                status
+            }
+        };
+        if tokio::time::timeout_at(deadline, watch.changed())
+            .await
+            .is_err()
+        {
             return Err(ApiError::Timeout {
                 user: quote_short(&id),
                 waited: wait,
                 phase: status.as_ref().map(|s| s.phase),
                 status_message: status.and_then(|s| s.message),
             });
-        }
-        next_change(&mut changes, &id, deadline.min(now + RECHECK)).await;
-    }
-}
-
-/// Waits until `user_id`'s status row may have changed: a notification for
-/// it, a lag (some notifications were lost), or `until`.
-async fn next_change(changes: &mut broadcast::Receiver<String>, user_id: &str, until: Instant) {
-    loop {
-        match tokio::time::timeout_at(until, changes.recv()).await {
-            Ok(Ok(changed)) if changed == user_id => return,
-            Ok(Ok(_)) => {}
-            Ok(Err(RecvError::Lagged(_))) | Err(_) => return,
-            // No writer is left in this process: only the re-read remains.
-            Ok(Err(RecvError::Closed)) => {
-                tokio::time::sleep_until(until).await;
-                return;
-            }
         }
     }
 }

@@ -5,6 +5,10 @@
 //! `Authorization: Bearer $CLAWFLEET_API_TOKEN` and answers 503 when no token
 //! is configured. The API only writes `desired_containers`, exactly as any
 //! other service would; it never touches the engine.
+//!
+//! The listener bounds what a client can hold (README "JSON API", limits):
+//! [`HEADER_READ_TIMEOUT`] to send headers, [`MAX_CONNECTIONS`] open
+//! connections, a time limit per request and axum's 2 MB body limit.
 
 mod api;
 mod health;
@@ -13,16 +17,21 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use subtle::ConstantTimeEq;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::image_ref::ImageRef;
 use crate::metrics::Metrics;
 use crate::secrets::KeyRing;
 use crate::store::Store;
 
-pub use health::{Readiness, ReadinessReport};
+pub use api::{DEFAULT_MAX_INFLIGHT, REQUEST_TIMEOUT};
+pub use health::{CachedReadiness, Readiness, ReadinessReport, READY_TTL};
 
 /// The API bearer token; compared in constant time, never printed.
 #[derive(Clone)]
@@ -57,8 +66,10 @@ pub struct AppState {
     pub api_token: Option<ApiToken>,
     /// The default image (shown for rows that name none).
     pub default_image: ImageRef,
-    /// Readiness checks.
+    /// Readiness checks (wrap them in [`CachedReadiness`]).
     pub readiness: Arc<dyn Readiness>,
+    /// How many `/v1` requests are served at once; 503 past it.
+    pub max_inflight: usize,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
 }
@@ -70,6 +81,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .nest("/v1", api::routes(state.clone()))
         .with_state(state)
 }
+
+/// How long a client has to send a request's headers; then the connection
+/// is closed (a slow client cannot hold one for good).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once; one more is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// What a connection past [`MAX_CONNECTIONS`] is told before it is closed.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\n\
+content-length: 66\r\n\r\n\
+{\"error\":\"busy\",\"message\":\"too many connections; retry after 1s\"}\n";
 
 /// A bound listener, serving until `shutdown` resolves.
 pub struct Server {
@@ -101,14 +123,91 @@ impl Server {
         self.listener.local_addr().ok()
     }
 
-    /// Serves `router` until `shutdown` resolves; open connections finish their request.
+    /// Serves `router` until `shutdown` resolves; open connections finish
+    /// their request. HTTP/1.1 with [`HEADER_READ_TIMEOUT`] and at most
+    /// [`MAX_CONNECTIONS`] connections (the routes bound the time of a request).
     pub async fn serve(
         self,
         router: Router,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
+        let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let (closing, closed) = tokio::sync::watch::channel(false);
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors, or a connection reset
+                        // before it was accepted: go on after a pause.
+                        tracing::debug!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            match connections.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(serve_connection(
+                        stream,
+                        router.clone(),
+                        closed.clone(),
+                        permit,
+                    ));
+                }
+                Err(_) => {
+                    tokio::spawn(refuse(stream));
+                }
+            }
+        }
+        let _ = closing.send(true);
+        // Every connection gives its permit back once its request is answered.
+        let _ = connections.acquire_many(MAX_CONNECTIONS as u32).await;
+        Ok(())
     }
+}
+
+/// Serves one connection until the client closes it, the header-read
+/// timeout closes it, or shutdown lets its request in flight finish.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    router: Router,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let connection =
+        builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = async { let _ = closing.wait_for(|closing| *closing).await; } => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+/// Tells a connection past the limit to come back later, and closes it.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(TOO_MANY_CONNECTIONS).await?;
+        stream.shutdown().await?;
+        // Closing with the request unread would reset the connection, and
+        // the client could lose the answer: read until the client closes.
+        let mut unread = [0u8; 1024];
+        while stream.read(&mut unread).await? > 0 {}
+        std::io::Result::Ok(())
+    })
+    .await;
 }

@@ -1,6 +1,7 @@
 //! The leader lease on PostgreSQL: one row per instance naming the process
 //! that may reconcile and until when. Times are the database's, so the
-//! hosts' clocks never have to agree.
+//! hosts' clocks never have to agree. Every lease query goes through the
+//! lease's own connection, so a renewal never waits for a pooled one.
 
 use std::time::Duration;
 
@@ -38,7 +39,7 @@ impl Store {
                 OR clawfleet_leases.expires_at < clock_timestamp()
             RETURNING holder";
         let row = self
-            .db
+            .lease_connection()
             .query_one_raw(Statement::from_sql_and_values(
                 DatabaseBackend::Postgres,
                 sql,
@@ -55,7 +56,7 @@ impl Store {
         if self.backend() != DatabaseBackend::Postgres {
             return Ok(());
         }
-        self.db
+        self.lease_connection()
             .execute_raw(Statement::from_sql_and_values(
                 DatabaseBackend::Postgres,
                 "DELETE FROM clawfleet_leases WHERE instance = $1 AND holder = $2",
@@ -72,7 +73,7 @@ impl Store {
             return Ok(None);
         }
         let row = self
-            .db
+            .lease_connection()
             .query_one_raw(Statement::from_sql_and_values(
                 DatabaseBackend::Postgres,
                 "SELECT holder, EXTRACT(EPOCH FROM (expires_at - clock_timestamp()))::float8 AS remaining

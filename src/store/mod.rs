@@ -5,10 +5,18 @@
 //! `desired_containers` while the controller reads and writes; PostgreSQL
 //! uses a small pool. Both go through sea-orm; the raw sqlx pool is kept for
 //! what sea-orm does not cover (PostgreSQL LISTEN).
+//!
+//! Connections are kept apart by who uses them, so no user can starve
+//! another: the reconcilers use the main pool; the JSON API and `/readyz`
+//! read through a pool of their own ([`Store::with_own_pool`]); on
+//! PostgreSQL the leader lease has one connection of its own and the LISTEN
+//! connections a pool of their own, so a lease renewal never queues behind
+//! reconciles or API calls.
 
 mod desired;
 mod lease;
 mod status;
+mod watch;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -25,11 +33,20 @@ use sqlx::Connection as _;
 
 pub use desired::{DesiredChange, DesiredRow, DesiredUpdate};
 pub use status::{StatusPage, StatusWrite};
+pub use watch::{StatusSnapshot, StatusWatch, RECHECK};
 
 /// How long a SQLite writer waits for a lock held by another writer.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for a pooled connection before reporting the database unreachable.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections of the main pool (reconciles, the change feed's polls).
+const MAIN_CONNECTIONS_PG: u32 = 10;
+/// Connections of the main pool on SQLite (one writer at a time anyway).
+const MAIN_CONNECTIONS_SQLITE: u32 = 4;
+/// Connections of the JSON API's own pool (see [`Store::with_own_pool`]).
+pub const API_CONNECTIONS: u32 = 4;
+/// LISTEN connections on PostgreSQL: the desired-row feed and the status feed.
+const LISTEN_CONNECTIONS: u32 = 2;
 
 /// What went wrong talking to the database.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +71,14 @@ pub enum StoreError {
     /// Migrations failed.
     #[error("database migration failed: {0}")]
     Migrate(#[source] DbErr),
+    /// A shared read failed (the text of the reader's error).
+    #[error("database {operation} failed: {reason}")]
+    Shared {
+        /// What was being done.
+        operation: &'static str,
+        /// The reader's error, as text.
+        reason: String,
+    },
     /// A query failed.
     #[error("database {operation} failed: {source}")]
     Query {
@@ -89,7 +114,7 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Connect { .. } | Self::Query { .. } | Self::PortTaken(_)
+            Self::Connect { .. } | Self::Query { .. } | Self::Shared { .. } | Self::PortTaken(_)
         )
     }
 }
@@ -134,13 +159,21 @@ impl MigrationLock {
 pub struct Store {
     db: DatabaseConnection,
     pool: Pool,
-    /// User ids whose status row this process wrote or deleted (for waiters).
-    status_changes: tokio::sync::broadcast::Sender<String>,
+    /// PostgreSQL: the lease's own connection (a pool of one).
+    lease: Option<DatabaseConnection>,
+    /// PostgreSQL: the pool the LISTEN connections come from.
+    listen: Option<sqlx::PgPool>,
+    /// The shared watchers of status rows (API waiters), woken by status writes.
+    watchers: watch::StatusWatchers,
+    /// Whether the last status write failed (for readiness).
+    writes: std::sync::Arc<WriteHealth>,
 }
 
-/// Capacity of the status-change channel; a waiter that falls further
-/// behind re-reads its status (it sees a lag error), so nothing is lost.
-const STATUS_CHANGES: usize = 1024;
+/// Whether status writes succeed, shared by every clone of a store.
+#[derive(Debug, Default)]
+struct WriteHealth {
+    failing: std::sync::atomic::AtomicBool,
+}
 
 /// The raw pool under the sea-orm connection.
 #[derive(Clone, Debug)]
@@ -246,16 +279,12 @@ impl Store {
                 }
             }
             let pool = SqlitePoolOptions::new()
-                .max_connections(4)
+                .max_connections(MAIN_CONNECTIONS_SQLITE)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options)
                 .await
                 .map_err(connect_err)?;
-            Ok(Self {
-                db: SqlxSqliteConnector::from_sqlx_sqlite_pool(pool.clone()),
-                pool: Pool::Sqlite(pool),
-                status_changes: tokio::sync::broadcast::channel(STATUS_CHANGES).0,
-            })
+            Ok(Self::assemble(Pool::Sqlite(pool), None, None))
         } else if is_postgres_url(url) {
             let options = PgConnectOptions::from_str(url).map_err(|e| bad_url(e.to_string()))?;
             // One direct connection first: a pool only reports "timed out",
@@ -267,20 +296,80 @@ impl Store {
                 .await
                 .map_err(connect_err)?;
             let pool = PgPoolOptions::new()
-                .max_connections(10)
+                .max_connections(MAIN_CONNECTIONS_PG)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
-                .connect_with(options)
+                .connect_with(options.clone())
                 .await
                 .map_err(connect_err)?;
-            Ok(Self {
-                db: SqlxPostgresConnector::from_sqlx_postgres_pool(pool.clone()),
-                pool: Pool::Postgres(pool),
-                status_changes: tokio::sync::broadcast::channel(STATUS_CHANGES).0,
-            })
+            // Connected when first used: a process that never leads or
+            // listens opens none.
+            let lease = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_lazy_with(options.clone());
+            let listen = PgPoolOptions::new()
+                .max_connections(LISTEN_CONNECTIONS)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_lazy_with(options);
+            Ok(Self::assemble(
+                Pool::Postgres(pool),
+                Some(SqlxPostgresConnector::from_sqlx_postgres_pool(lease)),
+                Some(listen),
+            ))
         } else {
             Err(bad_url(
                 "expected sqlite://PATH or postgres://USER@HOST/DB".into(),
             ))
+        }
+    }
+
+    fn assemble(
+        pool: Pool,
+        lease: Option<DatabaseConnection>,
+        listen: Option<sqlx::PgPool>,
+    ) -> Self {
+        Self {
+            db: Self::connection_of(&pool),
+            pool,
+            lease,
+            listen,
+            watchers: watch::StatusWatchers::default(),
+            writes: Default::default(),
+        }
+    }
+
+    fn connection_of(pool: &Pool) -> DatabaseConnection {
+        match pool {
+            Pool::Sqlite(p) => SqlxSqliteConnector::from_sqlx_sqlite_pool(p.clone()),
+            Pool::Postgres(p) => SqlxPostgresConnector::from_sqlx_postgres_pool(p.clone()),
+        }
+    }
+
+    /// This store reading and writing through a pool of its own of
+    /// `max_connections` (connected when first used), sharing everything
+    /// else (the lease and LISTEN connections, the status watchers): what
+    /// goes through it can never take a connection from this store's users.
+    /// An in-memory SQLite database has one pool only, and is returned as is.
+    pub fn with_own_pool(&self, max_connections: u32) -> Self {
+        let pool = match &self.pool {
+            Pool::Sqlite(_) if self.sqlite_file().is_none() => return self.clone(),
+            Pool::Sqlite(p) => Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .connect_lazy_with((*p.connect_options()).clone()),
+            ),
+            Pool::Postgres(p) => Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(max_connections)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .connect_lazy_with((*p.connect_options()).clone()),
+            ),
+        };
+        Self {
+            db: Self::connection_of(&pool),
+            pool,
+            ..self.clone()
         }
     }
 
@@ -313,53 +402,41 @@ impl Store {
         Ok(pending.iter().map(|m| m.name().to_owned()).collect())
     }
 
-    /// A cheap round trip, for readiness checks.
-    ///
-    /// On SQLite a read proves nothing (WAL readers are never blocked, and
-    /// `SELECT 1` touches no file), so the check takes the write lock for an
-    /// instant on a connection of its own, failing fast when another process
-    /// holds the database locked.
+    /// A cheap round trip, for readiness checks. It reads (on SQLite it
+    /// never takes the write lock, which would queue behind the
+    /// reconcilers' writes); whether writes succeed is
+    /// [`Self::writes_failing`].
     pub async fn ping(&self) -> Result<(), StoreError> {
-        match &self.pool {
-            Pool::Postgres(_) => self
-                .db
-                .execute_unprepared("SELECT 1")
-                .await
-                .map(drop)
-                .map_err(StoreError::query("ping")),
-            Pool::Sqlite(pool) => {
-                let options = (*pool.connect_options())
-                    .clone()
-                    .busy_timeout(Duration::from_millis(250));
-                let failed = |source: sqlx::Error| StoreError::Query {
-                    operation: "write check",
-                    source: DbErr::Custom(source.to_string()),
-                };
-                let mut conn = sqlx::SqliteConnection::connect_with(&options)
-                    .await
-                    .map_err(failed)?;
-                let result = sqlx::raw_sql("BEGIN IMMEDIATE; ROLLBACK;")
-                    .execute(&mut conn)
-                    .await
-                    .map(drop)
-                    .map_err(failed);
-                let _ = conn.close().await;
-                result
-            }
-        }
+        let sql = match &self.pool {
+            Pool::Postgres(_) => "SELECT 1",
+            // Reads the schema page: the file is there and readable.
+            Pool::Sqlite(_) => "SELECT count(*) FROM sqlite_master",
+        };
+        self.db
+            .execute_unprepared(sql)
+            .await
+            .map(drop)
+            .map_err(StoreError::query("ping"))
     }
 
-    /// Ids of users whose status row changes from now on (written or deleted
-    /// through any clone of this store).
-    pub fn status_changes(&self) -> tokio::sync::broadcast::Receiver<String> {
-        self.status_changes.subscribe()
+    /// True when the last status write failed (the database is locked,
+    /// read-only or away) and none has succeeded since.
+    pub fn writes_failing(&self) -> bool {
+        self.writes
+            .failing
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Announces a status change of `user_id` to waiters (no-op without any).
+    /// Records whether a status write succeeded.
+    pub(crate) fn note_write(&self, ok: bool) {
+        self.writes
+            .failing
+            .store(!ok, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Announces a status change of `user_id` to its watcher (no-op without one).
     pub(crate) fn announce_status(&self, user_id: &str) {
-        if self.status_changes.receiver_count() > 0 {
-            let _ = self.status_changes.send(user_id.to_owned());
-        }
+        self.watchers.announce(user_id);
     }
 
     /// SQLite or PostgreSQL.
@@ -372,9 +449,20 @@ impl Store {
         &self.db
     }
 
-    /// The raw pool (for LISTEN on PostgreSQL).
+    /// The raw pool.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// PostgreSQL: the pool LISTEN connections come from, apart from the
+    /// others (a LISTEN holds its connection for good).
+    pub fn listen_pool(&self) -> Option<&sqlx::PgPool> {
+        self.listen.as_ref()
+    }
+
+    /// The connection of the leader lease (PostgreSQL: one of its own).
+    fn lease_connection(&self) -> &DatabaseConnection {
+        self.lease.as_ref().unwrap_or(&self.db)
     }
 }
 

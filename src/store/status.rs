@@ -205,7 +205,12 @@ impl Store {
                     .to_owned(),
             )
             .to_owned();
-        match self.db.execute(&insert).await {
+        let result = self.db.execute(&insert).await;
+        self.note_write(match &result {
+            Ok(_) => true,
+            Err(e) => port_conflict(e),
+        });
+        match result {
             Ok(_) => {
                 self.announce_status(&row.user_id);
                 Ok(())
