@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::docker::ResourceLimits;
-use crate::image_ref::{ImagePattern, ImageRef};
+use crate::docker::{Confinement, ResourceLimits};
+use crate::image_ref::{ImageAllowList, ImageRef};
+use crate::isolation::NetworkIsolation;
 
 /// Environment variable of the original service that sets the start of the port range.
 pub const PORT_RANGE_START_ENV: &str = "OPENCLAW_PORT_RANGE_START";
@@ -133,10 +134,19 @@ pub fn resolve_port_range(
     }
 }
 
-/// Parses a humantime duration such as `30m`, `5s` or `1h 30m`.
+/// The longest duration a setting accepts: 10 years (of humantime's 365.25
+/// days). Durations are added to timestamps (`--failed-retry`,
+/// `--orphan-grace`, the lease), and a huge one would overflow them.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
+/// Parses a humantime duration such as `30m`, `5s` or `1h 30m`, at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 30s, 5m, 1h 30m"))
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 30s, 5m, 1h 30m"))?;
+    if d > MAX_DURATION {
+        return Err(format!("{s:?} is longer than the limit of 10 years"));
+    }
+    Ok(d)
 }
 
 /// An idle timeout as given on the command line: `None` is `off`.
@@ -205,17 +215,14 @@ pub fn parse_name_prefix(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Parses the allow-list of image patterns (comma-separated); empty means any image.
-pub fn parse_image_patterns(s: &str) -> Result<Vec<ImagePattern>, String> {
-    Ok(s.split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(ImagePattern::new)
-        .collect())
+/// Parses the allow-list of image patterns (comma-separated, `*` alone for any image).
+pub fn parse_image_allow_list(s: &str) -> Result<ImageAllowList, String> {
+    ImageAllowList::parse(s)
 }
 
-/// Parses a memory size: bytes, or a number with `k`, `m`, `g` (binary units, as Docker's `--memory`).
-pub fn parse_memory(s: &str) -> Result<i64, String> {
+/// Parses a size as Docker reads one: bytes, or a number with `k`, `m`,
+/// `g` (binary units); `example` shows the form in the error.
+pub fn parse_size(s: &str, example: &str) -> Result<i64, String> {
     let t = s.trim().to_ascii_lowercase();
     let t = t.strip_suffix('b').unwrap_or(&t);
     let (digits, unit) = match t.chars().last() {
@@ -226,10 +233,14 @@ pub fn parse_memory(s: &str) -> Result<i64, String> {
     };
     let n: i64 = digits
         .parse()
-        .map_err(|_| format!("{s:?} is not a memory size; write e.g. 512m or 2g"))?;
-    let bytes = n
-        .checked_mul(unit)
-        .ok_or_else(|| format!("{s:?} is too large"))?;
+        .map_err(|_| format!("{s:?} is not a size; write e.g. {example}"))?;
+    n.checked_mul(unit)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses a memory size: bytes, or a number with `k`, `m`, `g` (binary units, as Docker's `--memory`).
+pub fn parse_memory(s: &str) -> Result<i64, String> {
+    let bytes = parse_size(s, "512m or 2g")?;
     // Docker refuses memory limits under 6 MiB.
     if bytes < 6 << 20 {
         return Err(format!("{s:?} is below Docker's minimum of 6m"));
@@ -275,22 +286,22 @@ pub struct ContainerSettings {
     pub publish_ip: IpAddr,
     /// `MOSAIC_API_URL` passed to containers.
     pub mosaic_api_url: String,
-    /// Images rows may ask for; empty means any.
-    pub allowed_images: Vec<ImagePattern>,
+    /// Images rows may ask for.
+    pub allowed_images: ImageAllowList,
     /// Grace period `docker stop` gives a container.
     pub stop_timeout: Duration,
     /// Optional memory, CPU and process limits of every container.
     pub limits: ResourceLimits,
+    /// Capabilities, privileges and log rotation of every container.
+    pub confinement: Confinement,
+    /// Whether the agents' network lets agents reach each other.
+    pub network_isolation: NetworkIsolation,
 }
 
 impl ContainerSettings {
     /// True when `image` may be used.
     pub fn image_allowed(&self, image: &ImageRef) -> bool {
-        self.allowed_images.is_empty()
-            || self
-                .allowed_images
-                .iter()
-                .any(|p| p.matches(image.as_str()))
+        self.allowed_images.allows(image)
     }
 }
 
@@ -365,6 +376,17 @@ mod tests {
         assert!(parse_duration("soon").unwrap_err().contains("30s, 5m"));
     }
 
+    /// Regression: a huge `--failed-retry` or `--orphan-grace` overflowed
+    /// `DateTime + Duration` and panicked the controller.
+    #[test]
+    fn durations_longer_than_ten_years_are_refused() {
+        assert_eq!(parse_duration("10y").unwrap(), MAX_DURATION);
+        for huge in ["11y", "1000000000y", "18446744073709551615s"] {
+            let err = parse_duration(huge).unwrap_err();
+            assert!(err.contains("10 years"), "{huge}: {err}");
+        }
+    }
+
     #[test]
     fn idle_timeouts_accept_off() {
         assert_eq!(parse_idle_timeout("off").unwrap(), IdleTimeout(None));
@@ -398,24 +420,23 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_allow_list_allows_any_image() {
-        let mut s = ContainerSettings {
+    fn settings_allow_only_the_images_of_their_list() {
+        let image = ImageRef::parse("clawfleet-agent-stub:dev").unwrap();
+        let s = ContainerSettings {
             instance: "t".into(),
-            image: ImageRef::parse("a:b").unwrap(),
+            allowed_images: ImageAllowList::of_repository(&image),
+            image,
             network: "n".into(),
             name_prefix: "p-".into(),
             port_range: PortRange::default(),
             publish_ip: "127.0.0.1".parse().unwrap(),
             mosaic_api_url: "http://x".into(),
-            allowed_images: parse_image_patterns("").unwrap(),
             stop_timeout: Duration::from_secs(10),
             limits: ResourceLimits::default(),
+            confinement: Confinement::strict(),
+            network_isolation: NetworkIsolation::Shared,
         };
-        let img = ImageRef::parse("evil:latest").unwrap();
-        assert!(s.image_allowed(&img));
-        s.allowed_images =
-            parse_image_patterns("alpine/openclaw:*, clawfleet-agent-stub:*").unwrap();
-        assert!(!s.image_allowed(&img));
-        assert!(s.image_allowed(&ImageRef::parse("clawfleet-agent-stub:dev").unwrap()));
+        assert!(!s.image_allowed(&ImageRef::parse("evil:latest").unwrap()));
+        assert!(s.image_allowed(&ImageRef::parse("clawfleet-agent-stub:other").unwrap()));
     }
 }

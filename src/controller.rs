@@ -11,10 +11,12 @@
 //! by a timeout) and leaves every user's container as it is.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::FutureExt;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{info, warn, Instrument};
@@ -227,6 +229,7 @@ impl<E: Engine> Controller<E> {
             observers.reconciles.clone(),
         ));
         tasks.spawn(log_progress(progress.clone(), queue.clone()));
+        tasks.spawn(wake_port_waiters(reconciler.clone(), queue.clone()));
 
         // Polled in place, not spawned: dropping `run` (a lost lease) aborts
         // every reconcile in flight at once.
@@ -282,6 +285,15 @@ async fn until_ok<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
     }
 }
 
+/// The message a panic was raised with, when it is text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not text)")
+}
+
 async fn reconcile_one<E: Engine>(
     reconciler: &Reconciler<E>,
     progress: &Progress,
@@ -294,11 +306,24 @@ async fn reconcile_one<E: Engine>(
         actions = tracing::field::Empty
     );
     let started = std::time::Instant::now();
-    let result = reconciler.reconcile(&user).instrument(span.clone()).await;
+    // A panic is caught here, not only by the worker pool, so that it is
+    // counted as the `panic` error kind.
+    let result = AssertUnwindSafe(reconciler.reconcile(&user).instrument(span.clone()))
+        .catch_unwind()
+        .await;
     let seconds = started.elapsed().as_secs_f64();
     let _entered = span.enter();
     match result {
-        Ok(outcome) => {
+        Err(panic) => {
+            tracing::error!(
+                panic = panic_message(panic.as_ref()),
+                "reconcile panicked; retrying with back-off"
+            );
+            observer.reconciled("error", Some("panic"), seconds);
+            progress.record_error(&user);
+            Outcome::Retry
+        }
+        Ok(Ok(outcome)) => {
             progress.record(
                 &user,
                 outcome.phase,
@@ -320,7 +345,7 @@ async fn reconcile_one<E: Engine>(
                 }
             }
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             warn!(error = %e, "reconcile failed; retrying with back-off");
             observer.reconciled("error", Some(e.kind()), seconds);
             progress.record_error(&user);
@@ -373,6 +398,24 @@ async fn resync_loop<E: Engine>(
     }
 }
 
+/// Queues the users refused for a full port range again once a port frees
+/// (README, "Operations"): they wait idle, not in a retry loop.
+async fn wake_port_waiters<E: Engine>(
+    reconciler: Arc<Reconciler<E>>,
+    queue: Arc<WorkQueue<String>>,
+) {
+    loop {
+        let users = reconciler.ports().freed().await;
+        info!(
+            users = users.len(),
+            "a host port was freed: trying the users waiting for one"
+        );
+        for user in users {
+            queue.add(user);
+        }
+    }
+}
+
 async fn log_progress(progress: Arc<Progress>, queue: Arc<WorkQueue<String>>) {
     let mut last = ProgressSummary::default();
     loop {
@@ -391,5 +434,135 @@ async fn log_progress(progress: Arc<Progress>, queue: Arc<WorkQueue<String>>) {
             );
             last = now;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::config::{ContainerSettings, PortRange};
+    use crate::docker::{MemoryEngine, Op, ResourceLimits};
+    use crate::image_ref::{ImageAllowList, ImageRef};
+    use crate::ports::PortAllocator;
+    use crate::reconcile::ReconcilerOptions;
+    use crate::secrets::{EncryptionKey, KeyRing};
+    use crate::status::Phase;
+    use crate::store::DesiredUpdate;
+
+    const IMAGE: &str = "agent:1";
+
+    /// Every reconcile result, in order.
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(&'static str, Option<&'static str>)>>);
+
+    impl ReconcileObserver for Recorded {
+        fn reconciled(&self, result: &'static str, kind: Option<&'static str>, _seconds: f64) {
+            self.0.lock().unwrap().push((result, kind));
+        }
+    }
+
+    fn settings() -> ContainerSettings {
+        let image = ImageRef::parse(IMAGE).unwrap();
+        ContainerSettings {
+            instance: "panics".into(),
+            allowed_images: ImageAllowList::of_repository(&image),
+            image,
+            network: "agents".into(),
+            name_prefix: "agent-".into(),
+            port_range: PortRange::new(19000, 19009).unwrap(),
+            publish_ip: "127.0.0.1".parse().unwrap(),
+            mosaic_api_url: "http://mosaic-api:3000/api".into(),
+            stop_timeout: Duration::from_secs(1),
+            limits: ResourceLimits::default(),
+            confinement: crate::docker::Confinement::strict(),
+            network_isolation: crate::isolation::NetworkIsolation::Shared,
+        }
+    }
+
+    async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gave up waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Regression: the `panic` kind of `clawfleet_reconcile_errors_total` was
+    /// declared but never counted, because only the worker pool saw panics.
+    #[tokio::test]
+    async fn a_reconcile_that_panics_is_counted_as_a_panic_error_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/cf.db?mode=rwc", dir.path().display());
+        let store = Store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let engine = Arc::new(MemoryEngine::new());
+        engine.add_image(IMAGE);
+        let settings = Arc::new(settings());
+        let reconciler = Reconciler::new(
+            store.clone(),
+            engine.clone(),
+            settings.clone(),
+            KeyRing::new(vec![EncryptionKey::generate("t").unwrap()]).unwrap(),
+            PortAllocator::new(settings.port_range, settings.publish_ip).without_probe(),
+            ReconcilerOptions::default(),
+        );
+        let recorded = Arc::new(Recorded::default());
+        let observers = Observers {
+            reconciles: recorded.clone(),
+            ..Observers::default()
+        };
+        let options = ControllerOptions {
+            backoff: BackoffPolicy {
+                min: Duration::from_millis(10),
+                max: Duration::from_millis(100),
+                factor: 2.0,
+                jitter: false,
+            },
+            ..ControllerOptions::default()
+        };
+        let controller = Controller::new(store.clone(), reconciler, options, observers);
+        let handle = controller.handle();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(controller.run(async {
+            let _ = stopped.await;
+        }));
+        eventually("the first full sync", || handle.progress.synced()).await;
+
+        engine.panic_next(Op::Create);
+        store
+            .upsert_desired(&DesiredUpdate {
+                user_id: "alice".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        eventually("a panic to be counted", || {
+            recorded
+                .0
+                .lock()
+                .unwrap()
+                .contains(&("error", Some("panic")))
+        })
+        .await;
+        // The pool carries on and the retry converges.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = store.status("alice").await.unwrap();
+            if status.as_ref().is_some_and(|s| s.phase == Phase::Running) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "alice never ran: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = stop.send(());
+        running.await.unwrap();
     }
 }

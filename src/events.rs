@@ -7,12 +7,19 @@
 //! within 100 ms. When the stream breaks it reconnects with back-off, asks
 //! for events `since` the last one seen, and asks for a full relist (events
 //! lost beyond the engine's buffer are found that way).
+//!
+//! Since every reconnect forces a relist, a flapping stream must not
+//! reconnect at once: the back-off ([`ReconnectBackoff`]) grows from 800 ms
+//! to at most 30 s, and starts again from 800 ms only after the stream has
+//! stayed up for [`QUIET_RESET`] (as kube-runtime's watcher does), never
+//! merely because an event arrived.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
 use futures::StreamExt;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::docker::{ContainerFilter, Engine, EngineEvent};
@@ -49,7 +56,7 @@ pub async fn run<E, F>(
         user_id: None,
     };
     let mut since = since_nanos;
-    let mut backoff = reconnect_backoff();
+    let mut backoff = ReconnectBackoff::new();
     let mut first = true;
     loop {
         let mut stream = engine.events(&filter, since);
@@ -60,14 +67,9 @@ pub async fn run<E, F>(
             observer.reconnected();
         }
         first = false;
-        let mut healthy = false;
         loop {
             match stream.next().await {
                 Some(Ok(event)) => {
-                    if !healthy {
-                        healthy = true;
-                        backoff = reconnect_backoff();
-                    }
                     since = Some(event.time_nanos);
                     observer.event(&event);
                     // A health check runs as an exec every few seconds; its
@@ -90,7 +92,7 @@ pub async fn run<E, F>(
             }
         }
         observer.connected(false);
-        let delay = backoff.next().unwrap_or(Duration::from_secs(10));
+        let delay = backoff.next_delay(Instant::now());
         tokio::time::sleep(delay).await;
         info!(
             delay_ms = delay.as_millis() as u64,
@@ -99,11 +101,155 @@ pub async fn run<E, F>(
     }
 }
 
-fn reconnect_backoff() -> impl Iterator<Item = Duration> {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build()
+/// A stream that stays up this long since its last break counts as healthy
+/// again: the next break starts the back-off from its first delay.
+pub const QUIET_RESET: Duration = Duration::from_secs(120);
+/// First reconnect delay.
+const FIRST_DELAY: Duration = Duration::from_millis(800);
+/// Longest delay before jitter; the jitter adds up to as much again, so no
+/// delay exceeds [`MAX_DELAY`].
+const MAX_BASE_DELAY: Duration = Duration::from_secs(15);
+/// Longest reconnect delay, jitter included.
+pub const MAX_DELAY: Duration = Duration::from_secs(30);
+
+/// Reconnect delays of the event stream: doubling from 800 ms, jittered,
+/// at most [`MAX_DELAY`]; reset only after [`QUIET_RESET`] without a break.
+struct ReconnectBackoff {
+    delays: backon::ExponentialBackoff,
+    last_break: Option<Instant>,
+}
+
+impl ReconnectBackoff {
+    fn new() -> Self {
+        Self {
+            delays: Self::fresh(),
+            last_break: None,
+        }
+    }
+
+    fn fresh() -> backon::ExponentialBackoff {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(FIRST_DELAY)
+            .with_max_delay(MAX_BASE_DELAY)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// The delay before reconnecting after a break at `now`.
+    fn next_delay(&mut self, now: Instant) -> Duration {
+        if self
+            .last_break
+            .is_some_and(|at| now.saturating_duration_since(at) >= QUIET_RESET)
+        {
+            self.delays = Self::fresh();
+        }
+        self.last_break = Some(now);
+        self.delays.next().unwrap_or(MAX_DELAY).min(MAX_DELAY)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::docker::{object_labels, ContainerSpec, MemoryEngine, ResourceLimits};
+
+    const INSTANCE: &str = "flapping";
+
+    /// Breaks the stream right after each event it delivers, and records
+    /// when each reconnect happens (in tokio's clock).
+    struct Flapping {
+        engine: Arc<MemoryEngine>,
+        reconnects: Mutex<Vec<Instant>>,
+    }
+
+    impl EventObserver for Flapping {
+        fn event(&self, _event: &EngineEvent) {
+            self.engine.break_event_streams();
+        }
+        fn reconnected(&self) {
+            self.reconnects.lock().unwrap().push(Instant::now());
+        }
+    }
+
+    /// Regression: the back-off was reset by the first event after each
+    /// reconnect, so a stream breaking right after it reconnected at once,
+    /// forcing a relist every time.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_breaks_after_its_first_event_backs_off_growing_delays() {
+        let engine = Arc::new(MemoryEngine::new());
+        let flapping = Arc::new(Flapping {
+            engine: engine.clone(),
+            reconnects: Mutex::new(Vec::new()),
+        });
+        let started = Instant::now();
+        let watcher = tokio::spawn(run(
+            engine.clone(),
+            INSTANCE.to_owned(),
+            None,
+            flapping.clone(),
+            |_| {},
+        ));
+        while engine.event_subscribers() == 0 {
+            tokio::task::yield_now().await;
+        }
+        // One event, replayed by every reconnect (`since` the last one seen).
+        let spec = ContainerSpec {
+            name: "alice".to_owned(),
+            image: "agent:1".to_owned(),
+            env: Vec::new(),
+            labels: object_labels(INSTANCE, "alice"),
+            volume: "alice-state".to_owned(),
+            network: "agents".to_owned(),
+            publish: None,
+            stop_timeout: Duration::from_secs(10),
+            limits: ResourceLimits::default(),
+            confinement: crate::docker::Confinement::unconfined(),
+        };
+        engine.insert_container(&spec, false).expect("insert");
+        while flapping.reconnects.lock().unwrap().len() < 8 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        watcher.abort();
+        let times = flapping.reconnects.lock().unwrap().clone();
+        let mut previous = started;
+        let mut gaps = Vec::new();
+        for at in times {
+            gaps.push(at - previous);
+            previous = at;
+        }
+        // The first break comes at once; the delays after it double (the
+        // jitter adds less than the next step) until the cap.
+        for (i, gap) in gaps.iter().enumerate().skip(1) {
+            let base = (FIRST_DELAY * 2u32.pow(i as u32 - 1)).min(MAX_BASE_DELAY);
+            assert!(
+                *gap >= base && *gap <= MAX_DELAY + Duration::from_millis(100),
+                "reconnect {i} came {gap:?} after the previous, expected at least {base:?}: {gaps:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_back_off_starts_again_only_after_a_quiet_period() {
+        let start = Instant::now();
+        let mut backoff = ReconnectBackoff::new();
+        let mut at = start;
+        let mut last = Duration::ZERO;
+        for _ in 0..10 {
+            last = backoff.next_delay(at);
+            assert!(last <= MAX_DELAY, "{last:?}");
+            at += last + Duration::from_secs(1);
+        }
+        assert!(last >= MAX_BASE_DELAY, "grown to the cap: {last:?}");
+        // Up for less than the quiet period: no reset.
+        at += QUIET_RESET - Duration::from_secs(60);
+        assert!(backoff.next_delay(at) >= MAX_BASE_DELAY);
+        // Up for the quiet period: back to the first delay.
+        at += QUIET_RESET;
+        let reset = backoff.next_delay(at);
+        assert!(reset >= FIRST_DELAY && reset < FIRST_DELAY * 2, "{reset:?}");
+    }
 }

@@ -17,7 +17,9 @@
 //! commit in any order, so a poll that saw revision N+1 may later find N
 //! committed. The [`Cursor`] remembers such gaps and asks for them again
 //! until they fill or age out (a rolled-back transaction leaves a gap that
-//! never fills); the periodic full resync covers anything older.
+//! never fills); the periodic full resync covers anything older. Only the
+//! 1024 revisions just below the newest are remembered, so a counter moved
+//! far ahead costs the feed no more than an ordinary step.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -63,12 +65,18 @@ impl Cursor {
         self.gaps.keys().copied().collect()
     }
 
-    /// Takes in a poll's result (ordered by revision) at `now`.
+    /// Takes in a poll's result (ordered by revision) at `now`. A jump of
+    /// any size costs at most [`MAX_GAPS`] insertions: only the revisions
+    /// just below the new one are remembered (a writer may move the counter
+    /// far ahead; README, "Revisions").
     pub fn advance(&mut self, changes: &[DesiredChange], now: Instant) {
         for change in changes {
             if change.revision > self.last {
-                for missing in self.last + 1..change.revision {
-                    self.gaps.insert(missing, now);
+                if !self.gap_ttl.is_zero() {
+                    let nearest = change.revision.saturating_sub(MAX_GAPS as i64);
+                    for missing in self.last.saturating_add(1).max(nearest)..change.revision {
+                        self.gaps.insert(missing, now);
+                    }
                 }
                 self.last = change.revision;
             } else {
@@ -401,6 +409,34 @@ mod tests {
             Duration::ZERO,
             "no window, no spacing"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revision_counter_moved_far_ahead_keeps_only_the_newest_gaps() {
+        // Regression: advance inserted every missing revision before trimming,
+        // so a writer moving the counter ahead by 10^12 stalled the feed (and
+        // ran it out of memory).
+        let mut c = Cursor::new(7, Duration::from_secs(60));
+        let far = 7 + 1_000_000_000_000;
+        c.advance(&[change("a", far)], Instant::now());
+        assert_eq!(c.last(), far);
+        let gaps = c.gaps();
+        assert_eq!(gaps.len(), MAX_GAPS);
+        assert_eq!(gaps.first(), Some(&(far - MAX_GAPS as i64)));
+        assert_eq!(gaps.last(), Some(&(far - 1)));
+        c.advance(&[change("b", i64::MAX)], Instant::now());
+        assert_eq!(c.last(), i64::MAX);
+        assert_eq!(c.gaps().len(), MAX_GAPS, "the oldest gaps made way");
+        assert_eq!(c.gaps().last(), Some(&(i64::MAX - 1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cursor_without_gap_tracking_remembers_no_gaps() {
+        // SQLite: no revision is ever committed late.
+        let mut c = Cursor::new(0, Duration::ZERO);
+        c.advance(&[change("a", 1_000_000_000_000)], Instant::now());
+        assert_eq!(c.last(), 1_000_000_000_000);
+        assert!(c.gaps().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -27,6 +27,17 @@ impl ImageRef {
         &self.0
     }
 
+    /// The repository: the reference without its tag and digest
+    /// (`registry:5000/team/agent` of `registry:5000/team/agent:1@sha256:…`).
+    pub fn repository(&self) -> &str {
+        let name = self.0.split('@').next().unwrap_or(&self.0);
+        let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+        match name[last_slash..].find(':') {
+            Some(i) => &name[..last_slash + i],
+            None => name,
+        }
+    }
+
     /// True when the reference names neither a tag nor a digest (Docker then means `:latest`).
     pub fn is_untagged(&self) -> bool {
         let last = self.0.rsplit('/').next().unwrap_or(&self.0);
@@ -209,6 +220,86 @@ impl ImagePattern {
     }
 }
 
+/// The images rows may ask for (`--allowed-images`): one or more patterns;
+/// the pattern `*` alone allows any image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageAllowList(Vec<ImagePattern>);
+
+impl ImageAllowList {
+    /// Parses comma-separated patterns. An empty list is refused: it used to
+    /// mean "any image", which must now be asked for explicitly with `*`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut patterns = Vec::new();
+        for pattern in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if let Some(c) = pattern
+                .chars()
+                .find(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(format!(
+                    "image pattern {} holds whitespace or a control character ({c:?}); separate patterns with commas",
+                    quote_short(pattern)
+                ));
+            }
+            patterns.push(ImagePattern::new(pattern));
+        }
+        if patterns.is_empty() {
+            return Err(format!(
+                "{} names no image pattern; write e.g. alpine/openclaw:*, or * to allow any image",
+                quote_short(text)
+            ));
+        }
+        Ok(Self(patterns))
+    }
+
+    /// Any tag or digest of `image`'s repository: `repo`, `repo:*` and `repo@*`
+    /// (the default list, derived from the default image).
+    pub fn of_repository(image: &ImageRef) -> Self {
+        let repository = image.repository();
+        Self(
+            [
+                repository.to_owned(),
+                format!("{repository}:*"),
+                format!("{repository}@*"),
+            ]
+            .iter()
+            .map(|p| ImagePattern::new(p))
+            .collect(),
+        )
+    }
+
+    /// Every image: the list `*`.
+    pub fn any() -> Self {
+        Self(vec![ImagePattern::new("*")])
+    }
+
+    /// True when the list holds the pattern `*`, which allows every image.
+    pub fn allows_any(&self) -> bool {
+        self.0.iter().any(|p| p.as_str() == "*")
+    }
+
+    /// True when `image` matches one of the patterns.
+    pub fn allows(&self, image: &ImageRef) -> bool {
+        self.0.iter().any(|p| p.matches(image.as_str()))
+    }
+
+    /// The patterns, in the order given.
+    pub fn patterns(&self) -> &[ImagePattern] {
+        &self.0
+    }
+}
+
+impl fmt::Display for ImageAllowList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, pattern) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(pattern.as_str())?;
+        }
+        Ok(())
+    }
+}
+
 fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     // Iterative wildcard matching with single-star backtracking: O(p·t) worst case.
     let (mut p, mut t) = (0, 0);
@@ -291,6 +382,71 @@ mod tests {
         assert!(ImagePattern::new("exact:tag").matches("exact:tag"));
         assert!(!ImagePattern::new("exact:tag").matches("exact:tag2"));
         assert!(ImagePattern::new("*").matches(""));
+    }
+
+    #[test]
+    fn the_repository_drops_tag_and_digest_but_keeps_a_registry_port() {
+        for (image, repository) in [
+            ("alpine/openclaw:latest", "alpine/openclaw"),
+            ("alpine", "alpine"),
+            (
+                "registry.example.com:5000/team/agent:1.2",
+                "registry.example.com:5000/team/agent",
+            ),
+            ("localhost:5000/agent", "localhost:5000/agent"),
+            (
+                "ghcr.io/org/agent:1@sha256:0123456789abcdef0123456789abcdef",
+                "ghcr.io/org/agent",
+            ),
+        ] {
+            assert_eq!(ImageRef::parse(image).unwrap().repository(), repository);
+        }
+    }
+
+    #[test]
+    fn the_default_allow_list_is_any_tag_or_digest_of_the_default_repository() {
+        let list = ImageAllowList::of_repository(&ImageRef::parse("myreg:5000/agent:1").unwrap());
+        assert_eq!(
+            list.to_string(),
+            "myreg:5000/agent, myreg:5000/agent:*, myreg:5000/agent@*"
+        );
+        for allowed in [
+            "myreg:5000/agent",
+            "myreg:5000/agent:2",
+            "myreg:5000/agent@sha256:0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(list.allows(&ImageRef::parse(allowed).unwrap()), "{allowed}");
+        }
+        for refused in [
+            "myreg:5000/agent-evil:1",
+            "myreg:5000/agent/evil:1",
+            "10.0.0.1:5000/agent:1",
+            "agent:1",
+        ] {
+            assert!(
+                !list.allows(&ImageRef::parse(refused).unwrap()),
+                "{refused}"
+            );
+        }
+        assert!(!list.allows_any());
+    }
+
+    #[test]
+    fn an_allow_list_is_never_empty_and_star_alone_allows_any_image() {
+        for empty in ["", " ", ",", " , ,"] {
+            let err = ImageAllowList::parse(empty).unwrap_err();
+            assert!(err.contains("no image pattern"), "{empty:?}: {err}");
+        }
+        assert!(ImageAllowList::parse("a:* b:*")
+            .unwrap_err()
+            .contains("whitespace"));
+        let any = ImageAllowList::parse("*").unwrap();
+        assert!(any.allows_any());
+        assert!(any.allows(&ImageRef::parse("10.0.0.1:5000/x:1").unwrap()));
+        let list = ImageAllowList::parse("alpine/openclaw:*, clawfleet-agent-stub:*").unwrap();
+        assert_eq!(list.patterns().len(), 2);
+        assert!(list.allows(&ImageRef::parse("clawfleet-agent-stub:dev").unwrap()));
+        assert!(!list.allows(&ImageRef::parse("evil:latest").unwrap()));
     }
 
     proptest! {

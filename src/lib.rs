@@ -11,6 +11,7 @@
 //! - [`docker`]: the engine seam (bollard, and an in-memory engine for simulations).
 //! - [`secrets`]: gateway tokens and the key ring that seals them.
 //! - [`config`], [`image_ref`]: typed settings and their validation.
+//! - [`isolation`]: how containers are kept apart (capabilities, logs, network).
 //! - [`cli`]: the command line.
 
 pub mod cli;
@@ -22,6 +23,7 @@ pub mod events;
 pub mod feed;
 pub mod http;
 pub mod image_ref;
+pub mod isolation;
 pub mod leader;
 pub mod metrics;
 pub mod naming;

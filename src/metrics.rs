@@ -25,7 +25,7 @@ use crate::status::Phase;
 /// `result` label values of `clawfleet_reconcile_total`.
 pub const RECONCILE_RESULTS: [&str; 4] = ["success", "error", "requeue", "requeue_after"];
 /// `kind` label values of `clawfleet_reconcile_errors_total`.
-pub const ERROR_KINDS: [&str; 10] = [
+pub const ERROR_KINDS: [&str; 11] = [
     "database",
     "unreachable",
     "not_found",
@@ -36,6 +36,7 @@ pub const ERROR_KINDS: [&str; 10] = [
     "secrets",
     "ports_exhausted",
     "panic",
+    "isolation",
 ];
 /// `action` label values of `clawfleet_docker_events_total` (Docker's actions, bucketed).
 pub const EVENT_ACTIONS: [&str; 11] = [

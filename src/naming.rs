@@ -4,10 +4,13 @@
 //! - an id of only `[a-z0-9]`, at most 64 bytes, is used as it is;
 //! - any other id is lowercased, every character outside `[a-z0-9]` becomes
 //!   `-`, the result is cut to [`MAX_ESCAPED_BODY`] characters and gets a
-//!   `-<12 hex of sha256(id)>` suffix;
+//!   `-<20 hex of sha256(id)>` suffix;
 //! - a raw body never contains `-` and an escaped body always does, so an
 //!   escaped name can never equal a raw one, and two escaped names collide
-//!   only if 48 bits of SHA-256 do;
+//!   only if 80 bits of SHA-256 do;
+//! - earlier builds gave escaped ids a 12-hex suffix; a user who already has
+//!   names of that form keeps them ([`UserNames::resolve`]), so no container
+//!   is renamed and no volume left behind by an upgrade;
 //! - with a valid prefix (see [`validate_prefix`]) every name is a valid
 //!   Docker container and volume name.
 //!
@@ -21,8 +24,10 @@ use sha2::{Digest, Sha256};
 pub const MAX_RAW_ID: usize = 64;
 /// Longest escaped body kept before the hash suffix.
 pub const MAX_ESCAPED_BODY: usize = 40;
-/// Hex digits of SHA-256 appended to an escaped id.
-pub const HASH_SUFFIX_HEX: usize = 12;
+/// Hex digits of SHA-256 appended to an escaped id (80 bits).
+pub const HASH_SUFFIX_HEX: usize = 20;
+/// Hex digits of the suffix earlier builds appended (48 bits); still honoured.
+pub const LEGACY_HASH_SUFFIX_HEX: usize = 12;
 
 /// Suffix of the state volume's name.
 const VOLUME_SUFFIX: &str = "-state";
@@ -38,6 +43,10 @@ pub fn is_raw_id(user_id: &str) -> bool {
 
 /// The part of a name that stands for the user: the id itself, or its escaped form.
 pub fn name_body(user_id: &str) -> String {
+    body_with_suffix(user_id, HASH_SUFFIX_HEX)
+}
+
+fn body_with_suffix(user_id: &str, suffix_hex: usize) -> String {
     if is_raw_id(user_id) {
         return user_id.to_owned();
     }
@@ -55,18 +64,58 @@ pub fn name_body(user_id: &str) -> String {
         .collect();
     let digest = Sha256::digest(user_id.as_bytes());
     body.push('-');
-    body.push_str(&hex::encode(digest)[..HASH_SUFFIX_HEX]);
+    body.push_str(&hex::encode(digest)[..suffix_hex]);
     body
 }
 
-/// The container name of `user_id`: `<prefix><body>`.
+/// The container name a user gets today: `<prefix><body>`.
 pub fn container_name(prefix: &str, user_id: &str) -> String {
-    format!("{prefix}{}", name_body(user_id))
+    UserNames::current(prefix, user_id).container
 }
 
-/// The state volume of `user_id`: `<container name>-state`.
+/// The state volume a user gets today: `<container name>-state`.
 pub fn volume_name(prefix: &str, user_id: &str) -> String {
-    format!("{}{VOLUME_SUFFIX}", container_name(prefix, user_id))
+    UserNames::current(prefix, user_id).volume
+}
+
+/// A user's container and state volume names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserNames {
+    /// `<prefix><body>`.
+    pub container: String,
+    /// `<container>-state`.
+    pub volume: String,
+}
+
+impl UserNames {
+    /// The names a user gets today.
+    pub fn current(prefix: &str, user_id: &str) -> Self {
+        Self::with_body(prefix, &name_body(user_id))
+    }
+
+    /// The names earlier builds gave an escaped id (12-hex suffix); `None`
+    /// for a raw id, whose names never changed.
+    pub fn legacy(prefix: &str, user_id: &str) -> Option<Self> {
+        (!is_raw_id(user_id))
+            .then(|| Self::with_body(prefix, &body_with_suffix(user_id, LEGACY_HASH_SUFFIX_HEX)))
+    }
+
+    /// The user's names given the container name its status row records:
+    /// the legacy names when that is the legacy container name, else the
+    /// current ones. Any other recorded name (someone else's, a typo) is
+    /// not trusted.
+    pub fn resolve(prefix: &str, user_id: &str, recorded: Option<&str>) -> Self {
+        match Self::legacy(prefix, user_id) {
+            Some(legacy) if recorded == Some(legacy.container.as_str()) => legacy,
+            _ => Self::current(prefix, user_id),
+        }
+    }
+
+    fn with_body(prefix: &str, body: &str) -> Self {
+        let container = format!("{prefix}{body}");
+        let volume = format!("{container}{VOLUME_SUFFIX}");
+        Self { container, volume }
+    }
 }
 
 /// Why a name prefix was refused.
@@ -150,9 +199,49 @@ mod tests {
         let digest = hex::encode(Sha256::digest(b"Alice@Example.com"));
         assert_eq!(
             name,
-            format!("mosaic-user-alice-example-com-{}", &digest[..12])
+            format!("mosaic-user-alice-example-com-{}", &digest[..20])
         );
         assert!(is_valid_docker_name(&name));
+    }
+
+    #[test]
+    fn escaped_names_carry_80_bits_of_hash() {
+        // Regression: the suffix was 12 hex digits (48 bits).
+        let name = container_name(PREFIX, "Bob@Example.com");
+        let suffix = name.rsplit('-').next().unwrap();
+        assert_eq!(suffix.len(), 20);
+    }
+
+    #[test]
+    fn a_user_recorded_under_the_12_hex_name_keeps_it_and_its_volume() {
+        let id = "Alice@Example.com";
+        let digest = hex::encode(Sha256::digest(id.as_bytes()));
+        let old = format!("mosaic-user-alice-example-com-{}", &digest[..12]);
+        let names = UserNames::resolve(PREFIX, id, Some(&old));
+        assert_eq!(names.container, old);
+        assert_eq!(names.volume, format!("{old}-state"));
+    }
+
+    #[test]
+    fn a_user_with_no_recorded_name_gets_the_20_hex_name() {
+        let id = "Alice@Example.com";
+        let digest = hex::encode(Sha256::digest(id.as_bytes()));
+        let new = format!("mosaic-user-alice-example-com-{}", &digest[..20]);
+        for recorded in [None, Some(new.as_str()), Some("mosaic-user-someone-else")] {
+            let names = UserNames::resolve(PREFIX, id, recorded);
+            assert_eq!(names.container, new, "{recorded:?}");
+            assert_eq!(names.volume, format!("{new}-state"));
+        }
+        assert_eq!(UserNames::current(PREFIX, id).container, new);
+    }
+
+    #[test]
+    fn raw_ids_have_no_legacy_names() {
+        assert_eq!(UserNames::legacy(PREFIX, "alice"), None);
+        assert_eq!(
+            UserNames::resolve(PREFIX, "alice", Some("mosaic-user-alice")),
+            UserNames::current(PREFIX, "alice")
+        );
     }
 
     #[test]

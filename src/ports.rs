@@ -11,16 +11,30 @@
 //! quarantined for a while (the original service did neither, and handed two
 //! users one port).
 //!
-//! The allocator keeps its own view of the claimed ports, loaded once from
-//! the table and kept up to date as ports are claimed and released, so an
-//! allocation costs no table scan. The view may only err on the side of
-//! "taken": a port claimed elsewhere is discovered by the failed claim.
+//! Invariants:
+//! - the allocator keeps its own view of the claimed ports, loaded once from
+//!   the table and updated with every port it hands out, every port a lost
+//!   claim shows to be held by another row, and every port released, so an
+//!   allocation costs no table scan. The view may only err on the side of
+//!   "taken": a port claimed elsewhere is discovered by the failed claim;
+//! - a port in the view is never probed, so the listener the engine runs for
+//!   one of this instance's own containers is never mistaken for a foreign
+//!   one; and a port the probe found busy only keeps new users off it: it
+//!   never moves a user who already holds it ([`usable`](PortAllocator::usable)
+//!   reads only the engine's refusals);
+//! - one allocation tries each port of the range at most once, so a full
+//!   range ends in [`PortError::Exhausted`], never in a loop of claims;
+//! - a user refused for a full range is remembered, and handed back by
+//!   [`freed`](PortAllocator::freed) once a port of the range is released
+//!   (README, "Operations": an exhausted port range).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use crate::config::PortRange;
 use crate::store::StoreError;
@@ -32,13 +46,13 @@ pub const QUARANTINE: Duration = Duration::from_secs(600);
 #[derive(Debug, thiserror::Error)]
 pub enum PortError {
     /// Every port of the range is in use, claimed or quarantined.
-    #[error("no free host port in {range}: {claimed} claimed by users, {busy} held by other processes; widen --port-range")]
+    #[error("port range {range} is exhausted: {claimed} ports held by users, {busy} by other processes; widen it with --port-range or CLAWFLEET_PORT_RANGE")]
     Exhausted {
         /// The configured range.
         range: PortRange,
-        /// Ports held by status rows.
+        /// Ports of the range held by status rows.
         claimed: usize,
-        /// Ports found busy (quarantined).
+        /// Other ports of the range found busy (quarantined).
         busy: usize,
     },
     /// Reading or claiming in the database failed.
@@ -54,13 +68,20 @@ pub struct PortAllocator {
     /// Probe ports by binding them (off in simulations, where nothing listens).
     probe: bool,
     state: Mutex<State>,
+    /// Signalled when a port is released while users wait for one.
+    freed: Notify,
 }
 
 #[derive(Debug, Default)]
 struct State {
     /// Ports held by status rows, once loaded.
     claimed: Option<HashSet<u16>>,
-    quarantined: HashMap<u16, Instant>,
+    /// Ports the engine refused ("already allocated"): nobody may use them.
+    refused: HashMap<u16, Instant>,
+    /// Ports the bind probe found held by another process: not handed out.
+    busy: HashMap<u16, Instant>,
+    /// Users refused for a full range, to be tried again when a port frees.
+    waiting: BTreeSet<String>,
     /// Where the next search starts, so freed ports are not reused at once.
     cursor: u16,
 }
@@ -73,10 +94,10 @@ impl PortAllocator {
             publish_ip,
             probe: true,
             state: Mutex::new(State {
-                claimed: None,
-                quarantined: HashMap::new(),
                 cursor: range.start(),
+                ..State::default()
             }),
+            freed: Notify::new(),
         }
     }
 
@@ -108,49 +129,62 @@ impl PortAllocator {
             .extend(in_use);
     }
 
-    /// Records a port claimed outside [`allocate`](Self::allocate) (a user keeping its port).
+    /// Records a port claimed outside [`allocate`](Self::allocate) (a user
+    /// keeping its port, or a port another row was found to hold).
     pub fn note_claimed(&self, port: u16) {
         if let Some(claimed) = self.lock().claimed.as_mut() {
             claimed.insert(port);
         }
     }
 
-    /// Records that no status row holds `port` any more.
+    /// Records that no status row holds `port` any more; users waiting for a
+    /// port are woken when it can be handed out again.
     pub fn release(&self, port: u16) {
-        if let Some(claimed) = self.lock().claimed.as_mut() {
-            claimed.remove(&port);
+        let mut state = self.lock();
+        let Some(claimed) = state.claimed.as_mut() else {
+            return;
+        };
+        let reusable = claimed.remove(&port)
+            && self.range.contains(port)
+            && !state.refused.contains_key(&port);
+        if reusable && !state.waiting.is_empty() {
+            self.freed.notify_one();
         }
     }
 
-    /// Marks `port` busy for [`QUARANTINE`] (the engine said it is taken).
+    /// Marks `port` unusable for [`QUARANTINE`] (the engine said it is taken).
     pub fn quarantine(&self, port: u16) {
         self.lock()
-            .quarantined
+            .refused
             .insert(port, Instant::now() + QUARANTINE);
     }
 
-    /// True when `port` may be used: in range and not quarantined.
+    /// True when a user may keep `port`: in range and not refused by the
+    /// engine. A port the probe found busy is not a reason to move its owner.
     pub fn usable(&self, port: u16) -> bool {
         if !self.range.contains(port) {
             return false;
         }
         self.lock()
-            .quarantined
+            .refused
             .get(&port)
             .is_none_or(|until| *until <= Instant::now())
     }
 
-    /// Picks a free port and claims it with `claim`, which writes it to the
-    /// user's status row. Call [`load`](Self::load) first.
-    pub async fn allocate<F, Fut>(&self, mut claim: F) -> Result<u16, PortError>
+    /// Picks a free port for `user` and claims it with `claim`, which writes
+    /// it to the user's status row. Tries each port of the range at most
+    /// once; when none is left, `user` is remembered until one is released
+    /// (see [`freed`](Self::freed)). Call [`load`](Self::load) first.
+    pub async fn allocate<F, Fut>(&self, user: &str, mut claim: F) -> Result<u16, PortError>
     where
         F: FnMut(u16) -> Fut,
         Fut: Future<Output = Result<(), StoreError>>,
     {
-        loop {
-            let port = self.choose()?;
+        for _ in 0..self.range.len() {
+            let port = self.choose(user)?;
             match claim(port).await {
                 Ok(()) => return Ok(port),
+                // Another row holds it: it stays in the view as taken.
                 Err(StoreError::PortTaken(_)) => {}
                 Err(e) => {
                     self.release(port);
@@ -158,39 +192,79 @@ impl PortAllocator {
                 }
             }
         }
+        let mut state = self.lock();
+        Err(self.exhausted(&mut state, user))
     }
 
-    /// Picks a port and marks it claimed in the view (so no concurrent
+    /// Waits until a port is released while users wait for one, and hands
+    /// those users over (each once) so they can be reconciled again.
+    pub async fn freed(&self) -> Vec<String> {
+        loop {
+            self.freed.notified().await;
+            let waiting = std::mem::take(&mut self.lock().waiting);
+            if !waiting.is_empty() {
+                return waiting.into_iter().collect();
+            }
+        }
+    }
+
+    /// Picks a port and records it claimed in the view (so no concurrent
     /// allocation in this process picks it too).
-    fn choose(&self) -> Result<u16, PortError> {
+    fn choose(&self, user: &str) -> Result<u16, PortError> {
         let mut guard = self.lock();
         let state = &mut *guard;
         let now = Instant::now();
+        state.refused.retain(|_, until| *until > now);
+        state.busy.retain(|_, until| *until > now);
         let taken = state.claimed.get_or_insert_with(HashSet::new);
-        state.quarantined.retain(|_, until| *until > now);
         let len = self.range.len();
         let offset = usize::from(state.cursor.saturating_sub(self.range.start())) % len;
         for i in 0..len {
             let port = self.range.start() + ((offset + i) % len) as u16;
-            if taken.contains(&port) || state.quarantined.contains_key(&port) {
+            if taken.contains(&port)
+                || state.refused.contains_key(&port)
+                || state.busy.contains_key(&port)
+            {
                 continue;
             }
             if self.probe && !self.bindable(port) {
-                state.quarantined.insert(port, now + QUARANTINE);
+                state.busy.insert(port, now + QUARANTINE);
                 continue;
             }
+            taken.insert(port);
+            state.waiting.remove(user);
             state.cursor = port
                 .checked_add(1)
                 .filter(|p| self.range.contains(*p))
                 .unwrap_or(self.range.start());
             return Ok(port);
         }
-        let claimed = taken.len();
-        Err(PortError::Exhausted {
+        Err(self.exhausted(state, user))
+    }
+
+    /// The error for a full range; remembers `user` as waiting for a port.
+    fn exhausted(&self, state: &mut State, user: &str) -> PortError {
+        state.waiting.insert(user.to_owned());
+        let claimed: HashSet<u16> = state
+            .claimed
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|p| self.range.contains(*p))
+            .collect();
+        let busy = state
+            .refused
+            .keys()
+            .chain(state.busy.keys())
+            .filter(|p| !claimed.contains(*p))
+            .collect::<HashSet<_>>()
+            .len();
+        let claimed = claimed.len();
+        PortError::Exhausted {
             range: self.range,
             claimed,
-            busy: state.quarantined.len(),
-        })
+            busy,
+        }
     }
 
     /// False only when something listens on the port. Any other failure
@@ -208,6 +282,8 @@ impl PortAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::FutureExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
     fn allocator(start: u16, end: u16) -> PortAllocator {
@@ -217,14 +293,35 @@ mod tests {
         )
     }
 
+    async fn claim_ok(a: &PortAllocator, user: &str) -> Result<u16, PortError> {
+        a.allocate(user, |_| async { Ok(()) }).await
+    }
+
+    /// Two consecutive ports nothing listens on.
+    fn free_pair() -> u16 {
+        loop {
+            let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = probe.local_addr().unwrap().port();
+            drop(probe);
+            let Some(next) = port.checked_add(1) else {
+                continue;
+            };
+            if TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && TcpListener::bind(("127.0.0.1", next)).is_ok()
+            {
+                return port;
+            }
+        }
+    }
+
     #[tokio::test]
     async fn ports_held_by_other_rows_are_skipped() {
         let a = allocator(41000, 41010).without_probe();
         a.load([41000, 41001]);
-        let port = a.allocate(|_| async { Ok(()) }).await.unwrap();
+        let port = claim_ok(&a, "u1").await.unwrap();
         assert_eq!(port, 41002);
         a.release(41000);
-        let next = a.allocate(|_| async { Ok(()) }).await.unwrap();
+        let next = claim_ok(&a, "u2").await.unwrap();
         assert_eq!(
             next, 41003,
             "the search goes on from the last port, not back to a freed one"
@@ -235,7 +332,7 @@ mod tests {
     async fn a_claim_lost_to_another_writer_moves_on_to_the_next_port() {
         let a = allocator(41000, 41010).without_probe();
         let port = a
-            .allocate(|p| async move {
+            .allocate("u", |p| async move {
                 if p < 41003 {
                     Err(StoreError::PortTaken(p))
                 } else {
@@ -248,14 +345,149 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_chosen_port_is_recorded_so_it_is_never_handed_out_twice() {
+        // Regression: `choose` did not record the port it handed out, so the
+        // view held only what `load` saw and a wrapped cursor offered it again.
+        let a = allocator(41100, 41101).without_probe();
+        let first = claim_ok(&a, "u1").await.unwrap();
+        let second = claim_ok(&a, "u2").await.unwrap();
+        assert_ne!(first, second);
+        let offered = Mutex::new(Vec::new());
+        let third = a
+            .allocate("u3", |p| {
+                offered.lock().unwrap().push(p);
+                async { Ok(()) }
+            })
+            .await;
+        assert!(
+            matches!(third, Err(PortError::Exhausted { claimed: 2, .. })),
+            "{third:?}"
+        );
+        assert!(offered.lock().unwrap().is_empty(), "{offered:?}");
+    }
+
+    #[tokio::test]
+    async fn a_port_lost_to_another_writer_is_recorded_as_taken() {
+        // Regression: a port found held by another row after `PortTaken` was
+        // offered again on the next allocation.
+        let a = allocator(41200, 41202).without_probe();
+        let port = a
+            .allocate("u1", |p| async move {
+                if p == 41200 {
+                    Err(StoreError::PortTaken(p))
+                } else {
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(port, 41201);
+        assert_eq!(claim_ok(&a, "u2").await.unwrap(), 41202);
+        let offered = Mutex::new(Vec::new());
+        let err = a
+            .allocate("u3", |p| {
+                offered.lock().unwrap().push(p);
+                async { Ok(()) }
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, PortError::Exhausted { claimed: 3, .. }),
+            "{err}"
+        );
+        assert!(offered.lock().unwrap().is_empty(), "{offered:?}");
+    }
+
+    #[tokio::test]
+    async fn allocate_gives_up_after_one_pass_over_a_range_every_other_writer_holds() {
+        // Regression: with every claim lost (ports held by rows the view had
+        // not loaded, the probe unable to see them), allocate looped forever,
+        // one database write per turn.
+        let a = allocator(41300, 41303).without_probe();
+        let claims = AtomicUsize::new(0);
+        let err = a
+            .allocate("u", |p| {
+                let n = claims.fetch_add(1, Ordering::SeqCst) + 1;
+                assert!(n <= 100, "allocate keeps claiming after a whole pass");
+                async move { Err(StoreError::PortTaken(p)) }
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PortError::Exhausted { .. }), "{err}");
+        assert_eq!(claims.load(Ordering::SeqCst), 4, "one claim per port");
+    }
+
+    #[tokio::test]
+    async fn own_ports_are_never_quarantined_when_their_containers_listen_on_them() {
+        // Regression: once the cursor wrapped, the probe found the engine's
+        // listener of this instance's own containers, quarantined their
+        // ports, and the owners were moved to another port and recreated.
+        let start = free_pair();
+        let a = allocator(start, start + 1);
+        let mut listeners = Vec::new();
+        for user in ["u1", "u2"] {
+            let port = claim_ok(&a, user).await.unwrap();
+            // The container of `user` starts: the engine listens on its port.
+            listeners.push(TcpListener::bind(("127.0.0.1", port)).unwrap());
+        }
+        let err = claim_ok(&a, "u3").await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PortError::Exhausted {
+                    claimed: 2,
+                    busy: 0,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            a.usable(start) && a.usable(start + 1),
+            "the owners keep their ports"
+        );
+    }
+
+    #[tokio::test]
     async fn a_port_a_foreign_process_listens_on_is_stepped_over() {
         // Regression: the original never noticed a port held outside its table.
         let held = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = held.local_addr().unwrap().port();
         let a = allocator(port, port.saturating_add(5));
-        let got = a.allocate(|_| async { Ok(()) }).await.unwrap();
+        let got = claim_ok(&a, "u").await.unwrap();
         assert_ne!(got, port);
-        assert!(!a.usable(port), "the busy port is quarantined");
+        let only_busy = PortAllocator::new(
+            PortRange::new(port, port).unwrap(),
+            "127.0.0.1".parse().unwrap(),
+        );
+        assert!(
+            matches!(
+                claim_ok(&only_busy, "v").await,
+                Err(PortError::Exhausted {
+                    claimed: 0,
+                    busy: 1,
+                    ..
+                })
+            ),
+            "the busy port is not handed out"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_port_the_engine_refused_is_not_usable_but_one_the_probe_found_busy_is() {
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let a = PortAllocator::new(
+            PortRange::new(port, port).unwrap(),
+            "127.0.0.1".parse().unwrap(),
+        );
+        assert!(claim_ok(&a, "u").await.is_err());
+        assert!(
+            a.usable(port),
+            "the probe alone never moves the port's owner"
+        );
+        a.quarantine(port);
+        assert!(!a.usable(port), "the engine's refusal does");
     }
 
     #[tokio::test]
@@ -263,10 +495,10 @@ mod tests {
         let a = Arc::new(allocator(42000, 42099).without_probe());
         let claimed = Arc::new(Mutex::new(HashSet::new()));
         let mut tasks = Vec::new();
-        for _ in 0..50 {
+        for i in 0..50 {
             let (a, claimed) = (a.clone(), claimed.clone());
             tasks.push(tokio::spawn(async move {
-                a.allocate(|p| {
+                a.allocate(&format!("u{i}"), |p| {
                     let claimed = claimed.clone();
                     async move {
                         tokio::task::yield_now().await;
@@ -289,11 +521,41 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_exhausted_range_says_how_to_fix_it() {
+    async fn an_exhausted_range_says_how_to_widen_it() {
         let a = allocator(43000, 43001).without_probe();
         a.load([43000, 43001]);
-        let err = a.allocate(|_| async { Ok(()) }).await.unwrap_err();
-        assert!(err.to_string().contains("widen --port-range"), "{err}");
+        let err = claim_ok(&a, "u").await.unwrap_err().to_string();
+        assert!(err.contains("port range 43000-43001 is exhausted"), "{err}");
+        assert!(
+            err.contains("--port-range") && err.contains("CLAWFLEET_PORT_RANGE"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_user_refused_for_a_full_range_is_handed_back_when_a_port_is_released() {
+        let a = allocator(43100, 43100).without_probe();
+        let port = claim_ok(&a, "u1").await.unwrap();
+        assert!(claim_ok(&a, "u2").await.is_err());
+        assert!(claim_ok(&a, "u3").await.is_err());
+        assert!(a.freed().now_or_never().is_none(), "nothing freed yet");
+        a.release(port);
+        assert_eq!(
+            a.freed().now_or_never(),
+            Some(vec!["u2".to_owned(), "u3".to_owned()])
+        );
+        assert!(
+            a.freed().now_or_never().is_none(),
+            "each waiter is handed back once"
+        );
+        assert_eq!(claim_ok(&a, "u2").await.unwrap(), port);
+        a.quarantine(port);
+        assert!(claim_ok(&a, "u3").await.is_err());
+        a.release(port);
+        assert!(
+            a.freed().now_or_never().is_none(),
+            "a port the engine refused frees nothing"
+        );
     }
 
     #[tokio::test]
@@ -304,7 +566,7 @@ mod tests {
             PortRange::new(45500, 45501).unwrap(),
             "192.0.2.1".parse().unwrap(),
         );
-        assert_eq!(a.allocate(|_| async { Ok(()) }).await.unwrap(), 45500);
+        assert_eq!(claim_ok(&a, "u").await.unwrap(), 45500);
     }
 
     #[test]

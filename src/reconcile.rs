@@ -10,7 +10,10 @@
 //!   two users or a user two tokens;
 //! - a recreate creates the new container before touching the old one, so a
 //!   failed create leaves the user with the container they had;
-//! - no token, plaintext or sealed, reaches a log field or an error message.
+//! - no token, plaintext or sealed, reaches a log field or an error message;
+//! - a state volume labelled for another user or instance is never mounted,
+//!   and no container is created on a network that disagrees with
+//!   `--network-isolation` (README "Security"): both need a human.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,8 +26,10 @@ use crate::config::ContainerSettings;
 use crate::desired::{quote_short, DesiredContainer, DesiredState};
 use crate::docker::{
     object_labels, shared_labels, ContainerFilter, Engine, EngineError, ObservedContainer,
-    RunState, LABEL_MANAGED,
+    RunState, LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID,
 };
+use crate::isolation::NetworkMismatch;
+use crate::naming::UserNames;
 use crate::plan::{
     plan, Action, CrashHistory, Intent, Observed, Plan, Policy, StartReason, StatusIntent,
     StopReason, Target,
@@ -50,6 +55,19 @@ pub enum ReconcileError {
     /// No port could be allocated.
     #[error(transparent)]
     Ports(#[from] PortError),
+    /// The agents' network disagrees with `--network-isolation`.
+    #[error(transparent)]
+    Network(#[from] NetworkMismatch),
+    /// The user's state volume belongs to another user or instance.
+    #[error(
+        "volume {volume} is labelled for {holder}: it is never mounted into another user's container; remove it (docker volume rm) if it is unwanted, or give this instance another --name-prefix"
+    )]
+    ForeignVolume {
+        /// The volume's name.
+        volume: String,
+        /// Whose it is, per its labels.
+        holder: String,
+    },
 }
 
 impl ReconcileError {
@@ -62,6 +80,7 @@ impl ReconcileError {
             Self::Secrets(_) => false,
             Self::Ports(PortError::Exhausted { .. }) => false,
             Self::Ports(PortError::Store(e)) => e.is_transient(),
+            Self::Network(_) | Self::ForeignVolume { .. } => false,
         }
     }
 
@@ -73,6 +92,7 @@ impl ReconcileError {
             Self::Secrets(_) => "secrets",
             Self::Ports(PortError::Exhausted { .. }) => "ports_exhausted",
             Self::Ports(PortError::Store(_)) => "database",
+            Self::Network(_) | Self::ForeignVolume { .. } => "isolation",
         }
     }
 }
@@ -228,14 +248,22 @@ impl<E: Engine> Reconciler<E> {
         &self.settings
     }
 
+    /// The port allocator (users waiting for a port are woken through it).
+    pub fn ports(&self) -> &PortAllocator {
+        &self.ports
+    }
+
     /// Reconciles `user_id` once.
     pub async fn reconcile(&self, user_id: &str) -> Result<Outcome, ReconcileError> {
         let now = (self.clock)();
         let desired = self.store.desired(user_id).await?;
         let previous = self.store.status(user_id).await?;
-        let name = crate::naming::container_name(&self.settings.name_prefix, user_id);
+        let names = self.names(user_id, previous.as_ref()).await?;
+        let name = names.container.clone();
         let found = self.observe(user_id, &name).await?;
-        let mut row = previous.clone().unwrap_or_else(|| new_row(user_id, now));
+        let mut row = previous
+            .clone()
+            .unwrap_or_else(|| ContainerStatus::pending(user_id, now));
         // A restart counted in memory but never written is not lost.
         row.restarts = self.remember(user_id, |m| match m.unrecorded_restarts {
             Some(n) if n > row.restarts => n,
@@ -252,7 +280,7 @@ impl<E: Engine> Reconciler<E> {
         }
 
         let (target, spec) = match self
-            .target(user_id, desired.as_ref(), &found, &mut row, now)
+            .target(user_id, &names, desired.as_ref(), &found, &mut row, now)
             .await
         {
             Ok(t) => t,
@@ -346,6 +374,31 @@ impl<E: Engine> Reconciler<E> {
         Ok(outcome)
     }
 
+    /// The user's container and volume names: today's, unless the user
+    /// already has names of the earlier 12-hex form — recorded in its status
+    /// row, or, with no container recorded, an earlier state volume of ours
+    /// still on the engine (a deleted user coming back) — which it keeps.
+    async fn names(
+        &self,
+        user_id: &str,
+        previous: Option<&ContainerStatus>,
+    ) -> Result<UserNames, ReconcileError> {
+        let prefix = &self.settings.name_prefix;
+        let recorded = previous.and_then(|p| p.container_name.as_deref());
+        if recorded.is_some() {
+            return Ok(UserNames::resolve(prefix, user_id, recorded));
+        }
+        let Some(legacy) = UserNames::legacy(prefix, user_id) else {
+            return Ok(UserNames::current(prefix, user_id));
+        };
+        match self.engine.inspect_volume(&legacy.volume).await? {
+            Some(labels) if foreign_owner(&labels, &self.settings.instance, user_id).is_none() => {
+                Ok(legacy)
+            }
+            _ => Ok(UserNames::current(prefix, user_id)),
+        }
+    }
+
     async fn observe(&self, user_id: &str, name: &str) -> Result<Found, ReconcileError> {
         let filter = ContainerFilter {
             instance: self.settings.instance.clone(),
@@ -393,6 +446,7 @@ impl<E: Engine> Reconciler<E> {
     async fn target(
         &self,
         user_id: &str,
+        names: &UserNames,
         desired: Option<&DesiredRow>,
         found: &Found,
         row: &mut ContainerStatus,
@@ -439,18 +493,12 @@ impl<E: Engine> Reconciler<E> {
             .clone()
             .unwrap_or_else(|| self.settings.image.clone());
         if !self.settings.image_allowed(&image) {
-            let allowed: Vec<&str> = self
-                .settings
-                .allowed_images
-                .iter()
-                .map(|p| p.as_str())
-                .collect();
             return Ok((
                 Target::Failed {
                     message: format!(
                         "image {} is not allowed (--allowed-images: {})",
                         quote_short(image.as_str()),
-                        allowed.join(", ")
+                        self.settings.allowed_images
                     ),
                 },
                 None,
@@ -466,7 +514,14 @@ impl<E: Engine> Reconciler<E> {
         } else {
             row.host_port.filter(|p| self.ports.usable(*p))
         };
-        let spec = DesiredSpec::new(&self.settings, user_id, &image, d.restart_nonce, port);
+        let spec = DesiredSpec::named(
+            &self.settings,
+            names,
+            user_id,
+            &image,
+            d.restart_nonce,
+            port,
+        );
         Ok((
             Target::Present {
                 intent,
@@ -487,10 +542,21 @@ impl<E: Engine> Reconciler<E> {
         row: &mut ContainerStatus,
         now: DateTime<Utc>,
     ) -> Result<u16, ReconcileError> {
-        if row.gateway_token.is_none() {
-            row.gateway_token = Some(self.keys.seal(&GatewayToken::generate()?)?);
+        match row.gateway_token.as_deref() {
+            None => row.gateway_token = Some(self.keys.seal(user_id, &GatewayToken::generate()?)?),
+            // A v1 token, or one sealed before a rotation, is sealed again as
+            // it is: the plaintext, and so the container, stay. One that does
+            // not open is left for `create` and `doctor` to report.
+            Some(sealed) if self.keys.needs_reseal(sealed) => {
+                if let Ok(token) = self.keys.open(user_id, sealed) {
+                    row.gateway_token = Some(self.keys.seal(user_id, &token)?);
+                }
+            }
+            Some(_) => {}
         }
         if let Some(port) = row.host_port.filter(|p| self.ports.usable(*p)) {
+            // The user's own port, whatever the probe may have found on it.
+            self.ports.note_claimed(port);
             return Ok(port);
         }
         // A port out of the range or found busy is given up for another.
@@ -507,7 +573,10 @@ impl<E: Engine> Reconciler<E> {
                     self.ports.note_claimed(port);
                     return Ok(port);
                 }
-                Err(StoreError::PortTaken(_)) => row.host_port = None,
+                Err(StoreError::PortTaken(_)) => {
+                    self.ports.note_claimed(port);
+                    row.host_port = None;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -517,7 +586,7 @@ impl<E: Engine> Reconciler<E> {
         let claim_row = row.clone();
         let port = self
             .ports
-            .allocate(|port| {
+            .allocate(user_id, |port| {
                 let mut candidate = claim_row.clone();
                 candidate.host_port = Some(port);
                 let store = self.store.clone();
@@ -717,17 +786,22 @@ impl<E: Engine> Reconciler<E> {
             .gateway_token
             .clone()
             .expect("a token is claimed with the port");
-        let token = self.keys.open(&sealed)?;
-        if self.keys.needs_reseal(&sealed) {
-            row.gateway_token = Some(self.keys.seal(&token)?);
-        }
+        let token = self.keys.open(&spec.user_id, &sealed)?;
         let network = self.network_id().await?;
-        self.engine
+        let volume_labels = self
+            .engine
             .ensure_volume(
                 &spec.volume,
                 &object_labels(&self.settings.instance, &spec.user_id),
             )
             .await?;
+        if let Some(holder) = foreign_owner(&volume_labels, &self.settings.instance, &spec.user_id)
+        {
+            return Err(ReconcileError::ForeignVolume {
+                volume: spec.volume.clone(),
+                holder,
+            });
+        }
         let container = spec.container_spec(&self.settings, &token, name, &network);
         match self.engine.create_container(&container).await {
             Ok(id) => Ok(id),
@@ -782,21 +856,28 @@ impl<E: Engine> Reconciler<E> {
         }
     }
 
-    /// The agents' network id, created once (single-flight: one creator at a time).
+    /// The agents' network id, created once (single-flight: one creator at a
+    /// time) with the options `--network-isolation` asks for. A network that
+    /// disagrees with the setting is refused, and asked about again next time.
     async fn network_id(&self) -> Result<String, ReconcileError> {
         let mut cached = self.network.lock().await;
         if let Some(id) = cached.as_ref() {
             return Ok(id.clone());
         }
-        let id = self
+        let isolation = self.settings.network_isolation;
+        let network = self
             .engine
             .ensure_network(
                 &self.settings.network,
                 &shared_labels(&self.settings.instance),
+                &isolation.network_options(),
             )
             .await?;
-        *cached = Some(id.clone());
-        Ok(id)
+        if let Some(mismatch) = isolation.mismatch(&self.settings.network, &network) {
+            return Err(mismatch.into());
+        }
+        *cached = Some(network.id.clone());
+        Ok(network.id)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -921,24 +1002,23 @@ impl<E: Engine> Reconciler<E> {
     }
 }
 
-/// A status row for a user seen for the first time.
-pub(crate) fn new_row(user_id: &str, now: DateTime<Utc>) -> ContainerStatus {
-    ContainerStatus {
-        user_id: user_id.to_owned(),
-        phase: Phase::Pending,
-        container_id: None,
-        container_name: None,
-        host_port: None,
-        url: None,
-        host_url: None,
-        health: None,
-        gateway_token: None,
-        observed_revision: None,
-        message: None,
-        restarts: 0,
-        last_transition_at: now,
-        updated_at: now,
+/// Whose an object is when its labels name another instance or user than
+/// `instance`/`user_id`; `None` for ours or an unlabelled one (adopted, as a
+/// takeover from the original service needs).
+fn foreign_owner(
+    labels: &std::collections::BTreeMap<String, String>,
+    instance: &str,
+    user_id: &str,
+) -> Option<String> {
+    let other = |key: &str, ours: &str| labels.get(key).filter(|v| v.as_str() != ours);
+    if other(LABEL_INSTANCE, instance).is_none() && other(LABEL_USER_ID, user_id).is_none() {
+        return None;
     }
+    Some(format!(
+        "user {} of instance {}",
+        quote_short(labels.get(LABEL_USER_ID).map_or("?", String::as_str)),
+        quote_short(labels.get(LABEL_INSTANCE).map_or("?", String::as_str)),
+    ))
 }
 
 fn set_phase(row: &mut ContainerStatus, phase: Phase, now: DateTime<Utc>) {

@@ -3,7 +3,8 @@
 //!
 //! The hash covers every input of the effective configuration (image, name,
 //! volume, network, published address, environment names and non-secret
-//! values, stop timeout, limits, restart nonce) and never the token: it is a
+//! values, stop timeout, limits, capabilities, no-new-privileges, log rotation,
+//! restart nonce) and never the token: it is a
 //! label anyone can read. A container whose `io.clawfleet.spec-hash` label
 //! differs from [`DesiredSpec::hash`] is recreated.
 
@@ -16,7 +17,7 @@ use crate::docker::{
     object_labels, ContainerSpec, EnvValue, GATEWAY_PORT, LABEL_SPEC_HASH, STATE_PATH,
 };
 use crate::image_ref::ImageRef;
-use crate::naming;
+use crate::naming::UserNames;
 use crate::secrets::GatewayToken;
 
 /// Suffix of the replacement container while a recreate is under way.
@@ -42,7 +43,7 @@ pub struct DesiredSpec {
 }
 
 impl DesiredSpec {
-    /// The spec of `user_id` under `settings`.
+    /// The spec of `user_id` under `settings`, with the names a user gets today.
     pub fn new(
         settings: &ContainerSettings,
         user_id: &str,
@@ -50,9 +51,24 @@ impl DesiredSpec {
         restart_nonce: i64,
         host_port: Option<u16>,
     ) -> Self {
+        let names = UserNames::current(&settings.name_prefix, user_id);
+        Self::named(settings, &names, user_id, image, restart_nonce, host_port)
+    }
+
+    /// The spec of `user_id` under `settings`, with the container and
+    /// volume names `names` (a user's earlier names are kept, see
+    /// [`UserNames::resolve`]).
+    pub fn named(
+        settings: &ContainerSettings,
+        names: &UserNames,
+        user_id: &str,
+        image: &ImageRef,
+        restart_nonce: i64,
+        host_port: Option<u16>,
+    ) -> Self {
         let limits = settings.limits;
-        let name = naming::container_name(&settings.name_prefix, user_id);
-        let volume = naming::volume_name(&settings.name_prefix, user_id);
+        let name = names.container.clone();
+        let volume = names.volume.clone();
         let mut hasher = Sha256::new();
         let mut field = |key: &str, value: &str| {
             // Length-prefixed so no two field lists hash alike.
@@ -80,6 +96,22 @@ impl DesiredSpec {
         field("memory", &format!("{:?}", limits.memory_bytes));
         field("nano_cpus", &format!("{:?}", limits.nano_cpus));
         field("pids", &format!("{:?}", limits.pids));
+        let confinement = &settings.confinement;
+        field(
+            "cap_drop_all",
+            &confinement.drop_all_capabilities.to_string(),
+        );
+        field("cap_add", &confinement.cap_add.join(","));
+        field(
+            "no_new_privileges",
+            &confinement.no_new_privileges.to_string(),
+        );
+        field(
+            "log",
+            &confinement.log.map_or(String::new(), |l| {
+                format!("{}x{}", l.max_size(), l.max_files)
+            }),
+        );
         field("restart_nonce", &restart_nonce.to_string());
         for (key, value) in plain_env(settings, user_id) {
             field(key, &value);
@@ -100,7 +132,7 @@ impl DesiredSpec {
     }
 
     /// The name a replacement container takes while a recreate is under way.
-    /// Never a canonical name: raw bodies hold no `-` and escaped ones end in 12 hex digits.
+    /// Never a canonical name: raw bodies hold no `-` and escaped ones end in hex digits.
     pub fn replacement_name(&self) -> String {
         format!("{}{REPLACEMENT_SUFFIX}", self.name)
     }
@@ -147,6 +179,7 @@ impl DesiredSpec {
             publish: self.host_port.map(|p| (settings.publish_ip, p)),
             stop_timeout: settings.stop_timeout,
             limits: settings.limits,
+            confinement: settings.confinement.clone(),
         }
     }
 }
@@ -165,7 +198,8 @@ fn plain_env(settings: &ContainerSettings, user_id: &str) -> Vec<(&'static str, 
 pub(crate) mod tests {
     use super::*;
     use crate::config::PortRange;
-    use crate::docker::ResourceLimits;
+    use crate::docker::{Confinement, ResourceLimits};
+    use crate::isolation::NetworkIsolation;
     use std::time::Duration;
 
     /// Settings of the defaults, for the tests of this crate.
@@ -178,9 +212,11 @@ pub(crate) mod tests {
             port_range: PortRange::default(),
             publish_ip: "127.0.0.1".parse().unwrap(),
             mosaic_api_url: "http://mosaic-api:3000/api".into(),
-            allowed_images: vec![],
+            allowed_images: crate::image_ref::ImageAllowList::any(),
             stop_timeout: Duration::from_secs(10),
             limits: ResourceLimits::default(),
+            confinement: Confinement::strict(),
+            network_isolation: NetworkIsolation::Shared,
         }
     }
 
@@ -204,6 +240,18 @@ pub(crate) mod tests {
         s.limits.memory_bytes = Some(1 << 30);
         let limited = DesiredSpec::new(&s, "alice", &s.image, 0, Some(19000));
         assert_ne!(base.hash, limited.hash, "limits");
+        let mut s = settings();
+        s.confinement.cap_add = vec!["CHOWN".to_owned()];
+        let capable = DesiredSpec::new(&s, "alice", &s.image, 0, Some(19000));
+        assert_ne!(base.hash, capable.hash, "capabilities");
+        let mut s = settings();
+        s.confinement.log = None;
+        let unrotated = DesiredSpec::new(&s, "alice", &s.image, 0, Some(19000));
+        assert_ne!(base.hash, unrotated.hash, "log rotation");
+        let mut s = settings();
+        s.confinement.no_new_privileges = false;
+        let privileged = DesiredSpec::new(&s, "alice", &s.image, 0, Some(19000));
+        assert_ne!(base.hash, privileged.hash, "no-new-privileges");
     }
 
     #[test]

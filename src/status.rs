@@ -140,6 +140,29 @@ pub struct ContainerStatus {
     pub updated_at: DateTime<Utc>,
 }
 
+impl ContainerStatus {
+    /// A `pending` row for `user_id` with nothing known yet: where a
+    /// reconcile starts for a user without a row.
+    pub fn pending(user_id: &str, now: DateTime<Utc>) -> Self {
+        Self {
+            user_id: user_id.to_owned(),
+            phase: Phase::Pending,
+            container_id: None,
+            container_name: None,
+            host_port: None,
+            url: None,
+            host_url: None,
+            health: None,
+            gateway_token: None,
+            observed_revision: None,
+            message: None,
+            restarts: 0,
+            last_transition_at: now,
+            updated_at: now,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -346,6 +346,31 @@ async fn touch_stop_restart_and_delete_act_on_existing_users_and_404_on_unknown_
     );
 }
 
+/// Regression: the API logged user ids raw (`user_id = %id`), so an id
+/// holding a newline wrote a line of its own choosing into the log.
+#[tokio::test]
+async fn an_id_holding_a_newline_cannot_forge_a_log_line() {
+    let api = Api::start("forge", Backend::Sqlite).await;
+    let forged = "FORGED clawfleet: all users deleted";
+    let path = |rest: &str| user_path(&format!("mallory\n{forged}"), rest);
+    assert_status(
+        &api.client
+            .put(&path(""), &json!({"state": "stopped"}))
+            .await,
+        200,
+    );
+    assert_status(&api.client.post(&path("/stop")).await, 200);
+    assert_status(&api.client.post(&path("/restart")).await, 202);
+    assert_eq!(api.client.delete(&path("")).await.status, 204);
+    let log = api.controller.log();
+    assert!(log.contains("desired row deleted through the api"), "{log}");
+    assert!(
+        log.lines()
+            .all(|line| !line.trim_start().starts_with("FORGED")),
+        "a forged line in the log:\n{log}"
+    );
+}
+
 #[tokio::test]
 async fn list_pages_through_users_in_id_order_and_filters_by_phase() {
     let api = Api::start("list", Backend::Sqlite).await;
@@ -668,7 +693,13 @@ async fn fifty_concurrent_ensure_running_calls_for_one_new_user_share_one_contai
 /// (then 504) although waiting could not help.
 #[tokio::test]
 async fn ensure_running_a_failed_user_answers_409_at_once_with_the_status_message() {
-    let api = Api::start("noimage", Backend::Sqlite).await;
+    let api = Api::start_with("noimage", Backend::Sqlite, |c| {
+        c.with("CLAWFLEET_API_TOKEN", API_TOKEN).with(
+            "CLAWFLEET_ALLOWED_IMAGES",
+            "clawfleet-agent-stub:*,no-such-image:*",
+        )
+    })
+    .await;
     assert_status(
         &api.client
             .put(&user_path("judy", ""), &json!({"image": "no-such-image:1"}))

@@ -1097,6 +1097,35 @@ impl SleeperStops {
     }
 }
 
+/// The most reconciles an activity storm may cause over `window`. Each poll (every `poll`) reads one change per user (a row's
+/// revision is replaced by each update), and the queue holds one entry
+/// per user (a user mid-reconcile is marked once to go again), so
+/// activity can cause at most one reconcile per user per poll: users ×
+/// (window / poll + 1) over the window between the two scrapes. A NOTIFY
+/// path must not do more than the poll would: it gets the same bound.
+/// Besides, every engine event of a managed container nudges its user
+/// once (the health check's exec events alone come about once a second
+/// per container with the stub's 2 s interval), each user's idle
+/// deadline timer fires at most once per idle timeout (a touch moves the
+/// deadline, and the look at the old one finds it moved), and each
+/// sleeper takes a few reconciles to stop (stop, the look after acting).
+/// Plus slack for a resync.
+fn storm_bound(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    window: Duration,
+    poll: Duration,
+    users: usize,
+    sleepers: usize,
+) -> f64 {
+    let users = users as f64;
+    let polls = window.as_secs_f64() / poll.as_secs_f64() + 1.0;
+    let timers = window.as_secs_f64() / STORM_IDLE.as_secs_f64() + 1.0;
+    let events = total(after, "clawfleet_docker_events_total")
+        - total(before, "clawfleet_docker_events_total");
+    users * polls + events + users * timers + 5.0 * sleepers as f64 + 20.0
+}
+
 async fn activity_storm(backend: Backend) {
     let seconds: u64 = env_or("CHAOS_SECONDS", 30);
     let rate: u64 = env_or("CHAOS_TOUCH_RATE", 1000);
@@ -1209,7 +1238,26 @@ async fn activity_storm(backend: Backend) {
     // no touched user ever stopped.
     let mut stops = SleeperStops::default();
     let mut samples = 0;
-    while start.elapsed() < duration {
+    // The storm lasts `duration`, and longer (up to three times) while the
+    // writers have not yet made enough updates for the bound below to tell
+    // coalescing from a reconcile per update: a slow load generator on a
+    // busy machine lengthens the storm instead of failing the test.
+    let (users, sleeper_count) = (touched.len() + sleepers.len(), sleepers.len());
+    let dense_enough = |after: &BTreeMap<String, f64>, window: Duration, updates: u64| {
+        storm_bound(&before, after, window, poll, users, sleeper_count) < updates as f64 / 2.0
+    };
+    let mut next_check = duration;
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= duration && elapsed >= next_check {
+            next_check = elapsed + Duration::from_secs(1);
+            let made = updates.load(Ordering::Relaxed);
+            if elapsed >= 3 * duration
+                || dense_enough(&metrics(addr).await, window_start.elapsed(), made)
+            {
+                break;
+            }
+        }
         let rows = statuses(&store).await;
         samples += 1;
         for user in &touched {
@@ -1257,25 +1305,8 @@ async fn activity_storm(backend: Backend) {
         total(&after, "clawfleet_reconcile_total") - total(&before, "clawfleet_reconcile_total");
     let idle_stops =
         total(&after, "clawfleet_idle_stops_total") - total(&before, "clawfleet_idle_stops_total");
-    // The bound. Each poll (every `poll`) reads one change per user (a row's
-    // revision is replaced by each update), and the queue holds one entry
-    // per user (a user mid-reconcile is marked once to go again), so
-    // activity can cause at most one reconcile per user per poll: users ×
-    // (window / poll + 1) over the window between the two scrapes. A NOTIFY
-    // path must not do more than the poll would: it gets the same bound.
-    // Besides, every engine event of a managed container nudges its user
-    // once (the health check's exec events alone come about once a second
-    // per container with the stub's 2 s interval), each user's idle
-    // deadline timer fires at most once per idle timeout (a touch moves the
-    // deadline, and the look at the old one finds it moved), and each
-    // sleeper takes a few reconciles to stop (stop, the look after acting).
-    // Plus slack for a resync.
-    let users = all.len() as f64;
+    let bound = storm_bound(&before, &after, window, poll, all.len(), sleepers.len());
     let polls = window.as_secs_f64() / poll.as_secs_f64() + 1.0;
-    let timers = window.as_secs_f64() / STORM_IDLE.as_secs_f64() + 1.0;
-    let events = total(&after, "clawfleet_docker_events_total")
-        - total(&before, "clawfleet_docker_events_total");
-    let bound = users * polls + events + users * timers + 5.0 * sleepers.len() as f64 + 20.0;
     eprintln!(
         "{backend:?} storm: {updates} updates in {:?} ({:.0}/s) from {writers} writers; {reconciles} reconciles (bound {bound:.0}, {:.1}% of the updates); {idle_stops} idle stops; {samples} samples",
         start.elapsed(),
@@ -1299,14 +1330,13 @@ async fn activity_storm(backend: Backend) {
         moved.join(", ")
     );
     log_summary(&format!("{backend:?} storm"), &controller);
-    assert!(
-        updates as f64 >= 0.5 * (rate * seconds) as f64,
-        "the writers managed only {updates} updates of {}: no storm",
-        rate * seconds
-    );
+    // Judged against the updates actually made: the storm went on until
+    // they were dense enough (or three times its length had passed).
     assert!(
         bound < updates as f64 / 2.0,
-        "the bound ({bound:.0}) is no test against {updates} updates: make the storm longer or denser"
+        "the bound ({bound:.0}) is no test against the {updates} updates the writers made in {:?} (aiming at {}/s): the storm was not dense enough to tell coalescing from a reconcile per update",
+        start.elapsed(),
+        rate
     );
     assert!(
         reconciles <= bound,

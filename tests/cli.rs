@@ -5,9 +5,8 @@ mod support;
 
 use std::process::{Command, Output};
 
-use chrono::Utc;
 use clawfleet::secrets::{EncryptionKey, GatewayToken, KeyRing};
-use clawfleet::status::{ContainerStatus, Phase};
+use support::controller::{status_with_token, write_status};
 use support::{Backend, TestDb};
 
 fn clawfleet(db: &TestDb, args: &[&str]) -> Output {
@@ -113,29 +112,11 @@ async fn users_show_prints_the_token_only_when_asked() {
     let ring = KeyRing::new(vec![key.clone()]).unwrap();
     let token = GatewayToken::generate().unwrap();
     ok(clawfleet(&db, &["users", "set", "alice"]));
-    let now = Utc::now();
-    store
-        .write_status(
-            &ContainerStatus {
-                user_id: "alice".into(),
-                phase: Phase::Running,
-                container_id: None,
-                container_name: None,
-                host_port: None,
-                url: None,
-                host_url: None,
-                health: None,
-                gateway_token: Some(ring.seal(&token).unwrap()),
-                observed_revision: None,
-                message: None,
-                restarts: 0,
-                last_transition_at: now,
-                updated_at: now,
-            },
-            now,
-        )
-        .await
-        .unwrap();
+    write_status(
+        &store,
+        &status_with_token("alice", ring.seal("alice", &token).unwrap()),
+    )
+    .await;
 
     let plain = ok(clawfleet(&db, &["users", "show", "alice"]));
     assert!(!plain.contains(token.expose()));
@@ -244,4 +225,178 @@ fn global_flags_are_accepted_after_the_subcommand() {
         .output()
         .unwrap();
     assert!(ok(out).contains("0 users"));
+}
+
+/// Regression: `users show` printed the id raw, so an id holding a newline
+/// forged a line of its output.
+#[tokio::test]
+async fn users_show_and_list_escape_an_id_holding_a_newline() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let id = "evil\nphase:             running";
+    ok(clawfleet(&db, &["users", "set", id]));
+    for args in [vec!["users", "show", id], vec!["users", "list"]] {
+        let out = ok(clawfleet(&db, &args));
+        assert!(
+            out.lines()
+                .all(|line| !line.starts_with("phase:             running")),
+            "{args:?} printed a forged line:\n{out}"
+        );
+        assert!(out.contains(r"evil\nphase:"), "{args:?}:\n{out}");
+    }
+}
+
+/// Regression: replicas of an HA group starting at once ran migrations
+/// concurrently on one fresh database and some of them failed.
+#[tokio::test]
+async fn concurrent_migrates_on_one_fresh_postgres_database_all_succeed() {
+    for _ in 0..3 {
+        let db = TestDb::new(Backend::Postgres).await;
+        let migrates: Vec<_> = (0..6)
+            .map(|_| {
+                let url = db.url.clone();
+                std::thread::spawn(move || {
+                    Command::new(env!("CARGO_BIN_EXE_clawfleet"))
+                        .arg("migrate")
+                        .env_clear()
+                        .env("DATABASE_URL", url)
+                        .output()
+                        .expect("run clawfleet migrate")
+                })
+            })
+            .collect();
+        let mut applied = 0;
+        for migrate in migrates {
+            let out = migrate.join().expect("migrate thread");
+            assert!(
+                out.status.success(),
+                "a concurrent migrate failed: {}",
+                stderr(&out)
+            );
+            if stdout(&out).contains("applied") {
+                applied += 1;
+            }
+        }
+        assert_eq!(applied, 1, "exactly one process applied the migrations");
+        db.store().await;
+    }
+}
+
+/// `clawfleet <args>` on `db` with `data_dir` as its data folder and no keys
+/// in the environment; killed (and the test failed) if still running after 60 s.
+fn clawfleet_without_keys(db: &TestDb, data_dir: &std::path::Path, args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_clawfleet"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .env("CLAWFLEET_DATA_DIR", data_dir)
+        .env("CLAWFLEET_LISTEN", "127.0.0.1:0")
+        // Nothing may reach the engine: a `run` that got past the keys fails there.
+        .env("DOCKER_HOST", "tcp://127.0.0.1:1")
+        .env("CLAWFLEET_INSTANCE", "cli-keys-test")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run clawfleet");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("clawfleet {args:?} still running after 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[tokio::test]
+async fn run_on_postgres_without_keys_exits_saying_every_replica_needs_the_same_keys() {
+    // Regression: each replica made a key file of its own and sealed with its
+    // own key, so after a failover the new leader could not open the tokens.
+    let db = TestDb::new(Backend::Postgres).await;
+    let data = tempfile::tempdir().unwrap();
+    let out = clawfleet_without_keys(&db, data.path(), &["run"]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    let message = stderr(&out);
+    assert!(message.contains("every replica"), "{message}");
+    assert!(message.contains("CLAWFLEET_ENCRYPTION_KEYS"), "{message}");
+    assert!(message.contains("clawfleet keygen"), "{message}");
+    assert_eq!(
+        std::fs::read_dir(data.path()).unwrap().count(),
+        0,
+        "no key file is made"
+    );
+    let store = clawfleet::store::Store::connect(&db.url).await.unwrap();
+    assert!(
+        !store.pending_migrations().await.unwrap().is_empty(),
+        "it stops before touching the database"
+    );
+
+    // A key file an earlier build made on this host is named, not used.
+    let key = EncryptionKey::generate("host1").unwrap();
+    std::fs::write(
+        data.path().join("encryption.keys"),
+        format!("{}\n", key.to_config_entry().as_str()),
+    )
+    .unwrap();
+    let out = clawfleet_without_keys(&db, data.path(), &["run"]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("encryption.keys"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn on_postgres_every_command_takes_keys_only_from_the_environment() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let data = tempfile::tempdir().unwrap();
+    // Migrations need no key.
+    ok(clawfleet_without_keys(&db, data.path(), &["migrate"]));
+    ok(clawfleet_without_keys(
+        &db,
+        data.path(),
+        &["users", "set", "alice"],
+    ));
+
+    let key = EncryptionKey::generate("host1").unwrap();
+    let ring = KeyRing::new(vec![key.clone()]).unwrap();
+    std::fs::write(
+        data.path().join("encryption.keys"),
+        format!("{}\n", key.to_config_entry().as_str()),
+    )
+    .unwrap();
+    let store = db.store().await;
+    let token = GatewayToken::generate().unwrap();
+    write_status(
+        &store,
+        &status_with_token("alice", ring.seal("alice", &token).unwrap()),
+    )
+    .await;
+    let out = clawfleet_without_keys(
+        &db,
+        data.path(),
+        &["users", "show", "alice", "--show-token"],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("every replica"), "{}", stderr(&out));
+    assert!(!stdout(&out).contains(token.expose()));
+    ok(clawfleet_without_keys(
+        &db,
+        data.path(),
+        &["users", "show", "alice"],
+    ));
+}
+
+#[tokio::test]
+async fn an_empty_key_file_is_an_error_naming_it_and_is_never_replaced() {
+    // Regression: an empty key file (a crash while it was written) said only
+    // "no encryption key configured", as if none had ever been made.
+    let db = TestDb::new(Backend::Sqlite).await;
+    let data = tempfile::tempdir().unwrap();
+    let path = data.path().join("encryption.keys");
+    std::fs::write(&path, "").unwrap();
+    let out = clawfleet_without_keys(&db, data.path(), &["run"]);
+    assert!(!out.status.success());
+    let message = stderr(&out);
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(message.contains("empty"), "{message}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "", "left alone");
 }

@@ -10,17 +10,18 @@ use std::sync::Arc;
 use chrono::Utc;
 use clawfleet::config::{ContainerSettings, PortRange};
 use clawfleet::docker::{
-    object_labels, ContainerFilter, ContainerSpec, Engine, EnvValue, MemoryEngine, ResourceLimits,
-    RunState, LABEL_SPEC_HASH,
+    object_labels, Confinement, ContainerFilter, ContainerSpec, Engine, EnvValue, MemoryEngine, Op,
+    ResourceLimits, RunState, LABEL_SPEC_HASH,
 };
 use clawfleet::image_ref::ImageRef;
+use clawfleet::isolation::NetworkIsolation;
 use clawfleet::ports::PortAllocator;
 use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
 use clawfleet::secrets::GatewayToken;
 use clawfleet::status::{Health, Phase};
 use clawfleet::store::Store;
 use proptest::prelude::*;
-use support::controller::test_ring;
+use support::controller::{seal_v1, status_with_token, test_key, test_ring, write_status};
 
 const IMAGE: &str = "clawfleet-agent-stub:dev";
 const INSTANCE: &str = "prop";
@@ -137,9 +138,11 @@ fn settings() -> ContainerSettings {
         port_range: PortRange::new(19000, 19099).unwrap(),
         publish_ip: "127.0.0.1".parse().unwrap(),
         mosaic_api_url: "http://mosaic-api:3000/api".into(),
-        allowed_images: vec![],
+        allowed_images: clawfleet::image_ref::ImageAllowList::any(),
         stop_timeout: std::time::Duration::from_secs(1),
         limits: ResourceLimits::default(),
+        confinement: Confinement::strict(),
+        network_isolation: NetworkIsolation::Shared,
     }
 }
 
@@ -157,6 +160,7 @@ fn container(name: &str, labels: BTreeMap<String, String>) -> ContainerSpec {
         publish: Some(("127.0.0.1".parse().unwrap(), 19000)),
         stop_timeout: std::time::Duration::from_secs(1),
         limits: ResourceLimits::default(),
+        confinement: Confinement::strict(),
     }
 }
 
@@ -164,7 +168,7 @@ async fn set_up(case: &Case, store: &Store, engine: &MemoryEngine, desired_hash:
     engine.add_image(IMAGE);
     engine.set_image_healthcheck(IMAGE, true);
     engine
-        .ensure_network("mosaic-internal", &BTreeMap::new())
+        .ensure_network("mosaic-internal", &BTreeMap::new(), &BTreeMap::new())
         .await
         .unwrap();
     let now = Utc::now();
@@ -237,36 +241,24 @@ async fn set_up(case: &Case, store: &Store, engine: &MemoryEngine, desired_hash:
     }
     if let Some(phase) = case.previous_phase {
         let token = test_ring()
-            .seal(&GatewayToken::generate().unwrap())
+            .seal(USER, &GatewayToken::generate().unwrap())
             .unwrap();
-        store
-            .write_status(
-                &clawfleet::status::ContainerStatus {
-                    user_id: USER.into(),
-                    phase,
-                    container_id: None,
-                    container_name: None,
-                    host_port: Some(19000),
-                    url: None,
-                    host_url: None,
-                    health: None,
-                    gateway_token: Some(token),
-                    observed_revision: None,
-                    message: None,
-                    restarts: 0,
-                    last_transition_at: now,
-                    updated_at: now,
-                },
-                now,
-            )
-            .await
-            .unwrap();
+        let row = clawfleet::status::ContainerStatus {
+            phase,
+            host_port: Some(19000),
+            ..status_with_token(USER, token)
+        };
+        write_status(store, &row).await;
     }
 }
 
-async fn check(case: Case) -> Result<(), TestCaseError> {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&format!("sqlite://{}/p.db?mode=rwc", dir.path().display()))
+/// A reconciler of `case` set up on a fresh SQLite store (in `dir`) and
+/// in-memory engine, with the spec hash a running user should have.
+async fn reconciler_for(
+    case: &Case,
+    dir: &std::path::Path,
+) -> (Reconciler<MemoryEngine>, Store, Arc<MemoryEngine>, String) {
+    let store = Store::connect(&format!("sqlite://{}/p.db?mode=rwc", dir.display()))
         .await
         .unwrap();
     store.migrate().await.unwrap();
@@ -274,7 +266,7 @@ async fn check(case: Case) -> Result<(), TestCaseError> {
     let settings = Arc::new(settings());
     let desired_hash =
         clawfleet::spec::DesiredSpec::new(&settings, USER, &settings.image, 0, Some(19000)).hash;
-    set_up(&case, &store, &engine, &desired_hash).await;
+    set_up(case, &store, &engine, &desired_hash).await;
     let reconciler = Reconciler::new(
         store.clone(),
         engine.clone(),
@@ -286,6 +278,12 @@ async fn check(case: Case) -> Result<(), TestCaseError> {
             ..Default::default()
         },
     );
+    (reconciler, store, engine, desired_hash)
+}
+
+async fn check(case: Case) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    let (reconciler, store, engine, desired_hash) = reconciler_for(&case, dir.path()).await;
 
     let mut rounds = 0;
     let last = loop {
@@ -379,4 +377,58 @@ proptest! {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(check(case))?;
     }
+}
+
+#[tokio::test]
+async fn a_v1_token_is_resealed_as_v2_at_the_next_reconcile_and_the_container_stays() {
+    let case = Case {
+        row: Row::Running,
+        existing: Existing::None,
+        replacement_left: false,
+        stray_left: false,
+        previous_phase: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (reconciler, store, engine, _) = reconciler_for(&case, dir.path()).await;
+    for _ in 0..8 {
+        if reconciler.reconcile(USER).await.unwrap().converged {
+            break;
+        }
+    }
+    let before = store.status(USER).await.unwrap().expect("a status row");
+    assert_eq!(before.phase, Phase::Running);
+    let container_id = before.container_id.clone().expect("a container");
+    let token = test_ring()
+        .open(USER, before.gateway_token.as_deref().unwrap())
+        .unwrap();
+
+    // The row as a build before v2 left it.
+    let v1 = seal_v1(&test_key(), &token);
+    let row = clawfleet::status::ContainerStatus {
+        gateway_token: Some(v1.clone()),
+        ..before.clone()
+    };
+    write_status(&store, &row).await;
+    engine.reset_calls();
+
+    let outcome = reconciler.reconcile(USER).await.unwrap();
+    assert_eq!(outcome.actions, 0, "nothing is done to the container");
+    let after = store.status(USER).await.unwrap().unwrap();
+    let sealed = after.gateway_token.as_deref().unwrap();
+    assert!(sealed.starts_with("v2:test:"), "resealed as v2: {sealed}");
+    assert_ne!(sealed, v1);
+    assert_eq!(
+        test_ring().open(USER, sealed).unwrap(),
+        token,
+        "same plaintext"
+    );
+    assert_eq!(after.container_id.as_deref(), Some(container_id.as_str()));
+    assert_eq!(after.restarts, before.restarts);
+    assert_eq!(engine.calls(Op::Create), 0, "no container is recreated");
+    assert_eq!(engine.calls(Op::Remove), 0);
+    assert_eq!(
+        engine.container(NAME).map(|c| c.id),
+        Some(container_id),
+        "the same container runs"
+    );
 }

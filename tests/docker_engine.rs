@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::time::{Duration, Instant};
 
@@ -48,7 +48,11 @@ fn filter(fx: &DockerFixture, user_id: Option<&str>) -> ContainerFilter {
 /// Creates the spec's network and volume, then the container; its id.
 async fn create(engine: &DockerEngine, fx: &DockerFixture, spec: &ContainerSpec) -> String {
     engine
-        .ensure_network(&spec.network, &shared_labels(&fx.instance))
+        .ensure_network(
+            &spec.network,
+            &shared_labels(&fx.instance),
+            &BTreeMap::new(),
+        )
         .await
         .expect("ensure network");
     engine
@@ -411,7 +415,11 @@ async fn create_with_a_missing_image_is_image_not_found() {
         ..fx.spec("1", "one")
     };
     engine
-        .ensure_network(&spec.network, &shared_labels(&fx.instance))
+        .ensure_network(
+            &spec.network,
+            &shared_labels(&fx.instance),
+            &BTreeMap::new(),
+        )
         .await
         .expect("network");
     match engine.create_container(&spec).await {
@@ -718,7 +726,12 @@ async fn ensure_network_is_idempotent_and_single_flight_among_clones() {
 
     let calls = (0..4).map(|_| {
         let (engine, labels, name) = (engine.clone(), labels.clone(), fx.network.clone());
-        async move { engine.ensure_network(&name, &labels).await }
+        async move {
+            engine
+                .ensure_network(&name, &labels, &BTreeMap::new())
+                .await
+                .map(|n| n.id)
+        }
     });
     let ids: Vec<String> = futures::future::join_all(calls)
         .await
@@ -729,9 +742,10 @@ async fn ensure_network_is_idempotent_and_single_flight_among_clones() {
     assert_eq!(networks_named(&fx.network), [ids[0].clone()]);
 
     let again = engine
-        .ensure_network(&fx.network, &labels)
+        .ensure_network(&fx.network, &labels, &BTreeMap::new())
         .await
-        .expect("ensure again");
+        .expect("ensure again")
+        .id;
     assert_eq!(again, ids[0]);
     assert_eq!(networks_named(&fx.network).len(), 1);
     let label = docker(&[
@@ -753,9 +767,12 @@ async fn separately_connected_engines_racing_for_a_network_agree_on_one_id() {
     for _ in 0..4 {
         engines.push(engine().await);
     }
-    let calls = engines
-        .iter()
-        .map(|engine| engine.ensure_network(&fx.network, &labels));
+    let calls = engines.iter().map(|engine| async {
+        engine
+            .ensure_network(&fx.network, &labels, &BTreeMap::new())
+            .await
+            .map(|n| n.id)
+    });
     let ids: Vec<String> = futures::future::join_all(calls)
         .await
         .into_iter()
@@ -801,9 +818,10 @@ async fn ensure_network_picks_the_oldest_of_duplicate_networks_and_ignores_longe
 
     for _ in 0..3 {
         let id = engine
-            .ensure_network(&fx.network, &shared_labels(&fx.instance))
+            .ensure_network(&fx.network, &shared_labels(&fx.instance), &BTreeMap::new())
             .await
-            .expect("ensure network");
+            .expect("ensure network")
+            .id;
         assert_eq!(id, oldest, "created: {created:?}");
     }
     assert_eq!(networks_named(&fx.network).len(), 2, "no third network");

@@ -5,8 +5,9 @@ mod support;
 
 use std::process::{Command, Output};
 
-use support::controller::{port_range, test_key};
-use support::docker::{ensure_agent_image, AGENT_IMAGE};
+use clawfleet::secrets::{EncryptionKey, GatewayToken, KeyRing};
+use support::controller::{port_range, seal_v1, status_with_token, test_key, write_status};
+use support::docker::{docker, ensure_agent_image, DockerFixture, AGENT_IMAGE};
 use support::{Backend, TestDb};
 
 fn doctor(db_url: &str, env: &[(&str, &str)]) -> (bool, String) {
@@ -131,46 +132,113 @@ async fn doctor_fails_on_a_missing_key() {
     );
 }
 
+/// Writes a status row for `user` holding `sealed` as its token.
+async fn store_token(store: &clawfleet::store::Store, user: &str, sealed: String) {
+    write_status(store, &status_with_token(user, sealed)).await;
+}
+
 #[tokio::test]
 async fn doctor_fails_when_a_stored_token_cannot_be_opened() {
     let db = TestDb::new(Backend::Sqlite).await;
     let store = db.store().await;
-    let other =
-        clawfleet::secrets::KeyRing::new(vec![clawfleet::secrets::EncryptionKey::generate(
-            "other",
-        )
-        .unwrap()])
-        .unwrap();
-    let now = chrono::Utc::now();
-    let sealed = other
-        .seal(&clawfleet::secrets::GatewayToken::generate().unwrap())
-        .unwrap();
-    store
-        .write_status(
-            &clawfleet::status::ContainerStatus {
-                user_id: "u".into(),
-                phase: clawfleet::status::Phase::Running,
-                container_id: None,
-                container_name: None,
-                host_port: None,
-                url: None,
-                host_url: None,
-                health: None,
-                gateway_token: Some(sealed),
-                observed_revision: None,
-                message: None,
-                restarts: 0,
-                last_transition_at: now,
-                updated_at: now,
-            },
-            now,
-        )
-        .await
-        .unwrap();
+    let other = KeyRing::new(vec![EncryptionKey::generate("other").unwrap()]).unwrap();
+    let token = GatewayToken::generate().unwrap();
+    store_token(&store, "u", other.seal("u", &token).unwrap()).await;
     let (ok, text) = doctor(&db.url, &[]);
     assert!(!ok);
     assert!(
-        failed_line(&text, "encryption keys").contains("do not open"),
+        failed_line(&text, "encryption keys").contains("1 of 1 stored token(s) do not open"),
         "{text}"
     );
+    assert!(!text.contains(token.expose()), "the token is never printed");
+}
+
+#[tokio::test]
+async fn doctor_says_which_key_id_sealed_how_many_tokens_in_which_format() {
+    ensure_agent_image();
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = db.store().await;
+    let old = EncryptionKey::generate("old").unwrap();
+    let ring = KeyRing::new(vec![test_key(), old.clone()]).unwrap();
+    let keys = format!(
+        "{},{}",
+        test_key().to_config_entry().as_str(),
+        old.to_config_entry().as_str()
+    );
+    let tokens: Vec<GatewayToken> = (0..4).map(|_| GatewayToken::generate().unwrap()).collect();
+    store_token(&store, "a", ring.seal("a", &tokens[0]).unwrap()).await;
+    store_token(&store, "b", ring.seal("b", &tokens[1]).unwrap()).await;
+    store_token(&store, "c", seal_v1(&old, &tokens[2])).await;
+    let (ok, text) = doctor(&db.url, &[("CLAWFLEET_ENCRYPTION_KEYS", &keys)]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("3 stored token(s) open: test: 2 (v2), old: 1 (v1)"),
+        "{text}"
+    );
+
+    // Regression: a token copied into another user's row opened there.
+    store_token(&store, "d", ring.seal("a", &tokens[3]).unwrap()).await;
+    let (ok, text) = doctor(&db.url, &[("CLAWFLEET_ENCRYPTION_KEYS", &keys)]);
+    assert!(!ok, "{text}");
+    let line = failed_line(&text, "encryption keys");
+    assert!(
+        line.contains("1 of 4 stored token(s) do not open"),
+        "{text}"
+    );
+    assert!(line.contains("test: 2 (v2), old: 1 (v1)"), "{text}");
+    for token in &tokens {
+        assert!(!text.contains(token.expose()), "a token is never printed");
+    }
+}
+
+#[tokio::test]
+async fn doctor_on_postgres_takes_keys_only_from_the_environment() {
+    let db = TestDb::new(Backend::Postgres).await;
+    db.store().await;
+    let (ok, text) = doctor(&db.url, &[("CLAWFLEET_ENCRYPTION_KEYS", "")]);
+    assert!(!ok);
+    let line = failed_line(&text, "encryption keys");
+    assert!(line.contains("every replica"), "{text}");
+    assert!(line.contains("clawfleet keygen"), "{text}");
+}
+
+#[tokio::test]
+async fn doctor_fails_on_a_network_whose_isolation_disagrees_with_the_setting() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.store().await;
+    let fx = DockerFixture::new("doctornet");
+    docker(&["network", "create", &fx.network]).expect("network create");
+    let network = [("OPENCLAW_NETWORK", fx.network.as_str())];
+    let (ok, text) = doctor(&db.url, &network);
+    assert!(ok, "a shared network agrees with the default: {text}");
+
+    let isolated = [
+        ("OPENCLAW_NETWORK", fx.network.as_str()),
+        ("CLAWFLEET_NETWORK_ISOLATION", "isolated"),
+    ];
+    let (ok, text) = doctor(&db.url, &isolated);
+    assert!(!ok, "{text}");
+    let line = failed_line(&text, &fx.network);
+    assert!(
+        line.contains("--network-isolation isolated") && line.contains("docker network rm"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn doctor_warns_when_the_image_runs_as_root_with_every_capability_dropped() {
+    ensure_agent_image();
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.store().await;
+    // The stand-in image has no USER: it runs as root.
+    let (ok, text) = doctor(&db.url, &[]);
+    assert!(ok, "a warning is not a failure: {text}");
+    let warning = text
+        .lines()
+        .find(|l| l.starts_with('!') && l.contains("runs as root"))
+        .unwrap_or_else(|| panic!("no warning about root:\n{text}"));
+    assert!(warning.contains("CLAWFLEET_CAP_ADD"), "{warning}");
+    let (ok, text) = doctor(&db.url, &[("CLAWFLEET_CAP_ADD", "CHOWN")]);
+    assert!(ok, "{text}");
+    assert!(!text.contains("runs as root"), "{text}");
 }

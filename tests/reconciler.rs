@@ -301,7 +301,10 @@ async fn a_bad_row_is_failed_with_a_message_while_the_others_converge() {
     let db = TestDb::new(Backend::Sqlite).await;
     let store = db.store().await;
     let fx = DockerFixture::new("badrow");
-    let _controller = ControllerProcess::start(&ControllerConfig::new(&db, &fx));
+    let _controller = ControllerProcess::start(&ControllerConfig::new(&db, &fx).with(
+        "CLAWFLEET_ALLOWED_IMAGES",
+        "clawfleet-agent-stub:*,no-such-image:*",
+    ));
     db.exec(
         "INSERT INTO desired_containers (user_id, state) VALUES ('bad', 'banana');
          INSERT INTO desired_containers (user_id, image) VALUES ('dots', '../etc/passwd');
@@ -474,5 +477,251 @@ async fn a_cut_event_stream_is_reconnected_and_what_happened_meanwhile_is_undone
     assert!(
         controller.log().contains("reconnect"),
         "the controller noticed the cut"
+    );
+}
+
+/// The value of one sample of the controller's `/metrics`.
+fn metric(addr: std::net::SocketAddr, sample: &str) -> Option<f64> {
+    let (_, body) = gateway(addr.port(), "GET", "/metrics", None).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// CPU time (user + system) process `pid` has used, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // Fields after the command name (which may hold spaces): state is the
+    // first, utime and stime the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat format")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second: u64 = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100);
+    ticks as f64 / per_second as f64
+}
+
+#[tokio::test]
+async fn a_wrapped_port_cursor_never_moves_a_running_user_and_a_full_range_waits_idle() {
+    // Regression: the allocator did not record the ports it handed out. Once
+    // its cursor wrapped, the bind probe found the engine's listeners of this
+    // instance's own containers, quarantined their ports, and at the next
+    // full resync their owners were moved off their ports (and recreated).
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let fx = DockerFixture::new("wrap");
+    let (start, end) = support::controller::port_range(4);
+    let range = format!("{start}-{end}");
+    let config = ControllerConfig::new(&db, &fx)
+        .with("CLAWFLEET_PORT_RANGE", &range)
+        .with("CLAWFLEET_RESYNC_PERIOD", "2s");
+    let mut controller = ControllerProcess::start(&config);
+    let addr = controller.http_addr().await;
+
+    let mut first = BTreeMap::new();
+    for user in ["w1", "w2", "w3", "w4"] {
+        db.exec(&format!(
+            "INSERT INTO desired_containers (user_id) VALUES ('{user}')"
+        ))
+        .await;
+        first.insert(user, wait_running(&store, user).await);
+    }
+    db.exec("DELETE FROM desired_containers WHERE user_id = 'w4'")
+        .await;
+    eventually(LONG, "w4's status row to go", || async {
+        store.status("w4").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    db.exec("INSERT INTO desired_containers (user_id) VALUES ('w5')")
+        .await;
+    let w5 = wait_running(&store, "w5").await;
+    assert_eq!(
+        w5.host_port, first["w4"].host_port,
+        "the cursor wrapped to the only free port"
+    );
+
+    // Two full resyncs later every user has been looked at again.
+    let since = chrono::Utc::now().timestamp() as f64;
+    let resync = "clawfleet_last_full_resync_timestamp_seconds";
+    let after = eventually(LONG, "a full resync after the wrap", || async {
+        metric(addr, resync).filter(|t| *t >= since + 1.0)
+    })
+    .await;
+    eventually(LONG, "a second full resync", || async {
+        metric(addr, resync).filter(|t| *t > after)
+    })
+    .await;
+    for user in ["w1", "w2", "w3"] {
+        let now = store.status(user).await.unwrap().expect("status");
+        let was = &first[user];
+        assert_eq!(
+            (
+                now.phase,
+                now.host_port,
+                now.container_id.as_deref(),
+                now.restarts
+            ),
+            (
+                Phase::Running,
+                was.host_port,
+                was.container_id.as_deref(),
+                was.restarts
+            ),
+            "{user} was moved or recreated: {:?}",
+            now.message
+        );
+        assert_eq!(
+            docker(&["inspect", "-f", "{{.Id}}", &fx.name(user)])
+                .unwrap()
+                .trim(),
+            was.container_id.as_deref().unwrap(),
+            "{user}'s container is the one it had"
+        );
+    }
+
+    // With the range full, a sixth user waits, idle, until a port frees. A
+    // fresh controller at the default periods (resync every 5 min) shows
+    // what it costs and who wakes the user.
+    assert!(controller.terminate().success());
+    let mut controller = ControllerProcess::start(
+        &config
+            .clone()
+            .with("CLAWFLEET_RESYNC_PERIOD", "5m")
+            .with("CLAWFLEET_POLL_INTERVAL", "250ms"),
+    );
+    controller.http_addr().await;
+    db.exec("INSERT INTO desired_containers (user_id) VALUES ('w6')")
+        .await;
+    let w6 = wait_for_status(&store, "w6", LONG, "failed for a full range", |s| {
+        s.phase == Phase::Failed
+    })
+    .await;
+    let message = w6.message.unwrap_or_default();
+    assert!(
+        message.contains(&format!("port range {range} is exhausted"))
+            && message.contains("--port-range")
+            && message.contains("CLAWFLEET_PORT_RANGE"),
+        "{message}"
+    );
+    assert_eq!(w6.host_port, None);
+    let pid = controller.pid();
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let used = cpu_seconds(pid) - before;
+    eprintln!("controller CPU over 10 s with the range full: {used:.3} s");
+    assert!(
+        used < 0.5,
+        "the controller used {used:.2} s of CPU in 10 s while the range was full"
+    );
+    assert!(controller.try_exit().is_none(), "{}", controller.log());
+
+    // A deleted user frees its port: the waiting user takes it without
+    // waiting for a resync or the failed-retry delay.
+    db.exec("DELETE FROM desired_containers WHERE user_id = 'w5'")
+        .await;
+    let w6 = wait_running(&store, "w6").await;
+    assert_eq!(w6.host_port, w5.host_port);
+}
+
+async fn feed_survives_a_revision_jump(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.store().await;
+    let fx = DockerFixture::new("jump");
+    let controller = ControllerProcess::start(&ControllerConfig::new(&db, &fx));
+    let addr = controller.http_addr().await;
+    db.exec("INSERT INTO desired_containers (user_id) VALUES ('before')")
+        .await;
+    wait_running(&store, "before").await;
+
+    db.exec(match backend {
+        Backend::Sqlite => {
+            "UPDATE clawfleet_revision SET value = value + 1000000000000 WHERE id = 1"
+        }
+        Backend::Postgres => {
+            "SELECT setval('clawfleet_revision_seq', \
+             (SELECT last_value FROM clawfleet_revision_seq) + 1000000000000)"
+        }
+    })
+    .await;
+    db.exec("INSERT INTO desired_containers (user_id) VALUES ('after')")
+        .await;
+    eventually(LONG, "the row after the jump to converge", || async {
+        let (code, _) = gateway(addr.port(), "GET", "/healthz", None)
+            .unwrap_or_else(|e| panic!("/healthz unanswered during the jump: {e}"));
+        assert_eq!(code, 200, "/healthz during the jump");
+        let s = store.status("after").await.ok().flatten()?;
+        (s.phase == Phase::Running && s.health == Some(clawfleet::status::Health::Healthy))
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_revision_counter_moved_far_ahead_does_not_stall_the_feed_on_sqlite() {
+    // Regression: the feed's cursor inserted every skipped revision, so a
+    // writer moving the counter ahead stalled it (and ran it out of memory).
+    feed_survives_a_revision_jump(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_revision_counter_moved_far_ahead_does_not_stall_the_feed_on_postgres() {
+    feed_survives_a_revision_jump(Backend::Postgres).await;
+}
+
+/// Regression: with no `--allowed-images` any row could run any image from
+/// any registry; the default list is now the default image's repository.
+#[tokio::test]
+async fn a_row_asking_for_an_image_outside_the_default_allow_list_is_failed_naming_the_list() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let fx = DockerFixture::new("allowlist");
+    let _controller = ControllerProcess::start(&ControllerConfig::new(&db, &fx));
+    db.exec(
+        "INSERT INTO desired_containers (user_id, image) VALUES ('outside', '10.0.0.1:5000/agent:1');
+         INSERT INTO desired_containers (user_id) VALUES ('good');",
+    )
+    .await;
+    let outside = wait_for_status(&store, "outside", LONG, "failed", |s| {
+        s.phase == Phase::Failed
+    })
+    .await;
+    let message = outside.message.as_deref().unwrap_or_default();
+    for needle in [
+        "10.0.0.1:5000/agent:1",
+        "not allowed",
+        "clawfleet-agent-stub:*",
+        "clawfleet-agent-stub@*",
+    ] {
+        assert!(message.contains(needle), "{needle:?} missing: {message}");
+    }
+    wait_running(&store, "good").await;
+    assert_eq!(container_state(&fx.name("outside")), None);
+}
+
+/// Regression: any value of `--allowed-images` panicked at start.
+#[tokio::test]
+async fn allowing_any_image_with_a_star_starts_and_logs_a_warning() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let fx = DockerFixture::new("anyimage");
+    let controller = ControllerProcess::start(
+        &ControllerConfig::new(&db, &fx).with("CLAWFLEET_ALLOWED_IMAGES", "*"),
+    );
+    controller.http_addr().await;
+    db.exec("INSERT INTO desired_containers (user_id) VALUES ('good');")
+        .await;
+    wait_running(&store, "good").await;
+    let log = controller.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("allows any image")),
+        "{log}"
     );
 }

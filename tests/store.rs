@@ -80,6 +80,53 @@ async fn a_writer_cannot_choose_the_revision() {
 }
 
 #[tokio::test]
+async fn an_update_keeping_the_counters_last_revision_still_reaches_the_feed() {
+    // Regression: SQLite's guard accepted `revision = <current counter
+    // value>`, so a writer could change a row under a revision the feed had
+    // already seen, and the change went unnoticed until the next resync.
+    for backend in BOTH {
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        db.exec("INSERT INTO desired_containers (user_id) VALUES ('alice'), ('bob')")
+            .await;
+        let seen = store.max_revision().await.unwrap();
+        let counter = match backend {
+            Backend::Sqlite => "(SELECT value FROM clawfleet_revision WHERE id = 1)",
+            Backend::Postgres => "(SELECT last_value FROM clawfleet_revision_seq)",
+        };
+        let mut conn = db.raw().await;
+        let result = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE desired_containers SET state = 'stopped', revision = {counter} \
+             WHERE user_id = 'alice'"
+        )))
+        .execute(&mut conn)
+        .await;
+        let alice = expect_valid(store.desired("alice").await.unwrap());
+        let changes = store.desired_changes(seen, &[], 100).await.unwrap();
+        match result {
+            // Refused: nothing changed, so there is nothing to see.
+            Err(_) => assert_eq!(alice.state, DesiredState::Running, "{backend:?}"),
+            Ok(_) => {
+                assert_eq!(alice.state, DesiredState::Stopped, "{backend:?}");
+                assert!(
+                    alice.revision > seen,
+                    "{backend:?}: {} <= {seen}",
+                    alice.revision
+                );
+                assert!(
+                    changes.iter().any(|c| c.user_id == "alice"),
+                    "{backend:?}: the feed misses the change: {changes:?}"
+                );
+            }
+        }
+        // Ordinary writes go on as before.
+        db.exec("UPDATE desired_containers SET state = 'stopped' WHERE user_id = 'bob'")
+            .await;
+        assert!(revision_of(&db, "bob").await > seen, "{backend:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_minimal_insert_names_only_the_user_and_gets_the_defaults() {
     for backend in BOTH {
         let db = TestDb::new(backend).await;

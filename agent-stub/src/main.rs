@@ -13,7 +13,10 @@
 //!   started with), `POST /v1/unhealthy` (from then on `/healthz` answers 503) and
 //!   `POST /v1/exit?code=N` (exit with N, default 1, to simulate a crash);
 //! * `agent-stub healthcheck` exits 0 when `/healthz` answers 200, for the image's
-//!   `HEALTHCHECK` (a scratch image has no shell and no curl).
+//!   `HEALTHCHECK` (a scratch image has no shell and no curl);
+//! * `agent-stub connect HOST:PORT` exits 0 when a TCP connection to HOST:PORT opens
+//!   within 3 s and 1 when it does not (HOST may be a name the container resolves), so a
+//!   test can ask from inside one agent's container whether another agent is reachable.
 //!
 //! Environment: `OPENCLAW_GATEWAY_TOKEN` (required), `OPENCLAW_GATEWAY_PORT` (default
 //! 18789), `OPENCLAW_STATE_DIR` (default `/home/node/.openclaw`), and, reported by
@@ -45,6 +48,8 @@ const MAX_CONNECTIONS: usize = 256;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connect, read and write timeout of `agent-stub healthcheck`.
 const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(8);
+/// Connect timeout of `agent-stub connect`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// sysexits.h: command line usage error.
 const EX_USAGE: i32 = 64;
 /// sysexits.h: configuration error; what the real gateway exits with when misconfigured.
@@ -55,8 +60,12 @@ fn main() {
     let code = match args.as_slice() {
         [] => serve(),
         [command] if command == "healthcheck" => healthcheck(),
+        [command, target] if command == "connect" => match target.to_str() {
+            Some(target) => connect(target),
+            None => EX_USAGE,
+        },
         _ => {
-            eprintln!("usage: agent-stub [healthcheck]");
+            eprintln!("usage: agent-stub [healthcheck | connect HOST:PORT]");
             EX_USAGE
         }
     };
@@ -202,6 +211,34 @@ fn serve_connection(app: &App, mut stream: TcpStream) {
         log(format_args!("exiting with code {code} as requested"));
         process::exit(code);
     }
+}
+
+/// `agent-stub connect HOST:PORT`: 0 when a TCP connection to any address
+/// HOST resolves to opens within [`CONNECT_TIMEOUT`], 1 when none does, and
+/// [`EX_USAGE`] when the target is not `HOST:PORT`.
+fn connect(target: &str) -> i32 {
+    use std::net::ToSocketAddrs;
+    let addrs = match target.to_socket_addrs() {
+        Ok(addrs) => addrs,
+        Err(e) if target.rsplit_once(':').is_some() => {
+            eprintln!("agent-stub connect: {target}: {e}");
+            return 1;
+        }
+        Err(e) => {
+            eprintln!("agent-stub connect: {target} is not HOST:PORT: {e}");
+            return EX_USAGE;
+        }
+    };
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(_) => {
+                log(format_args!("connected to {addr}"));
+                return 0;
+            }
+            Err(e) => eprintln!("agent-stub connect: {addr}: {e}"),
+        }
+    }
+    1
 }
 
 /// `agent-stub healthcheck`: 0 when `GET /healthz` on the local port answers 200, else 1.

@@ -107,9 +107,14 @@ pub async fn measure(users: usize) -> RealEngine {
     let ports = PortRange::new(47000, 47000 + 2 * users as u16).expect("range");
     let settings = Arc::new(settings(&instance, &prefix, &network, ports));
     let network_id = engine
-        .ensure_network(&network, &shared_labels(&instance))
+        .ensure_network(
+            &network,
+            &shared_labels(&instance),
+            &settings.network_isolation.network_options(),
+        )
         .await
-        .expect("network");
+        .expect("network")
+        .id;
 
     // Baseline: the same create+start calls, directly, at the same concurrency.
     let token = GatewayToken::generate().expect("token");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clawfleet::docker::{
     ContainerFilter, ContainerSpec, ContainerSummary, Engine, EngineError, EngineEvent,
-    EngineVersion, ObservedContainer, Op,
+    EngineVersion, ObservedContainer, ObservedNetwork, Op,
 };
 use futures::stream::BoxStream;
 use tokio::sync::mpsc;
@@ -140,16 +140,28 @@ impl<E: Engine> Engine for Recording<E> {
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<BTreeMap<String, String>, EngineError> {
         self.inner.ensure_volume(name, labels).await
+    }
+
+    async fn inspect_volume(
+        &self,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, EngineError> {
+        self.inner.inspect_volume(name).await
     }
 
     async fn ensure_network(
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
-    ) -> Result<String, EngineError> {
-        self.inner.ensure_network(name, labels).await
+        options: &BTreeMap<String, String>,
+    ) -> Result<ObservedNetwork, EngineError> {
+        self.inner.ensure_network(name, labels, options).await
+    }
+
+    async fn inspect_network(&self, name: &str) -> Result<Option<ObservedNetwork>, EngineError> {
+        self.inner.inspect_network(name).await
     }
 
     async fn image_present(&self, image: &str) -> Result<bool, EngineError> {

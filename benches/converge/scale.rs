@@ -142,9 +142,14 @@ pub async fn engine_only_child(users: usize) {
     let ports = PortRange::new(SIM_PORTS.0, SIM_PORTS.1).expect("range");
     let settings = settings("sim", "mosaic-user-", "sim-net", ports);
     let network = engine
-        .ensure_network(&settings.network, &shared_labels(&settings.instance))
+        .ensure_network(
+            &settings.network,
+            &shared_labels(&settings.instance),
+            &settings.network_isolation.network_options(),
+        )
         .await
-        .expect("network");
+        .expect("network")
+        .id;
     for i in 0..running {
         let user = format!("u{i}");
         let port = ports.start() + i as u16;

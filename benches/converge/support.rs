@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use clawfleet::config::{ContainerSettings, PortRange};
 use clawfleet::controller::{Controller, ControllerOptions, Handle, Observers};
-use clawfleet::docker::{Engine, MemoryEngine, ResourceLimits};
+use clawfleet::docker::{Confinement, Engine, MemoryEngine, ResourceLimits};
 use clawfleet::image_ref::ImageRef;
+use clawfleet::isolation::NetworkIsolation;
 use clawfleet::ports::PortAllocator;
 use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
 use clawfleet::secrets::{EncryptionKey, KeyRing};
@@ -45,9 +46,11 @@ pub fn settings(
         port_range: ports,
         publish_ip: "127.0.0.1".parse().expect("ip"),
         mosaic_api_url: "http://mosaic-api:3000/api".into(),
-        allowed_images: vec![],
+        allowed_images: clawfleet::image_ref::ImageAllowList::any(),
         stop_timeout: Duration::from_secs(2),
         limits: ResourceLimits::default(),
+        confinement: Confinement::strict(),
+        network_isolation: NetworkIsolation::Shared,
     }
 }
 

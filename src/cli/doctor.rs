@@ -3,6 +3,7 @@
 //! It creates nothing: no migration, no key, no network (an image may be
 //! pulled, since "pullable" can only be known by pulling).
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
@@ -10,12 +11,11 @@ use super::{CliError, GlobalArgs};
 use crate::config::{API_TOKEN_ENV, ENCRYPTION_KEYS_ENV};
 use crate::docker::{DockerEngine, Engine};
 use crate::image_ref::ImageRef;
+use crate::secrets::{KeyRing, KeySource, SealedHeader};
 use crate::store::{redact_url, Store};
 
 /// How long each check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Gateway tokens opened at most, to prove the keys open existing tokens.
-const TOKEN_SAMPLE: usize = 1000;
 
 /// One check's verdict.
 struct Check {
@@ -42,6 +42,59 @@ impl Check {
     }
 }
 
+/// Opens every stored token (`(user id, sealed)`) and says which key id, in
+/// which format, sealed how many; tokens no key opens fail the check by
+/// count, never shown.
+fn token_check(ring: &KeyRing, source: &KeySource, sealed: &[(String, String)]) -> Check {
+    let mut opened: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut failures = 0;
+    for (user_id, token) in sealed {
+        match (ring.open(user_id, token), SealedHeader::parse(token)) {
+            (Ok(_), Ok(header)) => *opened.entry((header.key_id, header.version)).or_default() += 1,
+            _ => failures += 1,
+        }
+    }
+    // Sealing key first, the current format before the earlier one.
+    let shares: Vec<String> = ring
+        .key_ids()
+        .into_iter()
+        .flat_map(|id| ["v2", "v1"].map(|version| (id, version)))
+        .filter_map(|share| {
+            Some(format!(
+                "{}: {} ({})",
+                share.0,
+                opened.get(&share)?,
+                share.1
+            ))
+        })
+        .collect();
+    let total = sealed.len();
+    let shares = shares.join(", ");
+    if failures == 0 {
+        let colon = if shares.is_empty() { "" } else { ": " };
+        Check::pass(format!(
+            "encryption keys from {source} ({} key(s)); {total} stored token(s) open{colon}{shares}",
+            ring.key_ids().len(),
+        ))
+    } else {
+        let open = if shares.is_empty() {
+            String::new()
+        } else {
+            format!("; open: {shares}")
+        };
+        Check::fail(
+            format!("encryption keys from {source}: {failures} of {total} stored token(s) do not open{open}"),
+            format!("a key that sealed them is missing: add it back to {ENCRYPTION_KEYS_ENV} (after the sealing key); a token copied from another user's row never opens"),
+        )
+    }
+}
+
+/// True for a `Config.User` that means root: empty, `0`, `root`, or those with group `0`/`root`.
+fn runs_as_root(user: &str) -> bool {
+    let name = user.split(':').next().unwrap_or_default().trim();
+    name.is_empty() || name == "0" || name == "root"
+}
+
 async fn within<T>(future: impl std::future::Future<Output = T>) -> Option<T> {
     tokio::time::timeout(CHECK_TIMEOUT, future).await.ok()
 }
@@ -50,6 +103,8 @@ async fn within<T>(future: impl std::future::Future<Output = T>) -> Option<T> {
 pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), CliError> {
     let settings = global.container_settings(image)?;
     let mut checks = Vec::new();
+    // Worth a look, but no reason to fail: printed with `!` after the checks.
+    let mut warnings: Vec<String> = Vec::new();
 
     let engine = match within(DockerEngine::connect(&global.docker_host)).await {
         Some(Ok(engine)) => match within(engine.version()).await {
@@ -131,35 +186,32 @@ pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), 
         }
     };
 
-    match global.key_ring(false) {
-        Ok((ring, source)) => {
-            let sealed: Vec<String> = match &store {
-                Some(store) => store
-                    .status_all()
-                    .await
-                    .map(|rows| rows.into_iter().filter_map(|r| r.gateway_token).take(TOKEN_SAMPLE).collect())
-                    .unwrap_or_default(),
-                None => Vec::new(),
-            };
-            let failures = sealed.iter().filter(|s| ring.open(s).is_err()).count();
-            if failures == 0 {
-                checks.push(Check::pass(format!(
-                    "encryption keys from {source} ({} key(s)); {} stored token(s) open",
-                    ring.key_ids().len(),
-                    sealed.len()
-                )));
+    checks.push(match global.key_ring(false) {
+        Ok((ring, source)) => match &store {
+            Some(store) => match store.status_all().await {
+                Ok(rows) => {
+                    let sealed: Vec<(String, String)> = rows
+                        .into_iter()
+                        .filter_map(|r| Some((r.user_id, r.gateway_token?)))
+                        .collect();
+                    token_check(&ring, &source, &sealed)
+                }
+                Err(e) => Check::fail(
+                    format!("encryption keys from {source}: stored tokens not read: {e}"),
+                    "fix the database first",
+                ),
+            },
+            None => token_check(&ring, &source, &[]),
+        },
+        Err(e) => {
+            let hint = if crate::store::is_postgres_url(&global.database_url) {
+                format!("set the same {ENCRYPTION_KEYS_ENV} on every replica (`clawfleet keygen` makes a key); with stored tokens it must hold the key that sealed them")
             } else {
-                checks.push(Check::fail(
-                    format!("encryption keys from {source}: {failures} of {} stored token(s) do not open", sealed.len()),
-                    "a key that sealed them is missing: add it back to CLAWFLEET_ENCRYPTION_KEYS (after the sealing key)",
-                ));
-            }
+                format!("or let `clawfleet run` create the key file in --data-dir; with stored tokens, restore the key that sealed them into {ENCRYPTION_KEYS_ENV}")
+            };
+            Check::fail(format!("encryption keys: {e}"), hint)
         }
-        Err(e) => checks.push(Check::fail(
-            format!("encryption keys: {e}"),
-            format!("or let `clawfleet run` create the key file in --data-dir; with stored tokens, restore the key that sealed them into {ENCRYPTION_KEYS_ENV}"),
-        )),
-    }
+    });
 
     if let Some(engine) = &engine {
         let image = settings.image.as_str();
@@ -185,15 +237,28 @@ pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), 
                 "check the engine",
             )),
         }
-        match within(engine.find_network(&settings.network)).await {
-            Some(Ok(Some(id))) => checks.push(Check::pass(format!(
-                "network {} present ({})",
-                settings.network,
-                &id[..id.len().min(12)]
-            ))),
+        if let Some(Ok(Some(user))) = within(engine.image_user(image)).await {
+            if runs_as_root(&user) && settings.confinement.cap_add.is_empty() {
+                warnings.push(format!(
+                    "image {image} runs as root with every capability dropped: an entrypoint that chowns or switches user will fail — give back what it needs with CLAWFLEET_CAP_ADD (e.g. CHOWN,SETUID,SETGID,DAC_OVERRIDE,FOWNER), or use an image with a non-root USER"
+                ));
+            }
+        }
+        let isolation = settings.network_isolation;
+        match within(engine.inspect_network(&settings.network)).await {
+            Some(Ok(Some(network))) => match isolation.mismatch(&settings.network, &network) {
+                None => checks.push(Check::pass(format!(
+                    "network {} present ({}), {}",
+                    settings.network,
+                    &network.id[..network.id.len().min(12)],
+                    isolation.as_str()
+                ))),
+                Some(mismatch) => checks.push(Check::fail(mismatch.reason(), mismatch.to_string())),
+            },
             Some(Ok(None)) => checks.push(Check::pass(format!(
-                "network {} absent; it will be created on first use",
-                settings.network
+                "network {} absent; it will be created on first use ({})",
+                settings.network,
+                isolation.as_str()
             ))),
             Some(Err(e)) => checks.push(Check::fail(
                 format!("network {}: {e}", settings.network),
@@ -261,12 +326,33 @@ pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), 
             Some(hint) => println!("✗ {} — {hint}", check.what),
         }
     }
+    for warning in &warnings {
+        println!("! {warning}");
+    }
     if failed > 0 {
         return Err(CliError::Config(format!(
             "{failed} of {} checks failed",
             checks.len()
         )));
     }
-    println!("all {} checks passed", checks.len());
+    match warnings.len() {
+        0 => println!("all {} checks passed", checks.len()),
+        n => println!("all {} checks passed, {n} warning(s)", checks.len()),
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_is_an_empty_user_uid_0_or_root_with_any_group() {
+        for root in ["", "0", "0:0", "root", "root:root", "0:1000"] {
+            assert!(runs_as_root(root), "{root:?}");
+        }
+        for other in ["node", "1000", "1000:0", "65532:65532"] {
+            assert!(!runs_as_root(other), "{other:?}");
+        }
+    }
 }

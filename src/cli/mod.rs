@@ -2,7 +2,7 @@
 //! and what each command prints.
 //!
 //! Secrets are never flags (they would show in `ps`): the key ring comes from
-//! `CLAWFLEET_ENCRYPTION_KEYS` or the key file, the API token from
+//! `CLAWFLEET_ENCRYPTION_KEYS` or (on SQLite) the key file, the API token from
 //! `CLAWFLEET_API_TOKEN`. `--help` shows which environment variable sets each
 //! flag but never the variable's current value.
 
@@ -18,12 +18,13 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    parse_cpus, parse_duration, parse_image, parse_image_patterns, parse_instance, parse_memory,
+    parse_cpus, parse_duration, parse_image, parse_image_allow_list, parse_instance, parse_memory,
     parse_name_prefix, parse_network, resolve_port_range, ContainerSettings, LogFormat, PortRange,
     RuntimeSettings, ENCRYPTION_KEYS_ENV, PORT_RANGE_START_ENV,
 };
-use crate::docker::ResourceLimits;
-use crate::image_ref::{ImagePattern, ImageRef};
+use crate::docker::{Confinement, LogLimits, ResourceLimits};
+use crate::image_ref::{ImageAllowList, ImageRef};
+use crate::isolation::{parse_cap_add, parse_log_size, CapAdd, NetworkIsolation};
 use crate::secrets::{self, SecretsError};
 use crate::store::{Store, StoreError};
 
@@ -34,8 +35,9 @@ pub use users::UsersCommand;
 const AFTER_HELP: &str = "\
 Secrets are read from the environment only, never from flags:
   CLAWFLEET_ENCRYPTION_KEYS  id:base64key,... (first seals, all open); without it
-                             the key file <data-dir>/encryption.keys is used
-                             (`clawfleet run` creates one if missing)
+                             on SQLite the key file <data-dir>/encryption.keys is
+                             used (`clawfleet run` creates one if missing); on
+                             PostgreSQL it is required, the same on every replica
   CLAWFLEET_API_TOKEN        bearer token of the JSON API; unset: the API is off
 
 Durations are humantime: 30s, 5m, 1h 30m.";
@@ -132,9 +134,9 @@ pub struct GlobalArgs {
     )]
     pub listen: SocketAddr,
 
-    /// Comma-separated image patterns rows may ask for (`*` is a wildcard) [default: any]
-    #[arg(long, env = "CLAWFLEET_ALLOWED_IMAGES", value_parser = parse_image_patterns, global = true, hide_env_values = true)]
-    pub allowed_images: Option<Vec<ImagePattern>>,
+    /// Comma-separated image patterns rows may ask for (`*` is a wildcard; `*` alone allows any image) [default: any tag or digest of the default image's repository]
+    #[arg(long, env = "CLAWFLEET_ALLOWED_IMAGES", value_parser = parse_image_allow_list, global = true, hide_env_values = true)]
+    pub allowed_images: Option<ImageAllowList>,
 
     /// Grace period of `docker stop` before the container is killed
     #[arg(long, env = "CLAWFLEET_STOP_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true, hide_env_values = true)]
@@ -156,9 +158,32 @@ pub struct GlobalArgs {
     #[arg(long, env = "CLAWFLEET_CPU_LIMIT", value_parser = parse_cpus, global = true, hide_env_values = true)]
     pub cpu_limit: Option<i64>,
 
-    /// Process limit of each container [default: none]
-    #[arg(long, env = "CLAWFLEET_PIDS_LIMIT", value_parser = clap::value_parser!(i64).range(1..), global = true, hide_env_values = true)]
-    pub pids_limit: Option<i64>,
+    /// Process limit of each container
+    #[arg(long, env = "CLAWFLEET_PIDS_LIMIT", default_value_t = 512, value_parser = clap::value_parser!(i64).range(1..), global = true, hide_env_values = true)]
+    pub pids_limit: i64,
+
+    /// Capabilities given back to each container after all are dropped, comma-separated (CHOWN,SETUID) [default: none]
+    #[arg(long, env = "CLAWFLEET_CAP_ADD", value_parser = parse_cap_add, global = true, hide_env_values = true)]
+    pub cap_add: Option<CapAdd>,
+
+    /// Size at which a container's log file is rotated (json-file driver; 10m, 512k)
+    #[arg(long, env = "CLAWFLEET_LOG_MAX_SIZE", default_value = "10m", value_parser = parse_log_size, global = true, hide_env_values = true)]
+    pub log_max_size: u64,
+
+    /// Log files kept per container, the current one included
+    #[arg(long, env = "CLAWFLEET_LOG_MAX_FILE", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100), global = true, hide_env_values = true)]
+    pub log_max_file: u32,
+
+    /// Whether agents on the network can reach each other: shared, or isolated (inter-container traffic disabled; reach agents through host_url)
+    #[arg(
+        long,
+        env = "CLAWFLEET_NETWORK_ISOLATION",
+        value_enum,
+        default_value = "shared",
+        global = true,
+        hide_env_values = true
+    )]
+    pub network_isolation: NetworkIsolation,
 
     /// Log format
     #[arg(
@@ -243,24 +268,39 @@ impl GlobalArgs {
         image: Option<ImageRef>,
     ) -> Result<ContainerSettings, CliError> {
         let legacy = std::env::var(PORT_RANGE_START_ENV).ok();
+        let image = image.unwrap_or_else(|| {
+            ImageRef::parse("alpine/openclaw:latest").expect("the default image is valid")
+        });
+        // Unset, the list follows the default image (README "Configuration").
+        let allowed_images = self
+            .allowed_images
+            .clone()
+            .unwrap_or_else(|| ImageAllowList::of_repository(&image));
         Ok(ContainerSettings {
             instance: self.instance.clone(),
-            image: image.unwrap_or_else(|| {
-                ImageRef::parse("alpine/openclaw:latest").expect("the default image is valid")
-            }),
+            image,
             network: self.network.clone(),
             name_prefix: self.name_prefix.clone(),
             port_range: resolve_port_range(self.port_range, legacy.as_deref())
                 .map_err(CliError::Config)?,
             publish_ip: self.publish_ip,
             mosaic_api_url: self.mosaic_api_url.clone(),
-            allowed_images: self.allowed_images.clone().unwrap_or_default(),
+            allowed_images,
             stop_timeout: self.stop_timeout,
             limits: ResourceLimits {
                 memory_bytes: self.memory_limit,
                 nano_cpus: self.cpu_limit,
-                pids: self.pids_limit,
+                pids: Some(self.pids_limit),
             },
+            confinement: Confinement {
+                cap_add: self.cap_add.clone().unwrap_or_default().0,
+                log: Some(LogLimits {
+                    max_size_bytes: self.log_max_size,
+                    max_files: self.log_max_file,
+                }),
+                ..Confinement::strict()
+            },
+            network_isolation: self.network_isolation,
         })
     }
 
@@ -284,25 +324,34 @@ impl GlobalArgs {
         Ok(store)
     }
 
-    /// Loads the key ring; with `create`, makes a key file when none is configured.
+    /// Loads the key ring from `CLAWFLEET_ENCRYPTION_KEYS`, else on SQLite from
+    /// the key file in `--data-dir` (with `create`, made when missing). On
+    /// PostgreSQL keys come only from the environment: every replica of a
+    /// group must seal with the same keys (README "High availability").
     pub fn key_ring(
         &self,
         create: bool,
     ) -> Result<(secrets::KeyRing, secrets::KeySource), CliError> {
         let env = std::env::var(ENCRYPTION_KEYS_ENV).ok();
-        Ok(secrets::load_key_ring(
-            env.as_deref(),
-            &self.data_dir,
-            create,
-        )?)
+        let file = if crate::store::is_postgres_url(&self.database_url) {
+            secrets::KeyFileUse::Never
+        } else if create {
+            secrets::KeyFileUse::Create
+        } else {
+            secrets::KeyFileUse::Read
+        };
+        secrets::load_key_ring(env.as_deref(), &self.data_dir, file).map_err(|e| match env {
+            // Name the variable: the error cannot quote its (secret) value.
+            Some(_) => CliError::Config(format!("{ENCRYPTION_KEYS_ENV}: {e}")),
+            None => e.into(),
+        })
     }
 }
 
 /// `clawfleet migrate`.
 pub async fn migrate(global: &GlobalArgs) -> Result<(), CliError> {
     let store = Store::connect(&global.database_url).await?;
-    let pending = store.pending_migrations().await?;
-    store.migrate().await?;
+    let pending = store.migrate().await?;
     if pending.is_empty() {
         println!("database is up to date");
     } else {

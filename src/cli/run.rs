@@ -95,6 +95,7 @@ struct Checks<E: Engine> {
     store: Store,
     engine: Arc<E>,
     role: Arc<Role>,
+    settings: Arc<ContainerSettings>,
 }
 
 impl<E: Engine> Readiness for Checks<E> {
@@ -120,6 +121,14 @@ impl<E: Engine> Readiness for Checks<E> {
                     reasons.push("docker engine unreachable".to_owned());
                 }
                 Err(_) => reasons.push("docker engine did not answer within 2s".to_owned()),
+            }
+            let network = crate::isolation::check_network(
+                self.engine.as_ref(),
+                &self.settings.network,
+                self.settings.network_isolation,
+            );
+            if let Ok(Some(mismatch)) = tokio::time::timeout(CHECK_TIMEOUT, network).await {
+                reasons.push(mismatch.reason());
             }
             if self.role.leader.load(Ordering::SeqCst) {
                 let progress = self
@@ -202,15 +211,9 @@ pub async fn run(
 ) -> Result<(), CliError> {
     let settings = global.container_settings(args.default_image.clone().or(image))?;
     let runtime = global.runtime_settings();
-    let store = global.open_store().await?;
-    info!(database = %crate::store::redact_url(&runtime.database_url), "database migrated");
-    // SQLite: one process per database file, for the life of the process.
-    let _sqlite_lock = match store.sqlite_file() {
-        Some(path) => {
-            Some(SqliteLock::acquire(&path).map_err(|e| CliError::Config(e.to_string()))?)
-        }
-        None => None,
-    };
+    warn_about_allowed_images(&settings);
+    // Before the database is touched: on PostgreSQL a replica without the
+    // group's keys must not start (README "High availability").
     let (keys, source) = global.key_ring(true)?;
     match &source {
         KeySource::Created(path) => warn!(
@@ -224,6 +227,15 @@ pub async fn run(
             warn!(path = %path.display(), "key file is readable by other users; chmod 600 it");
         }
     }
+    let store = global.open_store().await?;
+    info!(database = %crate::store::redact_url(&runtime.database_url), "database migrated");
+    // SQLite: one process per database file, for the life of the process.
+    let _sqlite_lock = match store.sqlite_file() {
+        Some(path) => {
+            Some(SqliteLock::acquire(&path).map_err(|e| CliError::Config(e.to_string()))?)
+        }
+        None => None,
+    };
     let metrics = Metrics::new();
     let engine = DockerEngine::connect(&runtime.docker_host)
         .await
@@ -247,6 +259,8 @@ pub async fn run(
         network = %settings.network,
         ports = %settings.port_range,
         publish_ip = %settings.publish_ip,
+        allowed_images = %settings.allowed_images,
+        network_isolation = settings.network_isolation.as_str(),
         concurrency = runtime.concurrency,
         "controller starting"
     );
@@ -264,6 +278,7 @@ pub async fn run(
             store: api_store,
             engine: engine.clone(),
             role: role.clone(),
+            settings: Arc::new(settings.clone()),
         }))),
         max_inflight: args.api_max_inflight,
         metrics: metrics.clone(),
@@ -362,6 +377,24 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Warns when the image allow-list is open to any image, or shuts out the
+/// default image (every row naming no image would then fail).
+fn warn_about_allowed_images(settings: &ContainerSettings) {
+    let allowed = settings.allowed_images.to_string();
+    if settings.allowed_images.allows_any() {
+        warn!(
+            allowed_images = %allowed,
+            "--allowed-images allows any image: rows and API callers can run any image from any registry the engine reaches"
+        );
+    } else if !settings.image_allowed(&settings.image) {
+        warn!(
+            allowed_images = %allowed,
+            image = %settings.image,
+            "the default image is not in --allowed-images: rows naming no image will fail"
+        );
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

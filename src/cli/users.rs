@@ -157,7 +157,7 @@ async fn show(global: &GlobalArgs, store: &Store, args: &ShowArgs) -> Result<(),
             true,
         ) => {
             let (ring, _) = global.key_ring(false)?;
-            Some(ring.open(sealed)?)
+            Some(ring.open(&args.id, sealed)?)
         }
         _ => None,
     };
@@ -175,7 +175,7 @@ async fn show(global: &GlobalArgs, store: &Store, args: &ShowArgs) -> Result<(),
         )?;
         return Ok(());
     }
-    writeln!(out, "user:              {}", args.id)?;
+    writeln!(out, "user:              {}", quote_short(&args.id))?;
     match &desired {
         Some(Ok(d)) => {
             writeln!(out, "desired state:     {}", d.state)?;

@@ -25,8 +25,8 @@ use std::time::Duration;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerSummary as BollardSummary,
-    EventMessage, HostConfig, Mount, MountType, Network, NetworkCreateRequest, PortBinding,
-    RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
+    EventMessage, HostConfig, HostConfigLogConfig, Mount, MountType, Network, NetworkCreateRequest,
+    PortBinding, RestartPolicy, RestartPolicyNameEnum, VolumeCreateRequest,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, EventsOptionsBuilder,
@@ -40,8 +40,8 @@ use futures::stream::{self, BoxStream, StreamExt};
 
 use super::{
     ContainerFilter, ContainerSpec, ContainerSummary, Engine, EngineError, EngineEvent,
-    EngineVersion, ObservedContainer, RunState, GATEWAY_PORT, LABEL_INSTANCE, LABEL_MANAGED,
-    LABEL_USER_ID, STATE_PATH,
+    EngineVersion, ObservedContainer, ObservedNetwork, RunState, GATEWAY_PORT, LABEL_INSTANCE,
+    LABEL_MANAGED, LABEL_USER_ID, STATE_PATH,
 };
 use crate::image_ref::ImageRef;
 use crate::status::Health;
@@ -148,13 +148,25 @@ impl DockerEngine {
         classify(&self.host, op, target, err)
     }
 
-    /// The id of the (oldest) network called exactly `name`, without creating one.
-    pub async fn find_network(&self, name: &str) -> Result<Option<String>, EngineError> {
-        Ok(self.networks_named(name).await?.into_iter().next())
+    /// The user an image's entrypoint runs as (`Config.User`, empty for
+    /// root); `None` when the image is not present.
+    pub async fn image_user(&self, image: &str) -> Result<Option<String>, EngineError> {
+        if ImageRef::parse(image).is_err() {
+            return Ok(None);
+        }
+        match self.docker.inspect_image(image).await {
+            Ok(inspect) => Ok(Some(
+                inspect.config.and_then(|c| c.user).unwrap_or_default(),
+            )),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(err) => Err(self.fail("image inspect", image, err)),
+        }
     }
 
-    /// The ids of the networks called exactly `name`, oldest first.
-    async fn networks_named(&self, name: &str) -> Result<Vec<String>, EngineError> {
+    /// The networks called exactly `name`, oldest first.
+    async fn networks_named(&self, name: &str) -> Result<Vec<ObservedNetwork>, EngineError> {
         let filters = HashMap::from([("name".to_owned(), vec![name.to_owned()])]);
         let options = ListNetworksOptionsBuilder::default()
             .filters(&filters)
@@ -172,11 +184,13 @@ impl DockerEngine {
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
+        options: &BTreeMap<String, String>,
     ) -> Result<(), EngineError> {
         let request = NetworkCreateRequest {
             name: name.to_owned(),
             driver: Some("bridge".to_owned()),
             labels: Some(to_hash_map(labels)),
+            options: (!options.is_empty()).then(|| to_hash_map(options)),
             ..Default::default()
         };
         // Engines before API 1.44 create a second network of a taken name
@@ -354,33 +368,51 @@ impl Engine for DockerEngine {
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<BTreeMap<String, String>, EngineError> {
         let request = VolumeCreateRequest {
             name: Some(name.to_owned()),
             labels: Some(to_hash_map(labels)),
             ..Default::default()
         };
-        // The engine answers with the existing volume when the name is taken.
+        // The engine answers with the existing volume, and its own labels,
+        // when the name is taken.
         self.docker
             .create_volume(request)
             .await
-            .map(drop)
+            .map(|volume| volume.labels.into_iter().collect())
             .map_err(|err| self.fail("volume create", name, err))
+    }
+
+    async fn inspect_volume(
+        &self,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, EngineError> {
+        if !is_object_ref(name) {
+            return Ok(None);
+        }
+        match self.docker.inspect_volume(name).await {
+            Ok(volume) => Ok(Some(volume.labels.into_iter().collect())),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
+            Err(err) => Err(self.fail("volume inspect", name, err)),
+        }
     }
 
     async fn ensure_network(
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
-    ) -> Result<String, EngineError> {
-        if let Some(id) = self.networks_named(name).await?.into_iter().next() {
-            return Ok(id);
+        options: &BTreeMap<String, String>,
+    ) -> Result<ObservedNetwork, EngineError> {
+        if let Some(network) = self.networks_named(name).await?.into_iter().next() {
+            return Ok(network);
         }
         let _single_flight = self.network_creation.lock().await;
-        if let Some(id) = self.networks_named(name).await?.into_iter().next() {
-            return Ok(id);
+        if let Some(network) = self.networks_named(name).await?.into_iter().next() {
+            return Ok(network);
         }
-        self.create_network(name, labels).await?;
+        self.create_network(name, labels, options).await?;
         self.networks_named(name)
             .await?
             .into_iter()
@@ -389,6 +421,10 @@ impl Engine for DockerEngine {
                 op: "network create",
                 target: name.to_owned(),
             })
+    }
+
+    async fn inspect_network(&self, name: &str) -> Result<Option<ObservedNetwork>, EngineError> {
+        Ok(self.networks_named(name).await?.into_iter().next())
     }
 
     async fn image_present(&self, image: &str) -> Result<bool, EngineError> {
@@ -660,6 +696,7 @@ fn gateway_port_key() -> String {
 /// The create request for `spec`.
 fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
     let port_key = gateway_port_key();
+    let confinement = &spec.confinement;
     let port_bindings = spec.publish.map(|(ip, port)| {
         HashMap::from([(
             port_key.clone(),
@@ -697,6 +734,18 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
             memory: spec.limits.memory_bytes,
             nano_cpus: spec.limits.nano_cpus,
             pids_limit: spec.limits.pids,
+            cap_drop: confinement
+                .drop_all_capabilities
+                .then(|| vec!["ALL".to_owned()]),
+            cap_add: (!confinement.cap_add.is_empty()).then(|| confinement.cap_add.clone()),
+            security_opt: Some(confinement.security_opt()).filter(|o| !o.is_empty()),
+            log_config: confinement.log.map(|log| HostConfigLogConfig {
+                typ: Some("json-file".to_owned()),
+                config: Some(HashMap::from([
+                    ("max-size".to_owned(), log.max_size()),
+                    ("max-file".to_owned(), log.max_files.to_string()),
+                ])),
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -720,23 +769,24 @@ fn to_hash_map(labels: &BTreeMap<String, String>) -> HashMap<String, String> {
     labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-/// The ids of the networks named exactly `name` (the engine's name filter
-/// matches substrings), oldest first, ties broken by id, so every caller
-/// picks the same one of duplicates.
-fn oldest_first(name: &str, networks: Vec<Network>) -> Vec<String> {
-    let mut named: Vec<(Option<DateTime<Utc>>, String)> = networks
+/// The networks named exactly `name` (the engine's name filter matches
+/// substrings), oldest first, ties broken by id, so every caller picks the
+/// same one of duplicates.
+fn oldest_first(name: &str, networks: Vec<Network>) -> Vec<ObservedNetwork> {
+    let mut named: Vec<(Option<DateTime<Utc>>, ObservedNetwork)> = networks
         .into_iter()
         .filter(|n| n.name.as_deref() == Some(name))
         .filter_map(|n| {
             let created = n.created.as_deref().and_then(docker_time);
-            Some((created, n.id?))
+            let options = n.options.unwrap_or_default().into_iter().collect();
+            Some((created, ObservedNetwork { id: n.id?, options }))
         })
         .collect();
     // An unreadable creation time sorts last rather than winning.
-    named.sort_by(|(a_time, a_id), (b_time, b_id)| {
-        (a_time.is_none(), a_time, a_id).cmp(&(b_time.is_none(), b_time, b_id))
+    named.sort_by(|(a_time, a), (b_time, b)| {
+        (a_time.is_none(), a_time, &a.id).cmp(&(b_time.is_none(), b_time, &b.id))
     });
-    named.into_iter().map(|(_, id)| id).collect()
+    named.into_iter().map(|(_, network)| network).collect()
 }
 
 /// Nanoseconds since the epoch as Docker's `seconds.nanoseconds`.
@@ -959,7 +1009,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::docker::{object_labels, EnvValue, ResourceLimits};
+    use crate::docker::{object_labels, Confinement, EnvValue, ResourceLimits};
     use crate::secrets::GatewayToken;
 
     const TOKEN: &str = "0123456789abcdef0123456789abcdef";
@@ -984,6 +1034,10 @@ mod tests {
                 memory_bytes: Some(512 << 20),
                 nano_cpus: Some(500_000_000),
                 pids: Some(256),
+            },
+            confinement: Confinement {
+                cap_add: vec!["CHOWN".to_owned()],
+                ..Confinement::strict()
             },
         }
     }
@@ -1302,6 +1356,17 @@ mod tests {
         assert_eq!(host.memory, Some(512 << 20));
         assert_eq!(host.nano_cpus, Some(500_000_000));
         assert_eq!(host.pids_limit, Some(256));
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(host.cap_add, Some(vec!["CHOWN".to_owned()]));
+        assert_eq!(
+            host.security_opt,
+            Some(vec!["no-new-privileges:true".to_owned()])
+        );
+        let log = host.log_config.clone().expect("log config");
+        assert_eq!(log.typ.as_deref(), Some("json-file"));
+        let log = log.config.expect("log options");
+        assert_eq!(log["max-size"], "10m");
+        assert_eq!(log["max-file"], "3");
         let mount = &host.mounts.expect("mounts")[0];
         assert_eq!(mount.typ, Some(MountType::VOLUME));
         assert_eq!(mount.source.as_deref(), Some("mosaic-user-1-state"));
@@ -1311,6 +1376,17 @@ mod tests {
             .expect("binding")[0];
         assert_eq!(binding.host_ip.as_deref(), Some("127.0.0.1"));
         assert_eq!(binding.host_port.as_deref(), Some("19000"));
+    }
+
+    #[test]
+    fn an_unconfined_spec_leaves_the_engine_defaults() {
+        let mut spec = spec();
+        spec.confinement = Confinement::unconfined();
+        let host = create_body(&spec).host_config.expect("host config");
+        assert_eq!(host.cap_drop, None);
+        assert_eq!(host.cap_add, None);
+        assert_eq!(host.security_opt, None);
+        assert_eq!(host.log_config, None);
     }
 
     #[test]
@@ -1368,7 +1444,11 @@ mod tests {
             network("net", "a", "2024-01-01T00:00:02Z"),
             network("net", "d", "2024-01-01T00:00:01.5+00:00"),
         ];
-        assert_eq!(oldest_first("net", networks), ["d", "a", "b", "c"]);
+        let ids: Vec<String> = oldest_first("net", networks)
+            .into_iter()
+            .map(|n| n.id)
+            .collect();
+        assert_eq!(ids, ["d", "a", "b", "c"]);
     }
 
     #[test]

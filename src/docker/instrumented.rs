@@ -11,7 +11,7 @@ use futures::StreamExt;
 
 use super::{
     ContainerFilter, ContainerSpec, ContainerSummary, Engine, EngineError, EngineEvent,
-    EngineVersion, ObservedContainer, Op,
+    EngineVersion, ObservedContainer, ObservedNetwork, Op,
 };
 
 /// Receives one report per engine call.
@@ -104,8 +104,16 @@ impl<E: Engine> Engine for Instrumented<E> {
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<BTreeMap<String, String>, EngineError> {
         self.timed(Op::EnsureVolume, self.inner.ensure_volume(name, labels))
+            .await
+    }
+
+    async fn inspect_volume(
+        &self,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, EngineError> {
+        self.timed(Op::InspectVolume, self.inner.inspect_volume(name))
             .await
     }
 
@@ -113,8 +121,17 @@ impl<E: Engine> Engine for Instrumented<E> {
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
-    ) -> Result<String, EngineError> {
-        self.timed(Op::EnsureNetwork, self.inner.ensure_network(name, labels))
+        options: &BTreeMap<String, String>,
+    ) -> Result<ObservedNetwork, EngineError> {
+        self.timed(
+            Op::EnsureNetwork,
+            self.inner.ensure_network(name, labels, options),
+        )
+        .await
+    }
+
+    async fn inspect_network(&self, name: &str) -> Result<Option<ObservedNetwork>, EngineError> {
+        self.timed(Op::InspectNetwork, self.inner.inspect_network(name))
             .await
     }
 

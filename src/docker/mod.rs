@@ -188,6 +188,87 @@ pub struct ResourceLimits {
     pub pids: Option<i64>,
 }
 
+/// Label-independent option of a bridge network: `false` disables traffic
+/// between the network's containers (README "Security").
+pub const OPTION_ENABLE_ICC: &str = "com.docker.network.bridge.enable_icc";
+
+/// How far a container is confined beyond its resource limits (README "Security").
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Confinement {
+    /// Drop every capability (`--cap-drop ALL`) before adding [`Self::cap_add`].
+    pub drop_all_capabilities: bool,
+    /// Capabilities given back, by their name without `CAP_` (`CHOWN`).
+    pub cap_add: Vec<String>,
+    /// `no-new-privileges`: setuid binaries and file capabilities grant nothing.
+    pub no_new_privileges: bool,
+    /// Log rotation of the `json-file` driver; `None` leaves the engine's default.
+    pub log: Option<LogLimits>,
+}
+
+impl Confinement {
+    /// clawfleet's default: every capability dropped, `no-new-privileges`,
+    /// logs capped at 3 files of 10 MiB.
+    pub fn strict() -> Self {
+        Self {
+            drop_all_capabilities: true,
+            cap_add: Vec::new(),
+            no_new_privileges: true,
+            log: Some(LogLimits::default()),
+        }
+    }
+
+    /// Docker's own defaults, as a container made by anyone else has them.
+    pub fn unconfined() -> Self {
+        Self {
+            drop_all_capabilities: false,
+            cap_add: Vec::new(),
+            no_new_privileges: false,
+            log: None,
+        }
+    }
+
+    /// Docker's `SecurityOpt` entries.
+    pub fn security_opt(&self) -> Vec<String> {
+        if self.no_new_privileges {
+            vec!["no-new-privileges:true".to_owned()]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// Size rotation of the `json-file` log driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LogLimits {
+    /// Bytes a log file may grow to before it is rotated.
+    pub max_size_bytes: u64,
+    /// Log files kept, the current one included.
+    pub max_files: u32,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        Self {
+            max_size_bytes: 10 << 20,
+            max_files: 3,
+        }
+    }
+}
+
+impl LogLimits {
+    /// `max-size` as Docker writes it: `10m`, `512k`, `1g`, or bytes.
+    pub fn max_size(&self) -> String {
+        let bytes = self.max_size_bytes;
+        match bytes {
+            0 => "0".to_owned(),
+            b if b % (1 << 30) == 0 => format!("{}g", b >> 30),
+            b if b % (1 << 20) == 0 => format!("{}m", b >> 20),
+            b if b % (1 << 10) == 0 => format!("{}k", b >> 10),
+            b => b.to_string(),
+        }
+    }
+}
+
 /// Everything needed to create one user's container.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerSpec {
@@ -209,6 +290,28 @@ pub struct ContainerSpec {
     pub stop_timeout: Duration,
     /// Resource limits.
     pub limits: ResourceLimits,
+    /// Capabilities, privileges and log rotation.
+    pub confinement: Confinement,
+}
+
+/// A network as inspected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedNetwork {
+    /// Docker's id.
+    pub id: String,
+    /// The driver options it was created with.
+    pub options: BTreeMap<String, String>,
+}
+
+impl ObservedNetwork {
+    /// False when the network was created with inter-container traffic
+    /// disabled ([`OPTION_ENABLE_ICC`] false, read as the engine reads a bool).
+    pub fn inter_container_traffic(&self) -> bool {
+        !matches!(
+            self.options.get(OPTION_ENABLE_ICC).map(String::as_str),
+            Some("0" | "f" | "F" | "false" | "FALSE" | "False")
+        )
+    }
 }
 
 /// Which managed containers a list or an event subscription covers.
@@ -374,21 +477,36 @@ pub trait Engine: Send + Sync + 'static {
         new_name: &str,
     ) -> impl Future<Output = Result<(), EngineError>> + Send;
 
-    /// Creates a named volume with `labels` unless one of that name exists.
+    /// Creates a named volume with `labels` unless one of that name exists;
+    /// returns the labels of the volume now there (an existing volume keeps its own).
     fn ensure_volume(
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
-    ) -> impl Future<Output = Result<(), EngineError>> + Send;
+    ) -> impl Future<Output = Result<BTreeMap<String, String>, EngineError>> + Send;
 
-    /// Returns the id of the network called `name`, creating it (with
-    /// `labels`) when missing. When old engines let several networks share
+    /// The labels of the volume called `name`; `None` when there is none.
+    fn inspect_volume(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<BTreeMap<String, String>>, EngineError>> + Send;
+
+    /// Returns the network called `name`, creating it (with `labels` and
+    /// driver `options`) when missing; an existing one is returned as it is,
+    /// whatever its options. When old engines let several networks share
     /// the name, the oldest wins, so every caller agrees.
     fn ensure_network(
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
-    ) -> impl Future<Output = Result<String, EngineError>> + Send;
+        options: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<ObservedNetwork, EngineError>> + Send;
+
+    /// The (oldest) network called `name`; `None` when there is none.
+    fn inspect_network(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<ObservedNetwork>, EngineError>> + Send;
 
     /// True when `image` is present locally.
     fn image_present(&self, image: &str) -> impl Future<Output = Result<bool, EngineError>> + Send;

@@ -479,7 +479,7 @@ async fn put_user(
     let body = body.map_err(|e| ApiError::bad_request("body", e.body_text()))?;
     let update = PutBody::parse(&body)?.into_update(id.clone())?;
     state.store.upsert_desired(&update).await?;
-    tracing::info!(user_id = %id, "desired row written through the api");
+    tracing::info!(user_id = %quote_short(&id), "desired row written through the api");
     view_of(&state, &id).await.map(Json)
 }
 
@@ -491,7 +491,7 @@ async fn delete_user(
     if !state.store.delete_desired(&id).await? {
         return Err(ApiError::NoSuchUser(quote_short(&id)));
     }
-    tracing::info!(user_id = %id, "desired row deleted through the api");
+    tracing::info!(user_id = %quote_short(&id), "desired row deleted through the api");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -514,7 +514,7 @@ async fn stop_user(
     UserId(id): UserId,
 ) -> Result<Json<Value>, ApiError> {
     state.store.set_state(&id, DesiredState::Stopped).await?;
-    tracing::info!(user_id = %id, "stop requested through the api");
+    tracing::info!(user_id = %quote_short(&id), "stop requested through the api");
     view_of(&state, &id).await.map(Json)
 }
 
@@ -525,7 +525,7 @@ async fn restart_user(
     UserId(id): UserId,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     state.store.request_restart(&id).await?;
-    tracing::info!(user_id = %id, "restart requested through the api");
+    tracing::info!(user_id = %quote_short(&id), "restart requested through the api");
     let nonce = match state.store.desired(&id).await? {
         Some(Ok(d)) => Some(d.restart_nonce),
         _ => None,
@@ -773,10 +773,13 @@ fn running_answer(state: &AppState, status: &ContainerStatus) -> Result<Value, A
         .gateway_token
         .as_deref()
         .ok_or_else(|| ApiError::NoToken(user()))?;
-    let token = state.keys.open(sealed).map_err(|source| ApiError::Token {
-        user: user(),
-        source,
-    })?;
+    let token = state
+        .keys
+        .open(&status.user_id, sealed)
+        .map_err(|source| ApiError::Token {
+            user: user(),
+            source,
+        })?;
     Ok(json!({
         "user_id": status.user_id,
         "phase": status.phase.as_str(),

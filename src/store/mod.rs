@@ -119,6 +119,41 @@ impl StoreError {
     }
 }
 
+/// Key of the PostgreSQL advisory lock held while migrating (the bytes of
+/// "clawfleet" read as a number; advisory locks are per database).
+pub const MIGRATION_LOCK: i64 = 0x0063_6c61_7766_6c65;
+
+/// The migration lock, held by one connection opened for it alone: if the
+/// process dies, the session ends and the server releases the lock.
+struct MigrationLock(sqlx::PgConnection);
+
+impl MigrationLock {
+    async fn acquire(pool: &sqlx::PgPool) -> Result<Self, StoreError> {
+        let failed = |source: sqlx::Error| StoreError::Query {
+            operation: "migration lock",
+            source: DbErr::Custom(source.to_string()),
+        };
+        let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options())
+            .await
+            .map_err(failed)?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut conn)
+            .await
+            .map_err(failed)?;
+        Ok(Self(conn))
+    }
+
+    /// Unlocks and closes; closing alone would release it too.
+    async fn release(mut self) {
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut self.0)
+            .await;
+        let _ = self.0.close().await;
+    }
+}
+
 /// The database behind clawfleet: desired rows in, status rows out.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -149,21 +184,68 @@ pub enum Pool {
     Postgres(sqlx::PgPool),
 }
 
-/// Removes a password from a database URL so it can be shown.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+/// True for a PostgreSQL URL: a database a group of controllers may share
+/// (README "High availability").
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres:") || url.starts_with("postgresql:")
+}
+
+/// Query parameters whose name holds one of these (lowercased) carry a secret.
+const SECRET_PARAMETER_WORDS: [&str; 7] = [
+    "pass",
+    "pwd",
+    "secret",
+    "token",
+    "key",
+    "auth",
+    "credential",
+];
+
+/// Removes the secrets from a database URL so it can be shown: the password
+/// of the userinfo, and every password-like query parameter (sqlx accepts
+/// `?password=`). A URL that cannot be parsed is cut after its scheme.
+pub fn redact_url(text: &str) -> String {
+    const HIDDEN: &str = "***";
+    let Ok(mut url) = url::Url::parse(text) else {
+        return match text.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://{HIDDEN}"),
+            None if text.contains(['@', '?']) => HIDDEN.to_owned(),
+            None => text.to_owned(),
+        };
     };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    if url.cannot_be_a_base() && text.contains('@') {
+        // `scheme:user:password@host` parses as a path: nothing to keep.
+        return format!("{}:{HIDDEN}", url.scheme());
+    }
+    let mut redacted = false;
+    if url.password().is_some() {
+        redacted = url.set_password(Some(HIDDEN)).is_ok();
+    }
+    let secret = |name: &str| {
+        let name = name.to_ascii_lowercase();
+        SECRET_PARAMETER_WORDS.iter().any(|w| name.contains(w))
     };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
+    let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+    if pairs.iter().any(|(name, _)| secret(name)) {
+        let shown: Vec<(String, String)> = pairs
+            .into_iter()
+            .map(|(name, value)| {
+                let value = if secret(&name) {
+                    HIDDEN.to_owned()
+                } else {
+                    value
+                };
+                (name, value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(shown);
+        redacted = true;
+    }
+    // Unchanged URLs are shown as written, not as the parser normalises them.
+    if redacted {
+        url.to_string()
+    } else {
+        text.to_owned()
     }
 }
 
@@ -203,7 +285,7 @@ impl Store {
                 .await
                 .map_err(connect_err)?;
             Ok(Self::assemble(Pool::Sqlite(pool), None, None))
-        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        } else if is_postgres_url(url) {
             let options = PgConnectOptions::from_str(url).map_err(|e| bad_url(e.to_string()))?;
             // One direct connection first: a pool only reports "timed out",
             // hiding "connection refused" or "password authentication failed".
@@ -291,11 +373,25 @@ impl Store {
         }
     }
 
-    /// Applies pending migrations.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        clawfleet_migration::Migrator::up(&self.db, None)
+    /// Applies pending migrations and returns the names of those it applied.
+    ///
+    /// On PostgreSQL the replicas of an HA group start at once: each takes
+    /// the advisory lock [`MIGRATION_LOCK`] on a connection of its own
+    /// first, so one migrates while the others wait and then find nothing
+    /// left to do. (On SQLite the database's write lock serialises writers.)
+    pub async fn migrate(&self) -> Result<Vec<String>, StoreError> {
+        let lock = match &self.pool {
+            Pool::Postgres(pool) => Some(MigrationLock::acquire(pool).await?),
+            Pool::Sqlite(_) => None,
+        };
+        let pending = self.pending_migrations().await?;
+        let applied = clawfleet_migration::Migrator::up(&self.db, None)
             .await
-            .map_err(StoreError::Migrate)
+            .map_err(StoreError::Migrate);
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
+        applied.map(|()| pending)
     }
 
     /// Names of migrations not yet applied.
@@ -384,5 +480,48 @@ mod tests {
             redact_url("sqlite://./data/clawfleet.db?mode=rwc"),
             "sqlite://./data/clawfleet.db?mode=rwc"
         );
+        assert_eq!(
+            redact_url("postgres://app@db/clawfleet"),
+            "postgres://app@db/clawfleet"
+        );
+    }
+
+    /// Regression: `?password=` (which sqlx accepts) was shown in clear.
+    #[test]
+    fn password_like_query_parameters_are_removed_from_shown_urls() {
+        for (url, secret) in [
+            ("postgres://app@db/cf?password=s3cret", "s3cret"),
+            (
+                "postgres://db/cf?user=app&PASSWORD=s3cret&sslmode=require",
+                "s3cret",
+            ),
+            ("postgres://db/cf?sslpassword=s3cret", "s3cret"),
+            ("postgres://db/cf?pwd=s3cret&pass=s3cret2", "s3cret"),
+            ("postgres://db/cf?api_token=s3cret", "s3cret"),
+            ("postgres://db/cf?secret=s3cret", "s3cret"),
+            ("postgres://db/cf?sslkey=s3cret", "s3cret"),
+            ("postgres://u:pw1@db/cf?password=s3cret", "pw1"),
+            ("postgres://db/cf?password=s%33cret", "s3cret"),
+        ] {
+            let shown = redact_url(url);
+            assert!(!shown.contains(secret), "{url} shown as {shown}");
+            assert!(!shown.contains("s%33cret"), "{url} shown as {shown}");
+            assert!(shown.contains("***"), "{url} shown as {shown}");
+        }
+        let shown = redact_url("postgres://db/cf?user=app&password=x&sslmode=require");
+        assert!(
+            shown.contains("user=app") && shown.contains("sslmode=require"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn unparseable_urls_are_cut_after_their_scheme() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:99999/cf"),
+            "postgres://***"
+        );
+        assert_eq!(redact_url("app:s3cret@db"), "app:***");
+        assert_eq!(redact_url("not a url"), "not a url");
     }
 }

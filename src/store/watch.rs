@@ -203,7 +203,6 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::reconcile::new_row;
 
     async fn store(dir: &tempfile::TempDir) -> Store {
         let url = format!("sqlite://{}/w.db?mode=rwc", dir.path().display());
@@ -239,7 +238,7 @@ mod tests {
         );
 
         store
-            .write_status(&new_row("a", Utc::now()), Utc::now())
+            .write_status(&ContainerStatus::pending("a", Utc::now()), Utc::now())
             .await
             .unwrap();
         for waiter in [&mut a1, &mut a2] {

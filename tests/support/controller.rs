@@ -28,6 +28,47 @@ pub fn test_ring() -> KeyRing {
     KeyRing::new(vec![test_key()]).expect("ring")
 }
 
+/// `token` sealed as builds before the v2 format sealed it (`v1`: AES-256-GCM
+/// with no associated data), with `key`.
+pub fn seal_v1(key: &EncryptionKey, token: &clawfleet::secrets::GatewayToken) -> String {
+    use aes_gcm::aead::{Aead, KeyInit};
+    use base64::Engine as _;
+    let base64 = base64::engine::general_purpose::STANDARD;
+    let entry = key.to_config_entry();
+    let (id, material) = entry.split_once(':').expect("id:key");
+    let material = base64.decode(material).expect("base64 key");
+    let nonce = [9u8; 12];
+    let ciphertext = aes_gcm::Aes256Gcm::new_from_slice(&material)
+        .expect("a 32-byte key")
+        .encrypt(
+            aes_gcm::Nonce::from_slice(&nonce),
+            token.expose().as_bytes(),
+        )
+        .expect("seal");
+    format!(
+        "v1:{id}:{}",
+        base64.encode([&nonce[..], &ciphertext].concat())
+    )
+}
+
+/// A `running` status row for `user` holding `sealed` as its token, nothing
+/// else known.
+pub fn status_with_token(user: &str, sealed: String) -> ContainerStatus {
+    ContainerStatus {
+        phase: Phase::Running,
+        gateway_token: Some(sealed),
+        ..ContainerStatus::pending(user, chrono::Utc::now())
+    }
+}
+
+/// Writes `status` as the controller would.
+pub async fn write_status(store: &Store, status: &ContainerStatus) {
+    store
+        .write_status(status, chrono::Utc::now())
+        .await
+        .expect("write status");
+}
+
 /// A port range of `len` ports unlikely to be used by a test running beside this one.
 pub fn port_range(len: u16) -> (u16, u16) {
     let seed = std::process::id() as u64 * 7919
@@ -263,7 +304,7 @@ pub fn gateway(
 pub fn token_of(status: &ContainerStatus) -> String {
     let sealed = status.gateway_token.as_deref().expect("a sealed token");
     test_ring()
-        .open(sealed)
+        .open(&status.user_id, sealed)
         .expect("open token")
         .expose()
         .to_owned()

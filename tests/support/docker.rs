@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use clawfleet::docker::{
-    object_labels, ContainerSpec, EnvValue, ResourceLimits, LABEL_INSTANCE, LABEL_SPEC_HASH,
+    object_labels, Confinement, ContainerSpec, EnvValue, ResourceLimits, LABEL_INSTANCE,
+    LABEL_SPEC_HASH,
 };
 use clawfleet::secrets::GatewayToken;
 
@@ -285,6 +286,7 @@ impl DockerFixture {
             publish: None,
             stop_timeout: Duration::from_secs(10),
             limits: ResourceLimits::default(),
+            confinement: Confinement::strict(),
         }
     }
 

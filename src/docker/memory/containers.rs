@@ -79,7 +79,9 @@ impl State {
         let key = id_key(CONTAINER_SALT, self.containers_made);
         let record = Record::new(&mut self.interner, &name, &spec.labels);
         let owner = self.owner(&record);
+        let confinement = self.confinement_index(&spec.confinement);
         let container = Container {
+            confinement,
             key,
             record,
             image: self.interner.intern(&spec.image),
@@ -288,7 +290,7 @@ mod tests {
     use crate::docker::memory::fixtures::*;
     use crate::docker::memory::names::is_valid_object_name;
     use crate::docker::memory::{MemoryEngine, Op};
-    use crate::docker::{object_labels, shared_labels, Engine, EngineError, RunState};
+    use crate::docker::{object_labels, shared_labels, Confinement, Engine, EngineError, RunState};
     use crate::status::Health;
 
     // ---- create ----------------------------------------------------------------
@@ -337,9 +339,10 @@ mod tests {
         let engine = MemoryEngine::new();
         engine.add_image(IMAGE);
         let network = engine
-            .ensure_network(NETWORK, &shared_labels(INSTANCE))
+            .ensure_network(NETWORK, &shared_labels(INSTANCE), &BTreeMap::new())
             .await
-            .unwrap();
+            .unwrap()
+            .id;
 
         for (user, net) in [("byid", &network[..]), ("byprefix", &network[..12])] {
             let mut spec = spec(user);
@@ -347,6 +350,27 @@ mod tests {
             engine.create_container(&spec).await.unwrap();
         }
         assert_eq!(engine.containers().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_container_keeps_the_confinement_it_was_created_with() {
+        let engine = engine().await;
+        let mut loose = spec("bob");
+        loose.confinement = Confinement::unconfined();
+        loose.confinement.cap_add = vec!["CHOWN".to_owned()];
+
+        engine.create_container(&spec("alice")).await.unwrap();
+        engine.create_container(&loose).await.unwrap();
+
+        assert_eq!(
+            engine.confinement("mosaic-user-alice"),
+            Some(Confinement::strict())
+        );
+        assert_eq!(
+            engine.confinement("mosaic-user-bob"),
+            Some(loose.confinement)
+        );
+        assert_eq!(engine.confinement("nobody"), None);
     }
 
     #[tokio::test]

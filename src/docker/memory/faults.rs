@@ -33,8 +33,12 @@ pub enum Op {
     Rename,
     /// [`Engine::ensure_volume`].
     EnsureVolume,
+    /// [`Engine::inspect_volume`].
+    InspectVolume,
     /// [`Engine::ensure_network`].
     EnsureNetwork,
+    /// [`Engine::inspect_network`].
+    InspectNetwork,
     /// [`Engine::image_present`].
     ImagePresent,
     /// [`Engine::pull_image`].
@@ -45,7 +49,7 @@ pub enum Op {
 
 impl Op {
     /// Every operation, in declaration order.
-    pub const ALL: [Op; 14] = [
+    pub const ALL: [Op; 16] = [
         Op::Version,
         Op::List,
         Op::Inspect,
@@ -56,7 +60,9 @@ impl Op {
         Op::Remove,
         Op::Rename,
         Op::EnsureVolume,
+        Op::InspectVolume,
         Op::EnsureNetwork,
+        Op::InspectNetwork,
         Op::ImagePresent,
         Op::Pull,
         Op::Events,
@@ -75,7 +81,9 @@ impl Op {
             Op::Remove => "remove",
             Op::Rename => "rename",
             Op::EnsureVolume => "volume create",
+            Op::InspectVolume => "volume inspect",
             Op::EnsureNetwork => "network create",
+            Op::InspectNetwork => "network inspect",
             Op::ImagePresent => "image inspect",
             Op::Pull => "pull",
             Op::Events => "events",
@@ -93,6 +101,14 @@ pub(super) struct Fault {
 }
 
 impl State {
+    /// True (and one fewer to come) when a panic is queued for `op`.
+    pub(super) fn take_panic(&mut self, op: Op) -> bool {
+        let queued = &mut self.panics[op.index()];
+        let panic = *queued > 0;
+        *queued = queued.saturating_sub(1);
+        panic
+    }
+
     /// Counts a call of `op` and applies unreachability and the next
     /// injected fault: `Err` fails the call now, `Ok(Some)` after its effect.
     pub(super) fn admit(&mut self, op: Op) -> Result<Option<EngineError>, EngineError> {
@@ -135,6 +151,13 @@ impl MemoryEngine {
             error,
             after_effect: false,
         });
+    }
+
+    /// Makes the next call of `op` panic (not under the engine's lock), as a
+    /// bug in the code under test would. Several calls queue several panics.
+    /// [`Op::Events`] subscriptions never panic.
+    pub fn panic_next(&self, op: Op) {
+        self.lock().panics[op.index()] += 1;
     }
 
     /// Makes the next call of `op` take effect and then fail with `error`, as

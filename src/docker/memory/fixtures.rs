@@ -1,6 +1,7 @@
 //! What the memory engine's tests share: specs, a ready engine, a clock the
 //! test moves by hand, and readers of an event stream that never wait.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,8 +12,8 @@ use futures::{FutureExt, StreamExt};
 
 use super::MemoryEngine;
 use crate::docker::{
-    object_labels, shared_labels, ContainerFilter, ContainerSpec, Engine, EngineError, EngineEvent,
-    ObservedContainer, ResourceLimits, LABEL_SPEC_HASH,
+    object_labels, shared_labels, Confinement, ContainerFilter, ContainerSpec, Engine, EngineError,
+    EngineEvent, ObservedContainer, ResourceLimits, LABEL_SPEC_HASH,
 };
 
 pub(super) const IMAGE: &str = "alpine/openclaw:latest";
@@ -41,6 +42,7 @@ pub(super) fn spec_in(instance: &str, user: &str) -> ContainerSpec {
         publish: None,
         stop_timeout: STOP,
         limits: ResourceLimits::default(),
+        confinement: Confinement::strict(),
     }
 }
 
@@ -60,7 +62,7 @@ pub(super) fn filter(instance: &str, user_id: Option<&str>) -> ContainerFilter {
 pub(super) async fn ready(engine: MemoryEngine) -> MemoryEngine {
     engine.add_image(IMAGE);
     engine
-        .ensure_network(NETWORK, &shared_labels(INSTANCE))
+        .ensure_network(NETWORK, &shared_labels(INSTANCE), &BTreeMap::new())
         .await
         .unwrap();
     engine

@@ -66,8 +66,8 @@ use futures::stream::BoxStream;
 use tokio::sync::broadcast;
 
 use super::{
-    ContainerFilter, ContainerSpec, ContainerSummary, Engine, EngineError, EngineEvent,
-    EngineVersion, ObservedContainer,
+    Confinement, ContainerFilter, ContainerSpec, ContainerSummary, Engine, EngineError,
+    EngineEvent, EngineVersion, ObservedContainer, ObservedNetwork,
 };
 
 pub use faults::Op;
@@ -147,6 +147,19 @@ impl MemoryEngine {
         }
     }
 
+    /// The confinement container `name_or_id` was created with (what
+    /// `docker inspect` shows as CapDrop, CapAdd, SecurityOpt and LogConfig).
+    pub fn confinement(&self, name_or_id: &str) -> Option<Confinement> {
+        let state = self.lock();
+        match state.find(name_or_id) {
+            Found::One(slot) => {
+                let index = state.container(slot).confinement;
+                Some(state.confinements[usize::from(index)].clone())
+            }
+            Found::Missing | Found::Ambiguous => None,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // One panicking test task must not turn every later call into a panic.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -160,6 +173,10 @@ impl MemoryEngine {
         body: impl FnOnce(&mut State, DateTime<Utc>) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
         let mut state = self.lock();
+        if state.take_panic(op) {
+            drop(state);
+            panic!("injected panic in the memory engine's {}", op.as_str());
+        }
         let lost_reply = state.admit(op)?;
         let now = (self.clock)();
         let result = body(&mut state, now);
@@ -247,9 +264,18 @@ impl Engine for MemoryEngine {
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<BTreeMap<String, String>, EngineError> {
         self.call(Op::EnsureVolume, |state, _| {
             state.ensure_volume(name, labels)
+        })
+    }
+
+    async fn inspect_volume(
+        &self,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, EngineError> {
+        self.call(Op::InspectVolume, |state, _| {
+            Ok(state.volume_label_map(name))
         })
     }
 
@@ -257,14 +283,24 @@ impl Engine for MemoryEngine {
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
-    ) -> Result<String, EngineError> {
+        options: &BTreeMap<String, String>,
+    ) -> Result<ObservedNetwork, EngineError> {
         self.call(Op::EnsureNetwork, |state, _| {
-            let index = match state.networks.iter().position(|n| n.record.name() == name) {
+            Ok(match state.network_named(name) {
                 Some(oldest) => oldest,
-                None => state.add_network(name, labels),
-            };
-            Ok(render_id(state.networks[index].key))
+                None => {
+                    let index = state.add_network(name, labels, options);
+                    ObservedNetwork {
+                        id: render_id(state.networks[index].key),
+                        options: options.clone(),
+                    }
+                }
+            })
         })
+    }
+
+    async fn inspect_network(&self, name: &str) -> Result<Option<ObservedNetwork>, EngineError> {
+        self.call(Op::InspectNetwork, |state, _| Ok(state.network_named(name)))
     }
 
     async fn image_present(&self, image: &str) -> Result<bool, EngineError> {

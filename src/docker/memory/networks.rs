@@ -8,21 +8,39 @@ use super::lookup::Found;
 use super::record::Record;
 use super::state::State;
 use super::MemoryEngine;
+use crate::docker::ObservedNetwork;
 
 pub(super) struct Network {
     pub(super) key: u64,
     pub(super) record: Record,
+    /// Driver options, as given at creation.
+    pub(super) options: BTreeMap<String, String>,
 }
 
 impl State {
-    pub(super) fn add_network(&mut self, name: &str, labels: &BTreeMap<String, String>) -> usize {
+    pub(super) fn add_network(
+        &mut self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        options: &BTreeMap<String, String>,
+    ) -> usize {
         self.networks_made += 1;
         let record = Record::new(&mut self.interner, name, labels);
         self.networks.push(Network {
             key: id_key(NETWORK_SALT, self.networks_made),
             record,
+            options: options.clone(),
         });
         self.networks.len() - 1
+    }
+
+    /// The oldest network called exactly `name`.
+    pub(super) fn network_named(&self, name: &str) -> Option<ObservedNetwork> {
+        let network = self.networks.iter().find(|n| n.record.name() == name)?;
+        Some(ObservedNetwork {
+            id: render_id(network.key),
+            options: network.options.clone(),
+        })
     }
 }
 
@@ -30,8 +48,14 @@ impl MemoryEngine {
     /// Adds another network called `name`, as engines before 25 allowed;
     /// returns its id.
     pub fn add_duplicate_network(&self, name: &str) -> String {
+        self.insert_network(name, &BTreeMap::new())
+    }
+
+    /// Creates a network called `name` with driver `options`, as `docker
+    /// network create` by someone else would; returns its id.
+    pub fn insert_network(&self, name: &str, options: &BTreeMap<String, String>) -> String {
         let mut state = self.lock();
-        let index = state.add_network(name, &BTreeMap::new());
+        let index = state.add_network(name, &BTreeMap::new(), options);
         render_id(state.networks[index].key)
     }
 
@@ -66,19 +90,25 @@ mod tests {
 
     use crate::docker::memory::fixtures::*;
     use crate::docker::memory::MemoryEngine;
-    use crate::docker::{shared_labels, Engine};
+    use crate::docker::{shared_labels, Engine, OPTION_ENABLE_ICC};
 
     #[tokio::test]
     async fn ensure_network_is_idempotent_with_a_stable_id() {
         let engine = MemoryEngine::new();
         let labels = shared_labels(INSTANCE);
+        let none = BTreeMap::new();
 
-        let id = engine.ensure_network(NETWORK, &labels).await.unwrap();
+        let id = engine
+            .ensure_network(NETWORK, &labels, &none)
+            .await
+            .unwrap()
+            .id;
         assert_eq!(
             engine
-                .ensure_network(NETWORK, &BTreeMap::new())
+                .ensure_network(NETWORK, &BTreeMap::new(), &none)
                 .await
-                .unwrap(),
+                .unwrap()
+                .id,
             id
         );
 
@@ -92,17 +122,19 @@ mod tests {
         let engine = MemoryEngine::new();
         engine.add_image(IMAGE);
         let oldest = engine
-            .ensure_network(NETWORK, &shared_labels(INSTANCE))
+            .ensure_network(NETWORK, &shared_labels(INSTANCE), &BTreeMap::new())
             .await
-            .unwrap();
+            .unwrap()
+            .id;
         let duplicate = engine.add_duplicate_network(NETWORK);
 
         assert_ne!(duplicate, oldest);
         assert_eq!(
             engine
-                .ensure_network(NETWORK, &BTreeMap::new())
+                .ensure_network(NETWORK, &BTreeMap::new(), &BTreeMap::new())
                 .await
-                .unwrap(),
+                .unwrap()
+                .id,
             oldest
         );
         assert_eq!(engine.networks().len(), 2);
@@ -112,5 +144,25 @@ mod tests {
         let mut by_id = spec("alice");
         by_id.network = oldest;
         engine.create_container(&by_id).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_network_keeps_the_options_it_was_created_with() {
+        let engine = MemoryEngine::new();
+        let isolated = BTreeMap::from([(OPTION_ENABLE_ICC.to_owned(), "false".to_owned())]);
+
+        let made = engine
+            .ensure_network(NETWORK, &shared_labels(INSTANCE), &isolated)
+            .await
+            .unwrap();
+        let again = engine
+            .ensure_network(NETWORK, &BTreeMap::new(), &BTreeMap::new())
+            .await
+            .unwrap();
+
+        assert!(!made.inter_container_traffic());
+        assert_eq!(again, made, "an existing network is returned as it is");
+        assert_eq!(engine.inspect_network(NETWORK).await.unwrap(), Some(made));
+        assert_eq!(engine.inspect_network("other").await.unwrap(), None);
     }
 }

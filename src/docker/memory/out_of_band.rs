@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::containers::EXIT_KILLED;
 use super::ids::render_id;
 use super::MemoryEngine;
-use crate::docker::{ContainerSpec, EngineError, ResourceLimits};
+use crate::docker::{Confinement, ContainerSpec, EngineError, ResourceLimits};
 use crate::status::Health;
 
 impl MemoryEngine {
@@ -49,6 +49,7 @@ impl MemoryEngine {
             publish: None,
             stop_timeout: Duration::from_secs(10),
             limits: ResourceLimits::default(),
+            confinement: Confinement::unconfined(),
         };
         self.insert_container(&spec, running)
     }

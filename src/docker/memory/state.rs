@@ -20,8 +20,8 @@ use super::networks::Network;
 use super::record::{Interner, Record, Sym};
 use super::volumes::Volume;
 use crate::docker::{
-    ContainerFilter, ContainerSummary, EngineVersion, ObservedContainer, RunState, LABEL_INSTANCE,
-    LABEL_MANAGED, LABEL_USER_ID,
+    Confinement, ContainerFilter, ContainerSummary, EngineVersion, ObservedContainer, RunState,
+    LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID,
 };
 use crate::status::Health;
 
@@ -52,6 +52,8 @@ pub(super) struct Container {
     pub(super) state: RunState,
     pub(super) health: Option<Health>,
     pub(super) has_healthcheck: bool,
+    /// Index into [`State::confinements`]: few distinct values are shared by every container.
+    pub(super) confinement: u16,
 }
 
 impl Container {
@@ -85,8 +87,12 @@ pub(super) struct State {
     pub(super) events: EventLog,
     pub(super) calls: [u64; Op::ALL.len()],
     pub(super) faults: [VecDeque<Fault>; Op::ALL.len()],
+    /// Calls of each operation still to panic (`MemoryEngine::panic_next`).
+    pub(super) panics: [u32; Op::ALL.len()],
     pub(super) unreachable: bool,
     pub(super) version: EngineVersion,
+    /// The distinct confinements containers were created with.
+    pub(super) confinements: Vec<Confinement>,
 }
 
 impl State {
@@ -115,12 +121,26 @@ impl State {
             events: EventLog::new(event_capacity),
             calls: [0; Op::ALL.len()],
             faults: std::array::from_fn(|_| VecDeque::new()),
+            panics: [0; Op::ALL.len()],
             unreachable: false,
             version: EngineVersion {
                 version: "28.0.0".to_owned(),
                 api_version: "1.48".to_owned(),
             },
+            confinements: Vec::new(),
         }
+    }
+
+    /// The index of `confinement` in [`Self::confinements`], added when new.
+    pub(super) fn confinement_index(&mut self, confinement: &Confinement) -> u16 {
+        let index = match self.confinements.iter().position(|c| c == confinement) {
+            Some(index) => index,
+            None => {
+                self.confinements.push(confinement.clone());
+                self.confinements.len() - 1
+            }
+        };
+        u16::try_from(index).expect("fewer than 2^16 distinct confinements")
     }
 
     pub(super) fn container(&self, slot: u32) -> &Container {

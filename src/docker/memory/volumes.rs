@@ -40,13 +40,18 @@ impl State {
         &mut self,
         name: &str,
         labels: &BTreeMap<String, String>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<BTreeMap<String, String>, EngineError> {
         check_volume_name("volume create", name)?;
         if !self.volumes.contains(name) {
             let record = Record::new(&mut self.interner, name, labels);
             self.volumes.insert(Volume(record));
         }
-        Ok(())
+        Ok(self.volume_label_map(name).unwrap_or_default())
+    }
+
+    pub(super) fn volume_label_map(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        let volume = self.volumes.get(name)?;
+        Some(volume.0.label_map(&self.interner))
     }
 }
 
@@ -65,9 +70,17 @@ impl MemoryEngine {
 
     /// The labels of volume `name`, or `None` when there is no such volume.
     pub fn volume_labels(&self, name: &str) -> Option<BTreeMap<String, String>> {
-        let state = self.lock();
-        let volume = state.volumes.get(name)?;
-        Some(volume.0.label_map(&state.interner))
+        self.lock().volume_label_map(name)
+    }
+
+    /// Creates volume `name` with `labels` as `docker volume create` by
+    /// someone else would; an existing volume is left as it is.
+    pub fn insert_volume(&self, name: &str, labels: &BTreeMap<String, String>) {
+        let mut state = self.lock();
+        if !state.volumes.contains(name) {
+            let record = Record::new(&mut state.interner, name, labels);
+            state.volumes.insert(Volume(record));
+        }
     }
 }
 
@@ -84,11 +97,20 @@ mod tests {
         let engine = MemoryEngine::new();
         let first = object_labels(INSTANCE, "alice");
 
-        engine.ensure_volume("vol-a", &first).await.unwrap();
-        engine
+        assert_eq!(engine.ensure_volume("vol-a", &first).await.unwrap(), first);
+        let again = engine
             .ensure_volume("vol-a", &object_labels("other", "x"))
             .await
             .unwrap();
+        assert_eq!(
+            again, first,
+            "an existing volume answers with its own labels"
+        );
+        assert_eq!(
+            engine.inspect_volume("vol-a").await.unwrap(),
+            Some(first.clone())
+        );
+        assert_eq!(engine.inspect_volume("vol-b").await.unwrap(), None);
 
         assert_eq!(engine.volumes(), ["vol-a"]);
         assert_eq!(engine.volume_labels("vol-a"), Some(first));
