@@ -159,6 +159,10 @@ fn cases() -> BTreeMap<&'static str, Case> {
         ("CLAWFLEET_SHUTDOWN_TIMEOUT", run("5s", &["soon", HUGE])),
         ("CLAWFLEET_LEASE_TTL", run("20s", &["1s", HUGE])),
         (
+            "CLAWFLEET_API_MAX_INFLIGHT",
+            run("64", &["0", "x", "1000001"]),
+        ),
+        (
             "CLAWFLEET_HOLDER_ID",
             anything(
                 Probe::Run,
