@@ -113,6 +113,8 @@ impl<E: Engine> Readiness for Checks<E> {
             }
             if self.store.writes_failing() {
                 reasons.push("database writes failing (locked or read-only?)".to_owned());
+            } else if self.store.writes_stalled(CHECK_TIMEOUT) {
+                reasons.push("database writes waiting over 2s (locked?)".to_owned());
             }
             match tokio::time::timeout(CHECK_TIMEOUT, self.engine.version()).await {
                 Ok(Ok(_)) => {}

@@ -173,6 +173,20 @@ pub struct Store {
 #[derive(Debug, Default)]
 struct WriteHealth {
     failing: std::sync::atomic::AtomicBool,
+    /// Status writes under way, and when one last began or ended while any
+    /// was under way: a write waiting on a lock makes no progress.
+    in_flight: std::sync::Mutex<(usize, Option<std::time::Instant>)>,
+}
+
+/// A status write under way; its drop records that writes moved on.
+pub(crate) struct WriteInFlight(std::sync::Arc<WriteHealth>);
+
+impl Drop for WriteInFlight {
+    fn drop(&mut self) {
+        let mut in_flight = self.0.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        in_flight.0 = in_flight.0.saturating_sub(1);
+        in_flight.1 = (in_flight.0 > 0).then(std::time::Instant::now);
+    }
 }
 
 /// The raw pool under the sea-orm connection.
@@ -427,6 +441,30 @@ impl Store {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// True when status writes are under way and none has begun or ended
+    /// for longer than `limit`: they wait on a lock another process holds
+    /// (SQLite's busy timeout lets a write wait seconds before it fails).
+    pub fn writes_stalled(&self, limit: std::time::Duration) -> bool {
+        let in_flight = self
+            .writes
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        in_flight.0 > 0 && in_flight.1.is_some_and(|since| since.elapsed() > limit)
+    }
+
+    /// Marks a status write as under way until the guard drops.
+    pub(crate) fn write_in_flight(&self) -> WriteInFlight {
+        let mut in_flight = self
+            .writes
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        in_flight.0 += 1;
+        in_flight.1 = Some(std::time::Instant::now());
+        WriteInFlight(self.writes.clone())
+    }
+
     /// Records whether a status write succeeded.
     pub(crate) fn note_write(&self, ok: bool) {
         self.writes
@@ -469,6 +507,26 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_status_write_waiting_on_a_lock_shows_as_stalled_until_writes_move_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}/s.db?mode=rwc", dir.path().display());
+        let store = Store::connect(&url).await.expect("store");
+        let limit = std::time::Duration::from_millis(20);
+        assert!(!store.writes_stalled(limit), "no write under way");
+        let waiting = store.write_in_flight();
+        assert!(!store.writes_stalled(limit), "just begun");
+        std::thread::sleep(limit * 2);
+        assert!(store.writes_stalled(limit), "waited past the limit");
+        let another = store.write_in_flight();
+        assert!(!store.writes_stalled(limit), "a write began: progress");
+        drop(another);
+        std::thread::sleep(limit * 2);
+        assert!(store.writes_stalled(limit), "the first still waits");
+        drop(waiting);
+        assert!(!store.writes_stalled(limit), "none under way");
+    }
 
     #[test]
     fn passwords_are_removed_from_shown_urls() {

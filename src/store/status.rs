@@ -205,7 +205,9 @@ impl Store {
                     .to_owned(),
             )
             .to_owned();
+        let in_flight = self.write_in_flight();
         let result = self.db.execute(&insert).await;
+        drop(in_flight);
         self.note_write(match &result {
             Ok(_) => true,
             Err(e) => port_conflict(e),
