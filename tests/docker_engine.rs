@@ -18,9 +18,10 @@ use clawfleet::docker::{
 };
 use clawfleet::status::Health;
 use futures::StreamExt;
+use support::controller::gateway;
 use support::docker::{
-    agent_image, container_state, docker, eventually, free_port, gateway_request, networks_named,
-    raw_engine_request, volume_exists, volume_label, DockerFixture, EngineProxy,
+    agent_image, container_state, docker, eventually, free_port, networks_named,
+    raw_engine_request, volume_exists, volume_label, DockerFixture, EngineProxy, TEST_TOKEN,
 };
 
 /// How long a container may take to do what it was told (start, turn healthy, exit).
@@ -206,7 +207,7 @@ async fn created_container_runs_healthy_with_its_labels_port_token_and_volume() 
     assert_eq!(healthy.state, RunState::Running);
 
     // The token reached the gateway (it authenticates with it) and the volume holds its state.
-    let (status, body) = gateway_request(port, "GET", "/v1/whoami").expect("whoami");
+    let (status, body) = gateway(port, "GET", "/v1/whoami", Some(TEST_TOKEN)).expect("whoami");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(r#""boots":1"#), "{body}");
     assert!(body.contains(r#""agent_token_matches":true"#), "{body}");
@@ -247,7 +248,7 @@ async fn created_container_runs_healthy_with_its_labels_port_token_and_volume() 
         after.started_at
     );
     let body = eventually(SETTLE, "the gateway to answer after restart", || async {
-        gateway_request(port, "GET", "/v1/whoami")
+        gateway(port, "GET", "/v1/whoami", Some(TEST_TOKEN))
             .ok()
             .filter(|(status, _)| *status == 200)
             .map(|(_, body)| body)
@@ -306,7 +307,7 @@ async fn container_that_exits_on_its_own_reports_its_exit_code() {
     let id = create(&engine, &fx, &spec).await;
     engine.start_container(&id).await.expect("start");
     eventually(SETTLE, "the gateway to answer", || async {
-        gateway_request(port, "POST", "/v1/exit?code=3")
+        gateway(port, "POST", "/v1/exit?code=3", Some(TEST_TOKEN))
             .ok()
             .filter(|(status, _)| *status == 200)
     })
@@ -427,7 +428,7 @@ async fn create_with_a_missing_image_is_image_not_found() {
             assert!(!err.is_transient());
             let text = err.to_string();
             assert!(text.contains("clawfleet-missing-image:never"), "{text}");
-            assert!(!text.contains(support::docker::TEST_TOKEN), "{text}");
+            assert!(!text.contains(TEST_TOKEN), "{text}");
         }
         other => panic!("expected ImageNotFound, got {other:?}"),
     }
