@@ -760,6 +760,13 @@ async fn ensure_network_is_idempotent_and_single_flight_among_clones() {
     assert_eq!(label, fx.instance);
 }
 
+/// Rounds of the network race: engine 20.10 lets most rounds make duplicates.
+const NETWORK_RACE_ROUNDS: usize = 6;
+
+/// Regression: on engines before API 1.44 the duplicate-name check is not
+/// atomic, so racing creators each made a network of the name, and one that
+/// listed before another's (older) network was visible kept its own: the
+/// engines disagreed on the id and every duplicate stayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separately_connected_engines_racing_for_a_network_agree_on_one_id() {
     let fx = DockerFixture::new("netrace");
@@ -768,23 +775,26 @@ async fn separately_connected_engines_racing_for_a_network_agree_on_one_id() {
     for _ in 0..4 {
         engines.push(engine().await);
     }
-    let calls = engines.iter().map(|engine| async {
-        engine
-            .ensure_network(&fx.network, &labels, &BTreeMap::new())
+    for round in 0..NETWORK_RACE_ROUNDS {
+        let name = fx.name(&format!("race{round}-net"));
+        let calls = engines.iter().map(|engine| async {
+            engine
+                .ensure_network(&name, &labels, &BTreeMap::new())
+                .await
+                .map(|n| n.id)
+        });
+        let ids: Vec<String> = futures::future::join_all(calls)
             .await
-            .map(|n| n.id)
-    });
-    let ids: Vec<String> = futures::future::join_all(calls)
-        .await
-        .into_iter()
-        .map(|r| r.expect("ensure network"))
-        .collect();
-    // Engine 20.10 checks for a duplicate name without a lock, so racing
-    // processes may still make two; all of them must pick the same one.
-    assert!(ids.iter().all(|id| id == &ids[0]), "{ids:?}");
-    let existing = networks_named(&fx.network);
-    assert!(existing.contains(&ids[0]), "{existing:?}");
-    println!("{} network(s) of the name after the race", existing.len());
+            .into_iter()
+            .map(|r| r.expect("ensure network"))
+            .collect();
+        assert!(ids.iter().all(|id| id == &ids[0]), "round {round}: {ids:?}");
+        assert_eq!(
+            networks_named(&name),
+            [ids[0].clone()],
+            "round {round}: one network of the name is left, the one every engine uses"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
