@@ -157,8 +157,11 @@ fn cases() -> BTreeMap<&'static str, Case> {
         ("CLAWFLEET_ORPHAN_GRACE", run("1h", &["soon", HUGE])),
         ("CLAWFLEET_FAILED_RETRY", run("1m", &["soon", HUGE])),
         ("CLAWFLEET_SHUTDOWN_TIMEOUT", run("5s", &["soon", HUGE])),
-        ("CLAWFLEET_API_MAX_INFLIGHT", run("64", &["0", "many"])),
         ("CLAWFLEET_LEASE_TTL", run("20s", &["1s", HUGE])),
+        (
+            "CLAWFLEET_API_MAX_INFLIGHT",
+            run("64", &["0", "x", "1000001"]),
+        ),
         (
             "CLAWFLEET_HOLDER_ID",
             anything(

@@ -33,8 +33,10 @@ pub struct ApiLoad {
     pub latencies: Latencies,
     /// Calls answered 200.
     pub ok: usize,
-    /// Calls answered 503 (busy: in-flight or connection limit).
+    /// Calls answered 503 `busy` (past the in-flight or connection limit).
     pub busy: usize,
+    /// Calls answered 503 otherwise (no database connection of the API's free in time).
+    pub unavailable: usize,
     /// Calls answered otherwise, or whose connection failed.
     pub other: usize,
     /// Reconciles per second while the calls were in flight.
@@ -244,6 +246,7 @@ async fn load(
         latencies: Latencies::default(),
         ok: 0,
         busy: 0,
+        unavailable: 0,
         other: 0,
         reconcile_rate: (after - before) / load_time.as_secs_f64(),
         newcomers,
@@ -256,9 +259,10 @@ async fn load(
             Err(_) => result.latencies.push_timeout(),
             Ok(answer) => {
                 result.latencies.push(took);
-                match answer.map(|(status, _)| status) {
-                    Some(200) => result.ok += 1,
-                    Some(503) => result.busy += 1,
+                match answer {
+                    Some((200, _)) => result.ok += 1,
+                    Some((503, text)) if text.contains("\"busy\"") => result.busy += 1,
+                    Some((503, _)) => result.unavailable += 1,
                     _ => result.other += 1,
                 }
             }

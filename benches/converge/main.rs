@@ -228,10 +228,11 @@ async fn api_rows(table: &mut Table, k: &Knobs) {
             table.checked(
                 measure,
                 format!(
-                    "{}  ({} × 200, {} × 503, {} other)",
+                    "{}  ({} × 200, {} × 503 busy, {} × 503 unavailable, {} other)",
                     latency_value(&load.latencies),
                     load.ok,
                     load.busy,
+                    load.unavailable,
                     load.other
                 ),
                 Target::at_most("hung ", load.latencies.timeouts() as f64, 0.0, ""),

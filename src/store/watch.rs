@@ -203,7 +203,6 @@ mod tests {
     use chrono::Utc;
 
     use super::*;
-    use crate::status::ContainerStatus;
 
     async fn store(dir: &tempfile::TempDir) -> Store {
         let url = format!("sqlite://{}/w.db?mode=rwc", dir.path().display());

@@ -76,7 +76,15 @@ pub fn port_range(len: u16) -> (u16, u16) {
         + std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos() as u64);
-    let slots = (40000 - 20000) / u64::from(len);
+    // Below the kernel's ephemeral ports: a client socket of any process
+    // (this suite's own database and engine connections) may hold one of
+    // those, and a range there would look partly taken by others.
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(32768);
+    let top = ephemeral_start.clamp(21000, 40000);
+    let slots = (top - 20000) / u64::from(len);
     let start = 20000 + (seed % slots) as u16 * len;
     (start, start + len - 1)
 }

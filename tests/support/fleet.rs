@@ -109,6 +109,25 @@ pub async fn check_converged(
         .into_iter()
         .map(|s| (s.user_id.clone(), s))
         .collect();
+    // The revision each user's row is at: converged means acted on it (a
+    // running container of an older revision, before its recreate, is not).
+    let revisions: HashMap<String, i64> = store
+        .desired_all()
+        .await
+        .map_err(|e| format!("desired rows unreadable: {e}"))?
+        .into_iter()
+        .map(|row| match row {
+            Ok(d) => (d.user_id, d.revision),
+            Err(invalid) => (invalid.user_id, invalid.revision),
+        })
+        .collect();
+    let acted_on_its_row = |user: &str, s: &ContainerStatus| match revisions.get(user) {
+        Some(&revision) if s.observed_revision != Some(revision) => Err(format!(
+            "{user:?}: row at revision {revision}, status observed {:?}",
+            s.observed_revision
+        )),
+        _ => Ok(()),
+    };
     // Off the runtime's threads: a test's proxies forward on them meanwhile.
     let (instance, prefix) = (fx.instance.clone(), fx.prefix.clone());
     let engine = tokio::task::spawn_blocking(move || engine_containers(&instance, &prefix))
@@ -122,6 +141,7 @@ pub async fn check_converged(
         match wanted {
             Want::Running => {
                 let s = status.ok_or_else(|| format!("{user:?}: no status row"))?;
+                acted_on_its_row(user, s)?;
                 if s.phase != Phase::Running || s.health != Some(Health::Healthy) {
                     return Err(format!(
                         "{user:?}: phase {} health {:?} message {:?}",
@@ -150,6 +170,7 @@ pub async fn check_converged(
             }
             Want::Stopped => {
                 let s = status.ok_or_else(|| format!("{user:?}: no status row"))?;
+                acted_on_its_row(user, s)?;
                 if !matches!(s.phase, Phase::Stopped | Phase::Idle) {
                     return Err(format!(
                         "{user:?}: phase {} (wanted stopped) message {:?}",
