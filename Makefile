@@ -30,7 +30,7 @@ agent-image: ## Build the test agent image clawfleet-agent-stub:dev (FROM scratc
 bench: agent-image ## Benchmark (~10 min): convergence, event/row-change latency, 10k/100k users; a table and a summary line (BENCH_* env vars shrink it)
 	$(CARGO) bench --bench converge
 
-# The chaos tests (tests/chaos.rs) run small and bounded in `make test`; the
+# The chaos tests (tests/chaos/, one file per scenario) run small and bounded in `make test`; the
 # soak runs them longer and bigger. Override any of these; CHAOS_SEED=N
 # replays the random choices a test printed.
 CHAOS_ROUNDS ?= 20

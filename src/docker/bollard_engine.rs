@@ -56,6 +56,14 @@ const DEFAULT_HTTP_PORT: u16 = 2375;
 const DEFAULT_TLS_PORT: u16 = 2376;
 /// What replaces a secret that an engine message happens to echo.
 const REDACTED: &str = "<redacted>";
+/// How long the networks of one name must stay unchanged, at least, before
+/// a caller that raced to create one trusts what it sees (twice its own
+/// create's time when that is longer: a racing create is as slow).
+const NETWORK_SETTLE_QUIET: Duration = Duration::from_secs(1);
+/// How often a settling caller lists the networks of the name.
+const NETWORK_SETTLE_POLL: Duration = Duration::from_millis(100);
+/// The longest a caller settles; past it, it takes what it sees.
+const NETWORK_SETTLE_MAX: Duration = Duration::from_secs(30);
 
 /// A Docker engine reached through bollard. Cheap to clone: clones share one
 /// connection pool, the negotiated API version and the network-creation lock.
@@ -64,7 +72,7 @@ pub struct DockerEngine {
     docker: Docker,
     host: String,
     /// Makes network creation single-flight among this engine's clones;
-    /// across processes, the oldest-network rule makes callers agree.
+    /// across processes, settling on the oldest network makes callers agree.
     network_creation: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -179,13 +187,80 @@ impl DockerEngine {
         Ok(oldest_first(name, networks))
     }
 
-    /// Creates the network, asking the engine to refuse a duplicate name.
+    /// The network called `name` to use, if any: the only one, or, while
+    /// there are several (a race in progress, or duplicates made by hand),
+    /// the oldest once they have settled.
+    async fn existing_network(&self, name: &str) -> Result<Option<ObservedNetwork>, EngineError> {
+        let found = self.networks_named(name).await?;
+        if found.len() > 1 {
+            return self
+                .settle_network(name, None, NETWORK_SETTLE_QUIET)
+                .await
+                .map(Some);
+        }
+        Ok(found.into_iter().next())
+    }
+
+    /// Lists the networks called `name` until they have stayed the same for
+    /// `quiet` (at most [`NETWORK_SETTLE_MAX`]) and picks the oldest, as every
+    /// other caller does. `own`, a network this call has just created, is
+    /// removed if it lost: nothing is attached to it yet, so controllers
+    /// that raced to create the network end up sharing one.
+    ///
+    /// Engines before API 1.44 check for a duplicate name without a lock, and
+    /// a racing create becomes visible only when it is done, possibly older
+    /// than a network listed before it: settling waits for it.
+    async fn settle_network(
+        &self,
+        name: &str,
+        own: Option<&str>,
+        quiet: Duration,
+    ) -> Result<ObservedNetwork, EngineError> {
+        let ids = |networks: &[ObservedNetwork]| -> Vec<String> {
+            networks.iter().map(|n| n.id.clone()).collect()
+        };
+        let give_up = tokio::time::Instant::now() + NETWORK_SETTLE_MAX;
+        let mut seen = self.networks_named(name).await?;
+        let mut unchanged_since = tokio::time::Instant::now();
+        while unchanged_since.elapsed() < quiet && tokio::time::Instant::now() < give_up {
+            tokio::time::sleep(NETWORK_SETTLE_POLL).await;
+            let now = self.networks_named(name).await?;
+            if ids(&now) != ids(&seen) {
+                seen = now;
+                unchanged_since = tokio::time::Instant::now();
+            }
+        }
+        let winner = seen.first().cloned().ok_or_else(|| EngineError::NotFound {
+            op: "network create",
+            target: name.to_owned(),
+        })?;
+        if let Some(own) =
+            own.filter(|own| *own != winner.id && ids(&seen).iter().any(|id| id == own))
+        {
+            match self.docker.remove_network(own).await {
+                Ok(())
+                | Err(BollardError::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => {
+                    tracing::info!(network = name, duplicate = own, kept = %winner.id, "removed a duplicate network that lost a creation race");
+                }
+                Err(err) => {
+                    let err = self.fail("network remove", name, err);
+                    tracing::warn!(network = name, duplicate = own, kept = %winner.id, error = %err, "could not remove a duplicate network that lost a creation race");
+                }
+            }
+        }
+        Ok(winner)
+    }
+
+    /// Creates the network, asking the engine to refuse a duplicate name;
+    /// its id, or `None` when the engine refused (another creator won).
     async fn create_network(
         &self,
         name: &str,
         labels: &BTreeMap<String, String>,
         options: &BTreeMap<String, String>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Option<String>, EngineError> {
         let request = NetworkCreateRequest {
             name: name.to_owned(),
             driver: Some("bridge".to_owned()),
@@ -215,11 +290,11 @@ impl DockerEngine {
             }
         });
         match docker.create_network(request).await {
-            Ok(_) => Ok(()),
+            Ok(created) => Ok(Some(created.id)),
             // Another creator won the race: the caller re-lists.
             Err(BollardError::DockerResponseServerError {
                 status_code: 409, ..
-            }) => Ok(()),
+            }) => Ok(None),
             Err(err) => Err(self.fail("network create", name, err)),
         }
     }
@@ -405,22 +480,17 @@ impl Engine for DockerEngine {
         labels: &BTreeMap<String, String>,
         options: &BTreeMap<String, String>,
     ) -> Result<ObservedNetwork, EngineError> {
-        if let Some(network) = self.networks_named(name).await?.into_iter().next() {
+        if let Some(network) = self.existing_network(name).await? {
             return Ok(network);
         }
         let _single_flight = self.network_creation.lock().await;
-        if let Some(network) = self.networks_named(name).await?.into_iter().next() {
+        if let Some(network) = self.existing_network(name).await? {
             return Ok(network);
         }
-        self.create_network(name, labels, options).await?;
-        self.networks_named(name)
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| EngineError::NotFound {
-                op: "network create",
-                target: name.to_owned(),
-            })
+        let started = tokio::time::Instant::now();
+        let own = self.create_network(name, labels, options).await?;
+        let quiet = NETWORK_SETTLE_QUIET.max(started.elapsed() * 2);
+        self.settle_network(name, own.as_deref(), quiet).await
     }
 
     async fn inspect_network(&self, name: &str) -> Result<Option<ObservedNetwork>, EngineError> {

@@ -13,6 +13,7 @@ use clawfleet::status::{ContainerStatus, Phase};
 use clawfleet::store::Store;
 
 use super::docker::{eventually, DockerFixture, AGENT_IMAGE};
+use super::http::Client;
 use super::TestDb;
 
 /// The encryption key every test controller runs with, so tests can open tokens.
@@ -287,25 +288,22 @@ pub async fn wait_running(store: &Store, user: &str) -> ContainerStatus {
     .await
 }
 
-/// Sends `method path` to a gateway on 127.0.0.1:`port` with `token` as bearer; status and body.
+/// How long a gateway (or the controller's listener) may take to answer [`gateway`].
+const GATEWAY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends `method path` to a listener on 127.0.0.1:`port` (a gateway, or the
+/// controller's) with `token` as bearer, waiting on the calling thread; status and body.
 pub fn gateway(
     port: u16,
     method: &str,
     path: &str,
     token: Option<&str>,
 ) -> Result<(u16, String), String> {
-    use std::io::Write;
-    let mut stream =
-        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| e.to_string())?;
-    super::docker::read_http_response(stream)
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    Client::new(addr, token)
+        .with_timeout(GATEWAY_TIMEOUT)
+        .blocking_send(method, path, None)
+        .map(|reply| (reply.status, reply.text))
 }
 
 /// The plaintext gateway token in a status row (sealed with [`test_key`]).

@@ -7,9 +7,7 @@
 //! removes exactly those when dropped: tests running side by side, or other
 //! clawfleet instances on the engine, are never touched.
 
-use std::io::Write as _;
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
+use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -144,64 +142,25 @@ pub fn free_port() -> u16 {
         .expect("bind 127.0.0.1:0")
 }
 
-/// Sends one raw HTTP/1.0 request to the engine's socket, bypassing every
+/// Sends one raw request to the engine's socket, bypassing clawfleet's
 /// client (to make objects no client of clawfleet's would); status and body.
 pub fn raw_engine_request(
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> Result<(u16, String), String> {
-    let socket = docker_host();
-    let socket = socket.strip_prefix("unix://").unwrap_or(&socket);
-    let socket = if socket.is_empty() {
-        DEFAULT_SOCKET
-    } else {
-        socket
-    };
-    let mut stream = UnixStream::connect(socket).map_err(|e| format!("{socket}: {e}"))?;
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.0\r\nHost: docker\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| e.to_string())?;
-    read_http_response(stream)
+    super::http::Client::unix(engine_socket())
+        .blocking_send(method, path, body)
+        .map(|reply| (reply.status, reply.text))
 }
 
-/// Sends one HTTP request to a gateway published on 127.0.0.1:`port`, with
-/// the fixture's bearer token; status and body.
-pub fn gateway_request(port: u16, method: &str, path: &str) -> Result<(u16, String), String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TEST_TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| e.to_string())?;
-    read_http_response(stream)
-}
-
-/// Reads a whole HTTP/1.1 response (the request said `Connection: close`); status and body.
-pub fn read_http_response(mut stream: impl std::io::Read) -> Result<(u16, String), String> {
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| e.to_string())?;
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("not an HTTP response: {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Ok((status, body))
+/// The path of the engine's Unix socket (`DOCKER_HOST`, or the default).
+fn engine_socket() -> String {
+    let host = docker_host();
+    match host.strip_prefix("unix://").unwrap_or(&host) {
+        "" => DEFAULT_SOCKET.to_owned(),
+        path => path.to_owned(),
+    }
 }
 
 /// Polls `check` every 100 ms until it yields a value; panics naming `what`
@@ -462,11 +421,7 @@ fn forward<S>(mut client: S) -> tokio::task::AbortHandle
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let host = docker_host();
-    let upstream = match host.strip_prefix("unix://").unwrap_or(&host) {
-        "" => DEFAULT_SOCKET.to_owned(),
-        path => path.to_owned(),
-    };
+    let upstream = engine_socket();
     let task = tokio::spawn(async move {
         if let Ok(mut upstream) = tokio::net::UnixStream::connect(&upstream).await {
             let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;

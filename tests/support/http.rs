@@ -1,22 +1,42 @@
-//! A tiny HTTP/1.1 client for the controller's listener: one request per
-//! connection (`Connection: close`), an optional bearer token and JSON body,
-//! the answer's status, headers and body. Path segments are percent-encoded
-//! here, so a test can name any user id.
+//! The one HTTP/1.1 client of the tests, on hyper: the controller's
+//! listener, the gateways of the agent containers (TCP) and the Docker
+//! engine's socket (Unix). One request per connection, as a fresh client
+//! would send it; an optional `Authorization` header and JSON body; the
+//! answer's status, headers and body, whatever its framing. Path segments are
+//! percent-encoded by [`segment`], so a test can name any user id.
+//!
+//! [`Client`] is async; [`Client::blocking_send`] serves synchronous code
+//! (a check inside a closure, a helper of a blocking test) by running the
+//! request on a runtime of its own, as `reqwest::blocking` does.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
 
-/// How long one request may take before the test fails (ensure-running waits up to 5 min).
+/// How long one request may take by default (ensure-running waits up to 5 min).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(330);
 
-/// A client of one listener, with or without a bearer token.
+/// Where a client connects.
+#[derive(Clone, Debug)]
+enum Endpoint {
+    /// A TCP listener.
+    Tcp(SocketAddr),
+    /// A Unix socket (the engine's).
+    Unix(PathBuf),
+}
+
+/// A client of one listener, with or without an `Authorization` header.
 #[derive(Clone, Debug)]
 pub struct Client {
-    addr: SocketAddr,
+    endpoint: Endpoint,
     /// The whole `Authorization` header value, if any.
     authorization: Option<String>,
+    timeout: Duration,
 }
 
 /// An answer.
@@ -24,7 +44,7 @@ pub struct Client {
 pub struct Reply {
     /// The status code.
     pub status: u16,
-    /// The headers, names lowercased, in order.
+    /// The headers, names lowercased.
     pub headers: Vec<(String, String)>,
     /// The body as text.
     pub text: String,
@@ -71,21 +91,42 @@ impl Client {
     /// A client of `addr` sending `token` as its bearer token (none: no header).
     pub fn new(addr: SocketAddr, token: Option<&str>) -> Self {
         Self {
-            addr,
+            endpoint: Endpoint::Tcp(addr),
             authorization: token.map(|t| format!("Bearer {t}")),
+            timeout: REQUEST_TIMEOUT,
+        }
+    }
+
+    /// A client of the Unix socket at `path`, without a token.
+    pub fn unix(path: impl Into<PathBuf>) -> Self {
+        Self {
+            endpoint: Endpoint::Unix(path.into()),
+            authorization: None,
+            timeout: REQUEST_TIMEOUT,
         }
     }
 
     /// The same client with another token (or none).
     pub fn with_token(&self, token: Option<&str>) -> Self {
-        Self::new(self.addr, token)
+        Self {
+            authorization: token.map(|t| format!("Bearer {t}")),
+            ..self.clone()
+        }
     }
 
     /// The same client sending `value` as its whole `Authorization` header.
     pub fn with_authorization(&self, value: &str) -> Self {
         Self {
-            addr: self.addr,
             authorization: Some(value.to_owned()),
+            ..self.clone()
+        }
+    }
+
+    /// The same client giving up on a request after `timeout`.
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        Self {
+            timeout,
+            ..self.clone()
         }
     }
 
@@ -109,13 +150,53 @@ impl Client {
         self.send("PUT", path, Some(&body.to_string())).await
     }
 
-    /// Any request, with `body` sent as it is (as `application/json`).
+    /// Any request, with `body` sent as it is (as `application/json`);
+    /// panics when no answer comes.
     pub async fn send(&self, method: &str, path: &str, body: Option<&str>) -> Reply {
-        let what = format!("{method} {path}");
-        tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(method, path, body))
+        self.try_send(method, path, body)
             .await
-            .unwrap_or_else(|_| panic!("{what}: no answer within {REQUEST_TIMEOUT:?}"))
-            .unwrap_or_else(|e| panic!("{what}: {e}"))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// Any request; why it got no answer (no connection, a broken answer,
+    /// none within the timeout) as an error.
+    pub async fn try_send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<Reply, String> {
+        tokio::time::timeout(self.timeout, self.exchange(method, path, body))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.timeout)))
+    }
+
+    /// [`Client::try_send`] for synchronous code: the request runs on a
+    /// runtime of its own while the calling thread waits.
+    pub fn blocking_send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<Reply, String> {
+        static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+        let runtime = RUNTIME.get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("test-http-client")
+                .enable_all()
+                .build()
+                .expect("the HTTP client's runtime")
+        });
+        let (client, method, path) = (self.clone(), method.to_owned(), path.to_owned());
+        let body = body.map(str::to_owned);
+        let (answer, reply) = std::sync::mpsc::channel();
+        runtime.spawn(async move {
+            let _ = answer.send(client.try_send(&method, &path, body.as_deref()).await);
+        });
+        reply
+            .recv()
+            .unwrap_or_else(|_| Err("the request task ended without an answer".to_owned()))
     }
 
     async fn exchange(
@@ -124,84 +205,77 @@ impl Client {
         path: &str,
         body: Option<&str>,
     ) -> Result<Reply, String> {
-        let mut stream = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .map_err(|e| format!("connect {}: {e}", self.addr))?;
-        let mut request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n",
-            self.addr
-        );
-        if let Some(value) = &self.authorization {
-            request.push_str(&format!("Authorization: {value}\r\n"));
-        }
+        let (mut sender, host) = match &self.endpoint {
+            Endpoint::Tcp(addr) => {
+                let stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| format!("connect {addr}: {e}"))?;
+                (handshake(stream).await?, addr.to_string())
+            }
+            Endpoint::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|e| format!("connect {}: {e}", path.display()))?;
+                (handshake(stream).await?, "localhost".to_owned())
+            }
+        };
         let body = body.unwrap_or("");
-        if !body.is_empty() {
-            request.push_str("Content-Type: application/json\r\n");
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, host)
+            .header(hyper::header::ACCEPT, "application/json");
+        if let Some(value) = &self.authorization {
+            request = request.header(hyper::header::AUTHORIZATION, value);
         }
-        request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-        stream
-            .write_all(request.as_bytes())
+        if !body.is_empty() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .map_err(|e| format!("request {method} {path}: {e}"))?;
+        let response = sender
+            .send_request(request)
             .await
             .map_err(|e| format!("send: {e}"))?;
-        let mut raw = Vec::new();
-        stream
-            .read_to_end(&mut raw)
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                (name.as_str().to_owned(), value)
+            })
+            .collect();
+        let body = response
+            .into_body()
+            .collect()
             .await
-            .map_err(|e| format!("read: {e}"))?;
-        parse_reply(&raw)
-    }
-}
-
-fn parse_reply(raw: &[u8]) -> Result<Reply, String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| format!("no end of headers in {:?}", String::from_utf8_lossy(raw)))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|line| line.split(' ').nth(1))
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| format!("no status line in {head:?}"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            Some((name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+            .map_err(|e| format!("read: {e}"))?
+            .to_bytes();
+        let text =
+            String::from_utf8(body.to_vec()).map_err(|e| format!("body is not UTF-8: {e}"))?;
+        Ok(Reply {
+            status,
+            headers,
+            text,
         })
-        .collect();
-    let body = &raw[split + 4..];
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
-    };
-    Ok(Reply {
-        status,
-        headers,
-        text: String::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?,
-    })
+    }
 }
 
-fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let end = body
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("chunk size line without an end")?;
-        let size_text = String::from_utf8_lossy(&body[..end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|e| format!("bad chunk size {size_text:?}: {e}"))?;
-        body = &body[end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = body.get(..size).ok_or("chunk shorter than its size")?;
-        out.extend_from_slice(chunk);
-        body = body.get(size + 2..).ok_or("chunk without its line end")?;
-    }
+/// Opens an HTTP/1.1 connection on `stream`, driven by a task of its own
+/// that ends when the connection closes.
+async fn handshake<S>(
+    stream: S,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
 }
