@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::secrets::KeyRing;
 use crate::store::Store;
 
-pub use api::{DEFAULT_MAX_INFLIGHT, REQUEST_TIMEOUT};
+pub use api::{openapi, DEFAULT_MAX_INFLIGHT, REQUEST_TIMEOUT};
 pub use health::{CachedReadiness, Readiness, ReadinessReport, READY_TTL};
 
 /// The API bearer token; compared in constant time, never printed.
@@ -78,7 +78,7 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(health::routes())
-        .nest("/v1", api::routes(state.clone()))
+        .nest(api::PREFIX, api::routes(state.clone()))
         .with_state(state)
 }
 
