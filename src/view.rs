@@ -139,7 +139,12 @@ impl UserView {
 
     /// The view of a user's joined rows at `now`.
     pub fn of(rows: &UserRows, now: DateTime<Utc>) -> Self {
-        Self::new(&rows.user_id, rows.desired.as_ref(), rows.status.as_ref(), now)
+        Self::new(
+            &rows.user_id,
+            rows.desired.as_ref(),
+            rows.status.as_ref(),
+            now,
+        )
     }
 }
 
@@ -306,7 +311,9 @@ mod tests {
 
     #[test]
     fn absent_values_are_null_keys_and_timestamps_keep_their_offset_form() {
-        let at = "2026-01-02T03:04:05+00:00".parse::<DateTime<Utc>>().unwrap();
+        let at = "2026-01-02T03:04:05+00:00"
+            .parse::<DateTime<Utc>>()
+            .unwrap();
         let desired: DesiredRow = Ok(DesiredContainer {
             user_id: "alice".into(),
             state: DesiredState::Running,
@@ -346,7 +353,12 @@ mod tests {
             reason: "banana".into(),
             revision: 7,
         });
-        let view = UserView::new("alice", Some(&invalid), Some(&status_with_token()), Utc::now());
+        let view = UserView::new(
+            "alice",
+            Some(&invalid),
+            Some(&status_with_token()),
+            Utc::now(),
+        );
         let json = serde_json::to_value(&view).unwrap();
         assert_eq!(
             json["desired"],

@@ -9,7 +9,7 @@ use axum::extract::Request;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
 use super::RETRY_AFTER_SECS;
@@ -95,32 +95,33 @@ pub struct ErrorBody {
     pub error: String,
     /// What failed, in words (a `bad_request` message starts with the field).
     pub message: String,
-    /// What `ensure-running` saw last, on 409 and 504 only.
-    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
-    pub last_seen: Option<LastSeen>,
+    /// `ensure-running` only: on 504 the phase last seen (`null` before the
+    /// controller wrote a status row), on 409 `failed`; absent otherwise.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<Phase>)]
+    pub phase: Option<Option<Phase>>,
+    /// `ensure-running` only: on 504 the status message last seen (or
+    /// `null`); absent otherwise.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>)]
+    pub status_message: Option<Option<String>>,
 }
 
-/// What an `ensure-running` that did not succeed saw last.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(untagged)]
-pub enum LastSeen {
-    /// 504 `timeout`: the phase and status message last seen (`null` when
-    /// the controller had not written a status row yet).
-    Waiting {
-        /// The phase last seen.
-        #[serde(deserialize_with = "Option::deserialize")]
-        #[schema(required = true)]
-        phase: Option<Phase>,
-        /// The status message last seen.
-        #[serde(deserialize_with = "Option::deserialize")]
-        #[schema(required = true)]
-        status_message: Option<String>,
-    },
-    /// 409 `failed`: the phase, `failed` (the status message is in `message`).
-    Failed {
-        /// Always `failed`.
-        phase: Phase,
-    },
+/// A present field, `null` or not (`Some`); an absent one stays `None` by `default`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 impl ApiError {
@@ -166,24 +167,20 @@ impl ApiError {
                 other.to_string()
             }
         };
-        let last_seen = match self {
+        let (phase, status_message) = match self {
             Self::Timeout {
                 phase,
                 status_message,
                 ..
-            } => Some(LastSeen::Waiting {
-                phase: *phase,
-                status_message: status_message.clone(),
-            }),
-            Self::Failed { .. } => Some(LastSeen::Failed {
-                phase: Phase::Failed,
-            }),
-            _ => None,
+            } => (Some(*phase), Some(status_message.clone())),
+            Self::Failed { .. } => (Some(Some(Phase::Failed)), None),
+            _ => (None, None),
         };
         ErrorBody {
             error: code.to_owned(),
             message,
-            last_seen,
+            phase,
+            status_message,
         }
     }
 }

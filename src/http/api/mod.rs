@@ -56,14 +56,16 @@ use axum::middleware;
 use axum::routing::get;
 use axum::{Json, Router};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::openapi::{OpenApi, Ref, RefOr, SecurityRequirement};
+use utoipa::openapi::{
+    InfoBuilder, LicenseBuilder, OpenApi, OpenApiBuilder, Ref, RefOr, SecurityRequirement,
+};
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 use utoipa_axum::routes;
 
 use super::AppState;
 use limits::Inflight;
 
-use errors::{ErrorBody, LastSeen};
+use errors::ErrorBody;
 
 /// How long `ensure-running` waits when the caller names no `wait`.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -96,7 +98,10 @@ pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .method_not_allowed_fallback(errors::method_not_allowed)
         // Layers (not route layers) so unknown routes are refused alike; the
         // last added runs first: authentication, then the in-flight limit.
-        .layer(middleware::from_fn_with_state(inflight, limits::limit_inflight))
+        .layer(middleware::from_fn_with_state(
+            inflight,
+            limits::limit_inflight,
+        ))
         .layer(middleware::from_fn_with_state(state, auth::authenticate));
     Router::new()
         .route(OPENAPI_PATH, get(|| async { Json(openapi()) }))
@@ -142,26 +147,34 @@ pub fn ensure_running_time_limit() -> Duration {
 /// The OpenAPI 3.1 document of the `/v1` routes, generated from the
 /// handlers and the typed requests and answers (README "JSON API").
 pub fn openapi() -> OpenApi {
-    let mut document = OpenApiRouter::<Arc<AppState>>::new()
-        .nest(PREFIX, documented_routes())
-        .into_openapi();
-    document.info.title = "clawfleet".to_owned();
-    document.info.description = Some(
-        "The JSON API of clawfleet: per-user agent containers on a Docker engine. \
-         Every route needs `Authorization: Bearer $CLAWFLEET_API_TOKEN`."
-            .to_owned(),
-    );
+    let info = InfoBuilder::new()
+        .title("clawfleet")
+        .version(env!("CARGO_PKG_VERSION"))
+        .description(Some(
+            "The JSON API of clawfleet: per-user agent containers on a Docker engine \
+             (README \"JSON API\"). Every route needs `Authorization: Bearer \
+             $CLAWFLEET_API_TOKEN`.",
+        ))
+        .license(Some(
+            LicenseBuilder::new()
+                .name(env!("CARGO_PKG_LICENSE"))
+                .identifier(Some(env!("CARGO_PKG_LICENSE")))
+                .build(),
+        ))
+        .build();
+    let mut document =
+        OpenApiRouter::<Arc<AppState>>::with_openapi(OpenApiBuilder::new().info(info).build())
+            .nest(PREFIX, documented_routes())
+            .into_openapi();
     let components = document.components.get_or_insert_with(Default::default);
     components.add_security_scheme(
         BEARER,
         SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
     );
-    for (name, schema) in [
-        ("ErrorBody", <ErrorBody as utoipa::PartialSchema>::schema()),
-        ("LastSeen", <LastSeen as utoipa::PartialSchema>::schema()),
-    ] {
-        components.schemas.entry(name.to_owned()).or_insert(schema);
-    }
+    components
+        .schemas
+        .entry("ErrorBody".to_owned())
+        .or_insert_with(<ErrorBody as utoipa::PartialSchema>::schema);
     let error = |description: &str| {
         RefOr::T(
             utoipa::openapi::ResponseBuilder::new()
@@ -191,7 +204,9 @@ pub fn openapi() -> OpenApi {
                 .entry("401".to_owned())
                 .or_insert_with(|| error("Missing or wrong bearer token (`unauthorized`)"));
             responses.entry("503".to_owned()).or_insert_with(|| {
-                error("`api_disabled`, `busy`, `request_timeout` or `unavailable`; with Retry-After")
+                error(
+                    "`api_disabled`, `busy`, `request_timeout` or `unavailable`; with Retry-After",
+                )
             });
         }
     }

@@ -51,16 +51,28 @@ pub(super) fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, Api
 #[serde(deny_unknown_fields)]
 pub struct PutBody {
     /// The desired state.
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<DesiredState>)]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = DesiredState, required = false)]
     pub state: Option<Value>,
     /// Stop after this long without activity: a duration (`"30m"`),
     /// `"off"`, whole seconds (0: none), or `null` (none).
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<IdleTimeoutInput>, nullable = true)]
     pub idle_timeout: Option<Value>,
     /// An image reference, or `null` for the configured default.
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     #[schema(value_type = Option<String>, nullable = true)]
     pub image: Option<Value>,
 }
