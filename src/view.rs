@@ -97,6 +97,25 @@ pub struct StatusView {
     /// The container's id.
     #[schema(required = true)]
     pub container_id: Option<String>,
+    /// Where the container's gateway answers.
+    #[serde(flatten)]
+    pub gateway: GatewayAddress,
+    /// How often the controller restarted the container.
+    pub restarts: i64,
+    /// The desired revision this status reflects.
+    #[schema(required = true)]
+    pub observed_revision: Option<i64>,
+    /// Why the phase is what it is, in words.
+    #[schema(required = true)]
+    pub message: Option<String>,
+    /// When the phase last changed.
+    #[serde(with = "rfc3339")]
+    pub last_transition_at: DateTime<Utc>,
+}
+
+/// Where a user's gateway answers; each part `null` until known.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GatewayAddress {
     /// The container's name.
     #[schema(required = true)]
     pub container_name: Option<String>,
@@ -109,17 +128,18 @@ pub struct StatusView {
     /// The gateway's address on the host.
     #[schema(required = true)]
     pub host_url: Option<String>,
-    /// How often the controller restarted the container.
-    pub restarts: i64,
-    /// The desired revision this status reflects.
-    #[schema(required = true)]
-    pub observed_revision: Option<i64>,
-    /// Why the phase is what it is, in words.
-    #[schema(required = true)]
-    pub message: Option<String>,
-    /// When the phase last changed.
-    #[serde(with = "rfc3339")]
-    pub last_transition_at: DateTime<Utc>,
+}
+
+impl GatewayAddress {
+    /// The address a status row reports.
+    pub fn of(s: &ContainerStatus) -> Self {
+        Self {
+            container_name: s.container_name.clone(),
+            host_port: s.host_port,
+            url: s.url.clone(),
+            host_url: s.host_url.clone(),
+        }
+    }
 }
 
 impl UserView {
@@ -183,10 +203,7 @@ impl StatusView {
             phase: s.phase,
             health: s.health,
             container_id: s.container_id.clone(),
-            container_name: s.container_name.clone(),
-            host_port: s.host_port,
-            url: s.url.clone(),
-            host_url: s.host_url.clone(),
+            gateway: GatewayAddress::of(s),
             restarts: s.restarts,
             observed_revision: s.observed_revision,
             message: s.message.clone(),

@@ -144,23 +144,7 @@ mod tests {
     }
 
     fn status(user_id: &str) -> ContainerStatus {
-        let now = Utc::now();
-        ContainerStatus {
-            user_id: user_id.into(),
-            phase: Phase::Running,
-            container_id: None,
-            container_name: None,
-            host_port: None,
-            url: None,
-            host_url: None,
-            health: None,
-            gateway_token: None,
-            observed_revision: None,
-            message: None,
-            restarts: 0,
-            last_transition_at: now,
-            updated_at: now,
-        }
+        ContainerStatus::pending(user_id, Utc::now())
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::desired::{quote_short, DesiredState};
 use crate::http::AppState;
 use crate::status::{ContainerStatus, Health, Phase};
 use crate::store::{DesiredUpdate, StatusSnapshot, StoreError};
+use crate::view::GatewayAddress;
 
 /// How far apart the clocks of an API process and the leader may be: an idle
 /// deadline closer than this counts as possibly passed.
@@ -70,9 +71,8 @@ fn has_failed(status: &ContainerStatus, revision: i64) -> bool {
 #[utoipa::path(
     post,
     path = "/users/{id}/ensure-running",
-    tag = "users",
     summary = "Set the user running and active now, and wait until its container runs",
-    params(("id" = String, Path, description = "The user id, percent-encoded"), WaitQuery),
+    params(UserId, WaitQuery),
     responses(
         (status = 200, description = "Running: addresses and the gateway token", body = Running),
         (status = 400, description = "A bad parameter (`wait` over 5m)", body = ErrorBody),
@@ -82,7 +82,7 @@ fn has_failed(status: &ContainerStatus, revision: i64) -> bool {
 )]
 pub(super) async fn ensure_running(
     State(state): State<Arc<AppState>>,
-    UserId(id): UserId,
+    UserId { id }: UserId,
     params: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Json<Running>, ApiError> {
     let wait = wait_param(query(params)?.wait.as_deref())?;
@@ -167,10 +167,7 @@ fn running_answer(state: &AppState, status: &ContainerStatus) -> Result<Running,
     Ok(Running {
         user_id: status.user_id.clone(),
         phase: status.phase,
-        container_name: status.container_name.clone(),
-        host_port: status.host_port,
-        url: status.url.clone(),
-        host_url: status.host_url.clone(),
+        gateway: GatewayAddress::of(status),
         token: token.expose().to_owned(),
     })
 }

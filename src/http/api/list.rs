@@ -21,7 +21,6 @@ use crate::view::UserView;
 #[utoipa::path(
     get,
     path = "/users",
-    tag = "users",
     summary = "One page of users in id order",
     params(ListQuery),
     responses(

@@ -198,6 +198,7 @@ pub fn openapi() -> OpenApi {
         .into_iter()
         .flatten()
         {
+            operation.tags = Some(vec!["users".to_owned()]);
             operation.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
             let responses = &mut operation.responses.responses;
             responses

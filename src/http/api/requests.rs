@@ -21,10 +21,15 @@ use crate::desired::{quote_short, validate_user_id, DesiredState, MAX_IDLE_TIMEO
 use crate::image_ref::ImageRef;
 use crate::status::Phase;
 use crate::store::DesiredUpdate;
-use crate::view::{rfc3339, UserView};
+use crate::view::{rfc3339, GatewayAddress, UserView};
 
 /// The `{id}` path segment, percent-decoded and validated as a user id.
-pub(super) struct UserId(pub String);
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+pub(super) struct UserId {
+    /// The user id (1-128 bytes, any characters), percent-encoded.
+    pub id: String,
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for UserId {
     type Rejection = ApiError;
@@ -34,7 +39,7 @@ impl<S: Send + Sync> FromRequestParts<S> for UserId {
             .await
             .map_err(|e| ApiError::bad_request("user_id", e.body_text()))?;
         validate_user_id(&id).map_err(|reason| ApiError::bad_request("user_id", reason))?;
-        Ok(Self(id))
+        Ok(Self { id })
     }
 }
 
@@ -238,18 +243,9 @@ pub struct Running {
     pub user_id: String,
     /// Always `running`.
     pub phase: Phase,
-    /// The container's name.
-    #[schema(required = true)]
-    pub container_name: Option<String>,
-    /// The published host port.
-    #[schema(required = true)]
-    pub host_port: Option<u16>,
-    /// The gateway's address on the agent network.
-    #[schema(required = true)]
-    pub url: Option<String>,
-    /// The gateway's address on the host.
-    #[schema(required = true)]
-    pub host_url: Option<String>,
+    /// Where the gateway answers.
+    #[serde(flatten)]
+    pub gateway: GatewayAddress,
     /// The gateway token, in clear.
     pub token: String,
 }

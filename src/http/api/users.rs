@@ -21,9 +21,8 @@ use crate::view::UserView;
 #[utoipa::path(
     get,
     path = "/users/{id}",
-    tag = "users",
     summary = "A user's desired and observed state (never the token)",
-    params(("id" = String, Path, description = "The user id, percent-encoded")),
+    params(UserId),
     responses(
         (status = 200, description = "The user", body = UserView),
         (status = 404, description = "No such user", body = ErrorBody),
@@ -31,7 +30,7 @@ use crate::view::UserView;
 )]
 pub(super) async fn show_user(
     State(state): State<Arc<AppState>>,
-    UserId(id): UserId,
+    UserId { id }: UserId,
 ) -> Result<Json<UserView>, ApiError> {
     view_of(&state, &id).await.map(Json)
 }
@@ -50,9 +49,8 @@ async fn view_of(state: &AppState, user_id: &str) -> Result<UserView, ApiError> 
 #[utoipa::path(
     put,
     path = "/users/{id}",
-    tag = "users",
     summary = "Create or update a user's desired row (absent fields keep their value, null clears)",
-    params(("id" = String, Path, description = "The user id, percent-encoded")),
+    params(UserId),
     request_body(content = PutBody, description = "All fields optional; an empty body changes nothing"),
     responses(
         (status = 200, description = "The user as written", body = UserView),
@@ -61,7 +59,7 @@ async fn view_of(state: &AppState, user_id: &str) -> Result<UserView, ApiError> 
 )]
 pub(super) async fn put_user(
     State(state): State<Arc<AppState>>,
-    UserId(id): UserId,
+    UserId { id }: UserId,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<UserView>, ApiError> {
     let body = body.map_err(|e| ApiError::bad_request("body", e.body_text()))?;
@@ -75,9 +73,8 @@ pub(super) async fn put_user(
 #[utoipa::path(
     delete,
     path = "/users/{id}",
-    tag = "users",
     summary = "Delete the desired row: the container is removed, its volume kept",
-    params(("id" = String, Path, description = "The user id, percent-encoded")),
+    params(UserId),
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such user", body = ErrorBody),
@@ -85,7 +82,7 @@ pub(super) async fn put_user(
 )]
 pub(super) async fn delete_user(
     State(state): State<Arc<AppState>>,
-    UserId(id): UserId,
+    UserId { id }: UserId,
 ) -> Result<StatusCode, ApiError> {
     if !state.store.delete_desired(&id).await? {
         return Err(ApiError::NoSuchUser(quote_short(&id)));
@@ -98,9 +95,8 @@ pub(super) async fn delete_user(
 #[utoipa::path(
     post,
     path = "/users/{id}/touch",
-    tag = "users",
     summary = "Record activity now (moves the idle deadline)",
-    params(("id" = String, Path, description = "The user id, percent-encoded")),
+    params(UserId),
     responses(
         (status = 200, description = "Activity recorded", body = Touched),
         (status = 404, description = "No such user", body = ErrorBody),
@@ -108,7 +104,7 @@ pub(super) async fn delete_user(
 )]
 pub(super) async fn touch_user(
     State(state): State<Arc<AppState>>,
-    UserId(id): UserId,
+    UserId { id }: UserId,
 ) -> Result<Json<Touched>, ApiError> {
     let now = Utc::now();
     state.store.touch(&id, now).await?;
@@ -122,9 +118,8 @@ pub(super) async fn touch_user(
 #[utoipa::path(
     post,
     path = "/users/{id}/stop",
-    tag = "users",
     summary = "Set state = stopped on an existing row (never creates one)",
-    params(("id" = String, Path, description = "The user id, percent-encoded")),
+    params(UserId),
     responses(
         (status = 200, description = "The user as written", body = UserView),
         (status = 404, description = "No such user", body = ErrorBody),
@@ -132,7 +127,7 @@ pub(super) async fn touch_user(
 )]
 pub(super) async fn stop_user(
     State(state): State<Arc<AppState>>,
-    UserId(id): UserId,
+    UserId { id }: UserId,
 ) -> Result<Json<UserView>, ApiError> {
     state.store.set_state(&id, DesiredState::Stopped).await?;
     tracing::info!(user_id = %quote_short(&id), "stop requested through the api");
@@ -144,9 +139,8 @@ pub(super) async fn stop_user(
 #[utoipa::path(
     post,
     path = "/users/{id}/restart",
-    tag = "users",
     summary = "Recreate the container with fresh configuration (bumps restart_nonce)",
-    params(("id" = String, Path, description = "The user id, percent-encoded")),
+    params(UserId),
     responses(
         (status = 202, description = "Restart requested", body = RestartRequested),
         (status = 404, description = "No such user", body = ErrorBody),
@@ -154,7 +148,7 @@ pub(super) async fn stop_user(
 )]
 pub(super) async fn restart_user(
     State(state): State<Arc<AppState>>,
-    UserId(id): UserId,
+    UserId { id }: UserId,
 ) -> Result<(StatusCode, Json<RestartRequested>), ApiError> {
     state.store.request_restart(&id).await?;
     tracing::info!(user_id = %quote_short(&id), "restart requested through the api");
