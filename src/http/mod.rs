@@ -1,7 +1,8 @@
 //! The HTTP surface of `clawfleet run`: `/metrics`, `/healthz`, `/readyz`
 //! and the JSON API under `/v1`, on one listener (`--listen`).
 //!
-//! Metrics and health are always open; the API needs
+//! Metrics, health and the API's OpenAPI document (`/v1/openapi.json`) are
+//! always open; the rest of the API needs
 //! `Authorization: Bearer $CLAWFLEET_API_TOKEN` and answers 503 when no token
 //! is configured. The API only writes `desired_containers`, exactly as any
 //! other service would; it never touches the engine.
