@@ -383,4 +383,18 @@ mod tests {
         );
         assert_eq!(serde_json::from_value::<UserView>(json).unwrap(), view);
     }
+
+    #[test]
+    fn phases_health_and_states_go_over_the_wire_as_their_stored_names() {
+        let name = |v: serde_json::Value| v.as_str().unwrap().to_owned();
+        for phase in Phase::ALL {
+            assert_eq!(name(serde_json::to_value(phase).unwrap()), phase.as_str());
+        }
+        for health in [Health::Starting, Health::Healthy, Health::Unhealthy] {
+            assert_eq!(name(serde_json::to_value(health).unwrap()), health.as_str());
+        }
+        for state in [DesiredState::Running, DesiredState::Stopped] {
+            assert_eq!(name(serde_json::to_value(state).unwrap()), state.as_str());
+        }
+    }
 }
