@@ -68,7 +68,10 @@ pub struct RawDesiredRow {
 }
 
 /// What a user's container should be doing, before idleness is considered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum DesiredState {
     /// The container should run.
     Running,

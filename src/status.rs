@@ -6,7 +6,20 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 
 /// Where a user's container is in its life, as written to `container_status.phase`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Phase {
     /// Seen, nothing done yet.
     Pending,
@@ -70,7 +83,10 @@ impl fmt::Display for Phase {
 }
 
 /// Docker's health status of a container with a health check.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Health {
     /// Within the start period, or no result yet.
     Starting,

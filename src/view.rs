@@ -1,72 +1,265 @@
 //! How one user is shown to people and programs: the JSON object of
 //! `clawfleet users show --json`, `users list --json` and the `/v1` API.
 //!
-//! One function renders it so the command line and the API can never drift
-//! apart. The view never holds the gateway token, sealed or open: a caller
+//! One set of types renders it so the command line and the API can never
+//! drift apart, and the API's OpenAPI document describes the same types. The view never holds the gateway token, sealed or open: a caller
 //! that must hand the token out adds it itself, on purpose.
 
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use crate::desired::InvalidRow;
-use crate::status::ContainerStatus;
-use crate::store::DesiredRow;
+use crate::desired::{DesiredState, InvalidRow};
+use crate::status::{ContainerStatus, Health, Phase};
+use crate::store::{DesiredRow, UserRows};
 
 /// The JSON view of one user: `{"user_id", "desired", "status"}`.
 ///
 /// `desired` is `null` when the row is gone (deleted, container being
-/// removed), `{"invalid": {"field", "reason"}, "revision"}` when the row
-/// fails validation, and otherwise the row with its effective state and idle
-/// deadline at `now`. `status` is `null` until the controller has written a
-/// status row.
-pub fn user_view(
-    user_id: &str,
-    desired: Option<&DesiredRow>,
-    status: Option<&ContainerStatus>,
-    now: DateTime<Utc>,
-) -> Value {
-    let desired = match desired {
-        Some(Ok(d)) => json!({
-            "state": d.state.as_str(),
-            "effective_state": d.effective_state(now).as_str(),
-            "idle_timeout_secs": d.idle_timeout.map(|t| t.as_secs()),
-            "idle_deadline": d.idle_deadline().map(|t| t.to_rfc3339()),
-            "last_active_at": d.last_active_at.map(|t| t.to_rfc3339()),
-            "image": d.image.as_ref().map(|i| i.as_str()),
-            "restart_nonce": d.restart_nonce,
-            "revision": d.revision,
-        }),
-        Some(Err(InvalidRow {
-            field,
-            reason,
-            revision,
-            ..
-        })) => json!({
-            "invalid": { "field": field, "reason": reason },
-            "revision": revision,
-        }),
-        None => Value::Null,
-    };
-    let status = status.map(|s| {
-        json!({
-            "phase": s.phase.as_str(),
-            "health": s.health.map(|h| h.as_str()),
-            "container_id": s.container_id,
-            "container_name": s.container_name,
-            "host_port": s.host_port,
-            "url": s.url,
-            "host_url": s.host_url,
-            "restarts": s.restarts,
-            "observed_revision": s.observed_revision,
-            "message": s.message,
-            "last_transition_at": s.last_transition_at.to_rfc3339(),
-        })
-    });
-    json!({
-        "user_id": user_id,
-        "desired": desired,
-        "status": status,
-    })
+/// removed); `status` is `null` until the controller has written a status
+/// row. Both keys are always present.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    /// The user id.
+    pub user_id: String,
+    /// The desired row; `null` once it is deleted.
+    #[schema(required = true)]
+    pub desired: Option<DesiredView>,
+    /// What the controller reports; `null` until it has reconciled the user.
+    #[schema(required = true)]
+    pub status: Option<StatusView>,
+}
+
+/// A desired row as shown: valid, or why it is invalid.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum DesiredView {
+    /// A row that passes validation.
+    Valid(ValidDesiredView),
+    /// A row that fails validation.
+    Invalid(InvalidDesiredView),
+}
+
+/// A valid desired row with its effective state and idle deadline at the
+/// time it was shown.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ValidDesiredView {
+    /// The `state` column.
+    pub state: DesiredState,
+    /// `state`, after idleness: `stopped` once the idle deadline has passed.
+    pub effective_state: DesiredState,
+    /// The idle timeout in seconds; `null`: none.
+    #[schema(required = true)]
+    pub idle_timeout_secs: Option<u64>,
+    /// When idleness stops the container; `null`: never.
+    #[serde(with = "rfc3339::option")]
+    #[schema(required = true)]
+    pub idle_deadline: Option<DateTime<Utc>>,
+    /// The last recorded activity; `null`: never.
+    #[serde(with = "rfc3339::option")]
+    #[schema(required = true)]
+    pub last_active_at: Option<DateTime<Utc>>,
+    /// The user's image; `null`: the configured default.
+    #[schema(required = true)]
+    pub image: Option<String>,
+    /// Bumped to ask for a recreate with fresh configuration.
+    pub restart_nonce: i64,
+    /// The row's revision (assigned by the database on every write).
+    pub revision: i64,
+}
+
+/// An invalid desired row: the field at fault and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InvalidDesiredView {
+    /// What is wrong with the row.
+    pub invalid: InvalidField,
+    /// The row's revision.
+    pub revision: i64,
+}
+
+/// The field of an invalid row at fault.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InvalidField {
+    /// The column.
+    pub field: String,
+    /// What is wrong, in words.
+    pub reason: String,
+}
+
+/// The status row as shown: everything but the gateway token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StatusView {
+    /// Where the container is in its life.
+    pub phase: Phase,
+    /// Docker's health status; `null` without a health check.
+    #[schema(required = true)]
+    pub health: Option<Health>,
+    /// The container's id.
+    #[schema(required = true)]
+    pub container_id: Option<String>,
+    /// Where the container's gateway answers.
+    #[serde(flatten)]
+    pub gateway: GatewayAddress,
+    /// How often the controller restarted the container.
+    pub restarts: i64,
+    /// The desired revision this status reflects.
+    #[schema(required = true)]
+    pub observed_revision: Option<i64>,
+    /// Why the phase is what it is, in words.
+    #[schema(required = true)]
+    pub message: Option<String>,
+    /// When the phase last changed.
+    #[serde(with = "rfc3339")]
+    pub last_transition_at: DateTime<Utc>,
+}
+
+/// Where a user's gateway answers; each part `null` until known.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GatewayAddress {
+    /// The container's name.
+    #[schema(required = true)]
+    pub container_name: Option<String>,
+    /// The published host port.
+    #[schema(required = true)]
+    pub host_port: Option<u16>,
+    /// The gateway's address on the agent network.
+    #[schema(required = true)]
+    pub url: Option<String>,
+    /// The gateway's address on the host.
+    #[schema(required = true)]
+    pub host_url: Option<String>,
+}
+
+impl GatewayAddress {
+    /// The address a status row reports.
+    pub fn of(s: &ContainerStatus) -> Self {
+        Self {
+            container_name: s.container_name.clone(),
+            host_port: s.host_port,
+            url: s.url.clone(),
+            host_url: s.host_url.clone(),
+        }
+    }
+}
+
+impl UserView {
+    /// The view of one user at `now`.
+    pub fn new(
+        user_id: &str,
+        desired: Option<&DesiredRow>,
+        status: Option<&ContainerStatus>,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            user_id: user_id.to_owned(),
+            desired: desired.map(|row| DesiredView::new(row, now)),
+            status: status.map(StatusView::new),
+        }
+    }
+
+    /// The view of a user's joined rows at `now`.
+    pub fn of(rows: &UserRows, now: DateTime<Utc>) -> Self {
+        Self::new(
+            &rows.user_id,
+            rows.desired.as_ref(),
+            rows.status.as_ref(),
+            now,
+        )
+    }
+}
+
+impl DesiredView {
+    fn new(row: &DesiredRow, now: DateTime<Utc>) -> Self {
+        match row {
+            Ok(d) => Self::Valid(ValidDesiredView {
+                state: d.state,
+                effective_state: d.effective_state(now),
+                idle_timeout_secs: d.idle_timeout.map(|t| t.as_secs()),
+                idle_deadline: d.idle_deadline(),
+                last_active_at: d.last_active_at,
+                image: d.image.as_ref().map(|i| i.as_str().to_owned()),
+                restart_nonce: d.restart_nonce,
+                revision: d.revision,
+            }),
+            Err(InvalidRow {
+                field,
+                reason,
+                revision,
+                ..
+            }) => Self::Invalid(InvalidDesiredView {
+                invalid: InvalidField {
+                    field: (*field).to_owned(),
+                    reason: reason.clone(),
+                },
+                revision: *revision,
+            }),
+        }
+    }
+}
+
+impl StatusView {
+    fn new(s: &ContainerStatus) -> Self {
+        Self {
+            phase: s.phase,
+            health: s.health,
+            container_id: s.container_id.clone(),
+            gateway: GatewayAddress::of(s),
+            restarts: s.restarts,
+            observed_revision: s.observed_revision,
+            message: s.message.clone(),
+            last_transition_at: s.last_transition_at,
+        }
+    }
+}
+
+/// Timestamps as RFC 3339 text with a `+00:00` offset, the form the views
+/// have always had (serde's default for chrono writes `Z`).
+pub mod rfc3339 {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `at` as RFC 3339.
+    pub fn serialize<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&at.to_rfc3339())
+    }
+
+    /// Reads RFC 3339 text with any offset.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+
+    /// The same for an optional timestamp (`null` for none).
+    pub mod option {
+        use chrono::{DateTime, Utc};
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        /// Writes `at` as RFC 3339, or `null`.
+        pub fn serialize<S: Serializer>(
+            at: &Option<DateTime<Utc>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match at {
+                Some(at) => super::serialize(at, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads RFC 3339 text or `null`.
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<DateTime<Utc>>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|text| {
+                    DateTime::parse_from_rfc3339(&text)
+                        .map(|t| t.with_timezone(&Utc))
+                        .map_err(serde::de::Error::custom)
+                })
+                .transpose()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -106,12 +299,13 @@ mod tests {
             restart_nonce: 0,
             revision: 3,
         });
-        let view = user_view(
+        let view = serde_json::to_value(UserView::new(
             "alice",
             Some(&desired),
             Some(&status_with_token()),
             Utc::now(),
-        );
+        ))
+        .unwrap();
         let text = view.to_string();
         assert!(!text.contains("SEALED"), "{text}");
         assert!(!text.contains("token"), "{text}");
@@ -121,8 +315,86 @@ mod tests {
 
     #[test]
     fn a_deleted_row_shows_as_null_desired() {
-        let view = user_view("alice", None, Some(&status_with_token()), Utc::now());
+        let view = serde_json::to_value(UserView::new(
+            "alice",
+            None,
+            Some(&status_with_token()),
+            Utc::now(),
+        ))
+        .unwrap();
         assert!(view["desired"].is_null());
         assert_eq!(view["user_id"], "alice");
+    }
+
+    #[test]
+    fn absent_values_are_null_keys_and_timestamps_keep_their_offset_form() {
+        let at = "2026-01-02T03:04:05+00:00"
+            .parse::<DateTime<Utc>>()
+            .unwrap();
+        let desired: DesiredRow = Ok(DesiredContainer {
+            user_id: "alice".into(),
+            state: DesiredState::Running,
+            idle_timeout: None,
+            last_active_at: Some(at),
+            image: None,
+            restart_nonce: 2,
+            revision: 3,
+        });
+        let view = UserView::new("alice", Some(&desired), None, at);
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "user_id": "alice",
+                "desired": {
+                    "state": "running",
+                    "effective_state": "running",
+                    "idle_timeout_secs": null,
+                    "idle_deadline": null,
+                    "last_active_at": "2026-01-02T03:04:05+00:00",
+                    "image": null,
+                    "restart_nonce": 2,
+                    "revision": 3,
+                },
+                "status": null,
+            })
+        );
+        assert_eq!(serde_json::from_value::<UserView>(json).unwrap(), view);
+    }
+
+    #[test]
+    fn an_invalid_row_shows_its_field_and_reason() {
+        let invalid: DesiredRow = Err(InvalidRow {
+            user_id: "alice".into(),
+            field: "state",
+            reason: "banana".into(),
+            revision: 7,
+        });
+        let view = UserView::new(
+            "alice",
+            Some(&invalid),
+            Some(&status_with_token()),
+            Utc::now(),
+        );
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(
+            json["desired"],
+            serde_json::json!({"invalid": {"field": "state", "reason": "banana"}, "revision": 7})
+        );
+        assert_eq!(serde_json::from_value::<UserView>(json).unwrap(), view);
+    }
+
+    #[test]
+    fn phases_health_and_states_go_over_the_wire_as_their_stored_names() {
+        let name = |v: serde_json::Value| v.as_str().unwrap().to_owned();
+        for phase in Phase::ALL {
+            assert_eq!(name(serde_json::to_value(phase).unwrap()), phase.as_str());
+        }
+        for health in [Health::Starting, Health::Healthy, Health::Unhealthy] {
+            assert_eq!(name(serde_json::to_value(health).unwrap()), health.as_str());
+        }
+        for state in [DesiredState::Running, DesiredState::Stopped] {
+            assert_eq!(name(serde_json::to_value(state).unwrap()), state.as_str());
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use chrono::Utc;
 use clap::{Args, Subcommand};
-use serde_json::json;
+use serde::Serialize;
 use std::io::Write;
 
 use super::table::Table;
@@ -12,8 +12,8 @@ use crate::config::{parse_idle_timeout, parse_image, IdleTimeout};
 use crate::desired::{quote_short, DesiredContainer, DesiredState};
 use crate::image_ref::ImageRef;
 use crate::status::ContainerStatus;
-use crate::store::{DesiredRow, DesiredUpdate, Store};
-use crate::view::user_view;
+use crate::store::{DesiredUpdate, Store, UserRows};
+use crate::view::UserView;
 
 /// The `users` subcommands.
 #[derive(Debug, Subcommand)]
@@ -142,13 +142,24 @@ async fn set(store: &Store, args: &SetArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// What `users show --json` prints: the view, and the gateway token when
+/// `--show-token` asks for it.
+#[derive(Serialize)]
+struct ShownUser<'a> {
+    #[serde(flatten)]
+    view: UserView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gateway_token: Option<&'a str>,
+}
+
 async fn show(global: &GlobalArgs, store: &Store, args: &ShowArgs) -> Result<(), CliError> {
-    let desired = store.desired(&args.id).await?;
-    let status = store.status(&args.id).await?;
-    if desired.is_none() && status.is_none() {
+    let Some(rows) = store.user(&args.id).await? else {
         return Err(CliError::NoSuchUser(quote_short(&args.id)));
-    }
-    let token = match (&status, args.show_token) {
+    };
+    let UserRows {
+        desired, status, ..
+    } = &rows;
+    let token = match (status, args.show_token) {
         (
             Some(ContainerStatus {
                 gateway_token: Some(sealed),
@@ -162,21 +173,21 @@ async fn show(global: &GlobalArgs, store: &Store, args: &ShowArgs) -> Result<(),
         _ => None,
     };
     let now = Utc::now();
-    let mut view = user_view(&args.id, desired.as_ref(), status.as_ref(), now);
-    if let Some(token) = &token {
-        view["gateway_token"] = json!(token.expose());
-    }
     let mut out = std::io::stdout().lock();
     if args.json {
+        let shown = ShownUser {
+            view: UserView::of(&rows, now),
+            gateway_token: token.as_ref().map(|t| t.expose()),
+        };
         writeln!(
             out,
             "{}",
-            serde_json::to_string_pretty(&view).unwrap_or_default()
+            serde_json::to_string_pretty(&shown).unwrap_or_default()
         )?;
         return Ok(());
     }
     writeln!(out, "user:              {}", quote_short(&args.id))?;
-    match &desired {
+    match desired {
         Some(Ok(d)) => {
             writeln!(out, "desired state:     {}", d.state)?;
             writeln!(out, "effective state:   {}", d.effective_state(now))?;
@@ -204,7 +215,7 @@ async fn show(global: &GlobalArgs, store: &Store, args: &ShowArgs) -> Result<(),
         )?,
         None => writeln!(out, "desired row:       none (deleted)")?,
     }
-    match &status {
+    match status {
         Some(s) => {
             let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
             writeln!(out, "phase:             {}", s.phase)?;
@@ -257,41 +268,27 @@ fn idle_text(d: &DesiredContainer) -> String {
 }
 
 async fn list(store: &Store, args: &ListArgs) -> Result<(), CliError> {
-    let desired = store.desired_all().await?;
-    let statuses = store.status_all().await?;
+    let users = store.users_all().await?;
     let now = Utc::now();
-    let mut by_user: std::collections::BTreeMap<
-        String,
-        (Option<DesiredRow>, Option<ContainerStatus>),
-    > = Default::default();
-    for row in desired {
-        let id = match &row {
-            Ok(d) => d.user_id.clone(),
-            Err(e) => e.user_id.clone(),
-        };
-        by_user.entry(id).or_default().0 = Some(row);
-    }
-    for s in statuses {
-        let id = s.user_id.clone();
-        by_user.entry(id).or_default().1 = Some(s);
-    }
     let mut out = std::io::stdout().lock();
     if args.json {
-        let rows: Vec<_> = by_user
-            .iter()
-            .map(|(id, (d, s))| user_view(id, d.as_ref(), s.as_ref(), now))
-            .collect();
+        let views: Vec<UserView> = users.iter().map(|u| UserView::of(u, now)).collect();
         writeln!(
             out,
             "{}",
-            serde_json::to_string_pretty(&rows).unwrap_or_default()
+            serde_json::to_string_pretty(&views).unwrap_or_default()
         )?;
         return Ok(());
     }
     let mut table = Table::new([
         "USER", "DESIRED", "PHASE", "HEALTH", "PORT", "IDLE", "RESTARTS", "MESSAGE",
     ]);
-    for (id, (d, s)) in &by_user {
+    for UserRows {
+        user_id: id,
+        desired: d,
+        status: s,
+    } in &users
+    {
         let desired = match d {
             Some(Ok(d)) if d.is_idle(now) => "running (idle)".to_owned(),
             Some(Ok(d)) => d.state.to_string(),
@@ -323,7 +320,7 @@ async fn list(store: &Store, args: &ListArgs) -> Result<(), CliError> {
         ]);
     }
     table.write(&mut out)?;
-    writeln!(out, "{} users", by_user.len())?;
+    writeln!(out, "{} users", users.len())?;
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! The HTTP surface of `clawfleet run`: `/metrics`, `/healthz`, `/readyz`
 //! and the JSON API under `/v1`, on one listener (`--listen`).
 //!
-//! Metrics and health are always open; the API needs
+//! Metrics, health and the API's OpenAPI document (`/v1/openapi.json`) are
+//! always open; the rest of the API needs
 //! `Authorization: Bearer $CLAWFLEET_API_TOKEN` and answers 503 when no token
 //! is configured. The API only writes `desired_containers`, exactly as any
 //! other service would; it never touches the engine.
@@ -30,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::secrets::KeyRing;
 use crate::store::Store;
 
-pub use api::{DEFAULT_MAX_INFLIGHT, REQUEST_TIMEOUT};
+pub use api::{openapi, DEFAULT_MAX_INFLIGHT, REQUEST_TIMEOUT};
 pub use health::{CachedReadiness, Readiness, ReadinessReport, READY_TTL};
 
 /// The API bearer token; compared in constant time, never printed.
@@ -78,7 +79,7 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(health::routes())
-        .nest("/v1", api::routes(state.clone()))
+        .nest(api::PREFIX, api::routes(state.clone()))
         .with_state(state)
 }
 

@@ -16,6 +16,7 @@
 mod desired;
 mod lease;
 mod status;
+mod users;
 mod watch;
 
 use std::path::Path;
@@ -33,6 +34,7 @@ use sqlx::Connection as _;
 
 pub use desired::{DesiredChange, DesiredRow, DesiredUpdate};
 pub use status::{StatusPage, StatusWrite};
+pub use users::{desired_user_id, UserPage, UserRows};
 pub use watch::{StatusSnapshot, StatusWatch, RECHECK};
 
 /// How long a SQLite writer waits for a lock held by another writer.
