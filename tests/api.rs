@@ -254,12 +254,15 @@ async fn put_creates_and_updates_a_user_keeping_absent_fields_and_clearing_null_
     }
 
     // The view is the CLI's `users show --json`, and holds no token.
+    // The status of carol's last write (the "off" PUT): one of an earlier
+    // revision is written again, with this one, between the two reads below.
+    let last = off["desired"]["revision"].as_i64().expect("a revision");
     wait_for_status(
         &api.store,
         "carol",
         Duration::from_secs(30),
-        "stopped",
-        |s| s.phase == Phase::Stopped,
+        "stopped at carol's last revision",
+        |s| s.phase == Phase::Stopped && s.observed_revision == Some(last),
     )
     .await;
     let shown = assert_status(&api.client.get(&path).await, 200);
