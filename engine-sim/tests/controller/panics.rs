@@ -3,11 +3,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use clawfleet::config::{ContainerSettings, PortRange};
 use clawfleet::controller::{Controller, ControllerOptions, Observers, ReconcileObserver};
-use clawfleet::docker::{Confinement, Op, ResourceLimits};
-use clawfleet::image_ref::{ImageAllowList, ImageRef};
-use clawfleet::isolation::NetworkIsolation;
+use clawfleet::docker::Op;
 use clawfleet::ports::PortAllocator;
 use clawfleet::queue::BackoffPolicy;
 use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
@@ -16,7 +13,7 @@ use clawfleet::status::Phase;
 use clawfleet::store::{DesiredUpdate, Store};
 use clawfleet_engine_sim::MemoryEngine;
 
-const IMAGE: &str = "agent:1";
+use crate::{settings, IMAGE};
 
 /// Every reconcile result, in order.
 #[derive(Default)]
@@ -25,24 +22,6 @@ struct Recorded(Mutex<Vec<(&'static str, Option<&'static str>)>>);
 impl ReconcileObserver for Recorded {
     fn reconciled(&self, result: &'static str, kind: Option<&'static str>, _seconds: f64) {
         self.0.lock().unwrap().push((result, kind));
-    }
-}
-
-fn settings() -> ContainerSettings {
-    let image = ImageRef::parse(IMAGE).unwrap();
-    ContainerSettings {
-        instance: "panics".into(),
-        allowed_images: ImageAllowList::of_repository(&image),
-        image,
-        network: "agents".into(),
-        name_prefix: "agent-".into(),
-        port_range: PortRange::new(19000, 19009).unwrap(),
-        publish_ip: "127.0.0.1".parse().unwrap(),
-        mosaic_api_url: "http://mosaic-api:3000/api".into(),
-        stop_timeout: Duration::from_secs(1),
-        limits: ResourceLimits::default(),
-        confinement: Confinement::strict(),
-        network_isolation: NetworkIsolation::Shared,
     }
 }
 

@@ -2,14 +2,10 @@
 //! "`container_status` (written only by clawfleet)").
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::Utc;
-use clawfleet::config::{ContainerSettings, PortRange};
 use clawfleet::desired::DesiredState;
-use clawfleet::docker::{Confinement, EngineError, Op, ResourceLimits};
-use clawfleet::image_ref::{ImageAllowList, ImageRef};
-use clawfleet::isolation::NetworkIsolation;
+use clawfleet::docker::{EngineError, Op};
 use clawfleet::ports::PortAllocator;
 use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
 use clawfleet::secrets::{EncryptionKey, KeyRing};
@@ -17,23 +13,7 @@ use clawfleet::status::Phase;
 use clawfleet::store::{DesiredUpdate, Store};
 use clawfleet_engine_sim::MemoryEngine;
 
-/// The defaults' settings (as clawfleet's own unit tests use them).
-fn settings() -> ContainerSettings {
-    ContainerSettings {
-        instance: "default".into(),
-        image: ImageRef::parse("alpine/openclaw:latest").unwrap(),
-        network: "mosaic-internal".into(),
-        name_prefix: "mosaic-user-".into(),
-        port_range: PortRange::default(),
-        publish_ip: "127.0.0.1".parse().unwrap(),
-        mosaic_api_url: "http://mosaic-api:3000/api".into(),
-        allowed_images: ImageAllowList::any(),
-        stop_timeout: Duration::from_secs(10),
-        limits: ResourceLimits::default(),
-        confinement: Confinement::strict(),
-        network_isolation: NetworkIsolation::Shared,
-    }
-}
+use crate::settings;
 
 const USER: &str = "alice";
 
