@@ -10,7 +10,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use clawfleet::config::{ContainerSettings, PortRange};
 use clawfleet::docker::{
-    object_labels, Confinement, ContainerFilter, ContainerSpec, Engine, EnvValue, MemoryEngine, Op,
+    object_labels, Confinement, ContainerFilter, ContainerSpec, Engine, EnvValue, Op,
     ResourceLimits, RunState, LABEL_SPEC_HASH,
 };
 use clawfleet::image_ref::ImageRef;
@@ -20,6 +20,7 @@ use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
 use clawfleet::secrets::GatewayToken;
 use clawfleet::status::{Health, Phase};
 use clawfleet::store::Store;
+use clawfleet_engine_sim::MemoryEngine;
 use proptest::prelude::*;
 use support::controller::{seal_v1, status_with_token, test_key, test_ring, write_status};
 

@@ -69,7 +69,7 @@ pub struct Scale {
     pub engine_only_rss_mb: f64,
 }
 
-fn engine_calls(engine: &clawfleet::docker::MemoryEngine) -> u64 {
+fn engine_calls(engine: &clawfleet_engine_sim::MemoryEngine) -> u64 {
     Op::ALL.iter().map(|op| engine.calls(*op)).sum()
 }
 

@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 
 use clawfleet::config::{ContainerSettings, PortRange};
 use clawfleet::controller::{Controller, ControllerOptions, Handle, Observers};
-use clawfleet::docker::{Confinement, Engine, MemoryEngine, ResourceLimits};
+use clawfleet::docker::{Confinement, Engine, ResourceLimits};
 use clawfleet::image_ref::ImageRef;
 use clawfleet::isolation::NetworkIsolation;
 use clawfleet::ports::PortAllocator;
 use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
 use clawfleet::secrets::{EncryptionKey, KeyRing};
 use clawfleet::store::Store;
+use clawfleet_engine_sim::MemoryEngine;
 use sea_orm::{ConnectionTrait, TransactionTrait};
 
 /// The agent image the containers are made from.

@@ -1,7 +1,8 @@
 //! The Docker engine seam: the few calls the controller makes, behind a small
 //! trait so the reconciler runs against the real engine ([`DockerEngine`], bollard)
-//! in integration tests and production, and against [`MemoryEngine`] in large
-//! simulations and property tests.
+//! in integration tests and production, and against the in-memory engine of
+//! the `clawfleet-engine-sim` crate (engine-sim/) in large simulations and
+//! property tests; that fake ships apart, so the release binary never holds it.
 //!
 //! The trait speaks the project's own types: nothing of bollard leaks out.
 //! Its contract, which both implementations keep:
@@ -17,7 +18,7 @@
 
 mod bollard_engine;
 mod instrumented;
-mod memory;
+mod op;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,7 +34,7 @@ use crate::status::Health;
 
 pub use bollard_engine::DockerEngine;
 pub use instrumented::{EngineObserver, Instrumented};
-pub use memory::{MemoryEngine, Op};
+pub use op::Op;
 
 /// Label marking every object clawfleet made.
 pub const LABEL_MANAGED: &str = "io.clawfleet.managed";

@@ -4,7 +4,7 @@
 
 use super::ids::{id_has_prefix, id_head, id_head_range, is_lower_hex};
 use super::state::{text_hash, State};
-use crate::docker::{EngineError, RunState};
+use clawfleet::docker::{EngineError, RunState};
 
 /// The outcome of resolving a name, id or id prefix.
 pub(super) enum Found {
@@ -115,9 +115,9 @@ pub(super) fn ambiguous_prefix(op: &'static str, target: &str) -> EngineError {
 
 #[cfg(test)]
 mod tests {
-    use crate::docker::memory::fixtures::*;
-    use crate::docker::memory::ids::is_lower_hex;
-    use crate::docker::{Engine, RunState};
+    use crate::fixtures::*;
+    use crate::ids::is_lower_hex;
+    use clawfleet::docker::{Engine, RunState};
 
     #[tokio::test]
     async fn create_returns_a_64_hex_id_that_inspect_finds_by_id_name_and_prefix() {

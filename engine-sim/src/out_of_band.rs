@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::containers::EXIT_KILLED;
 use super::ids::render_id;
 use super::MemoryEngine;
-use crate::docker::{Confinement, ContainerSpec, EngineError, ResourceLimits};
-use crate::status::Health;
+use clawfleet::docker::{Confinement, ContainerSpec, EngineError, ResourceLimits};
+use clawfleet::status::Health;
 
 impl MemoryEngine {
     /// Creates a container as `docker create` (and `docker start` when
@@ -95,9 +95,9 @@ impl MemoryEngine {
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
-    use crate::docker::memory::fixtures::*;
-    use crate::docker::memory::MemoryEngine;
-    use crate::docker::{Engine, EngineError, RunState};
+    use crate::fixtures::*;
+    use crate::MemoryEngine;
+    use clawfleet::docker::{Engine, EngineError, RunState};
 
     #[tokio::test]
     async fn crash_exits_with_its_code_and_says_die() {

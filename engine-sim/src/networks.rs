@@ -8,7 +8,7 @@ use super::lookup::Found;
 use super::record::Record;
 use super::state::State;
 use super::MemoryEngine;
-use crate::docker::ObservedNetwork;
+use clawfleet::docker::ObservedNetwork;
 
 pub(super) struct Network {
     pub(super) key: u64,
@@ -88,9 +88,9 @@ impl MemoryEngine {
 mod tests {
     use std::collections::BTreeMap;
 
-    use crate::docker::memory::fixtures::*;
-    use crate::docker::memory::MemoryEngine;
-    use crate::docker::{shared_labels, Engine, OPTION_ENABLE_ICC};
+    use crate::fixtures::*;
+    use crate::MemoryEngine;
+    use clawfleet::docker::{shared_labels, Engine, OPTION_ENABLE_ICC};
 
     #[tokio::test]
     async fn ensure_network_is_idempotent_with_a_stable_id() {

@@ -78,8 +78,8 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use super::*;
-    use crate::docker::memory::fixtures::*;
-    use crate::docker::{Engine, EngineError, RunState};
+    use crate::fixtures::*;
+    use clawfleet::docker::{Engine, EngineError, RunState};
 
     #[tokio::test]
     async fn start_fails_while_a_running_container_publishes_the_same_port() {

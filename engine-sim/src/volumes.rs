@@ -9,7 +9,7 @@ use super::names::check_volume_name;
 use super::record::Record;
 use super::state::State;
 use super::MemoryEngine;
-use crate::docker::EngineError;
+use clawfleet::docker::EngineError;
 
 /// A volume, equal to, hashed as and borrowed as its name, so the set of
 /// volumes is keyed by name without storing the name twice.
@@ -88,9 +88,9 @@ impl MemoryEngine {
 mod tests {
     use std::collections::BTreeMap;
 
-    use crate::docker::memory::fixtures::*;
-    use crate::docker::memory::MemoryEngine;
-    use crate::docker::{object_labels, Engine};
+    use crate::fixtures::*;
+    use crate::MemoryEngine;
+    use clawfleet::docker::{object_labels, Engine};
 
     #[tokio::test]
     async fn ensure_volume_is_idempotent_and_keeps_the_first_labels() {

@@ -5,94 +5,16 @@
 
 use super::state::State;
 use super::{MemoryEngine, HOST};
-use crate::docker::{EngineError, EngineVersion};
+use clawfleet::docker::{EngineError, EngineVersion};
+
+use clawfleet::docker::Op;
 
 #[cfg(doc)]
-use crate::docker::Engine;
+use clawfleet::docker::Engine;
 
-/// The engine operations, for counting calls and injecting failures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Op {
-    /// [`Engine::version`].
-    Version,
-    /// [`Engine::list_containers`].
-    List,
-    /// [`Engine::inspect_container`].
-    Inspect,
-    /// [`Engine::create_container`].
-    Create,
-    /// [`Engine::start_container`].
-    Start,
-    /// [`Engine::stop_container`].
-    Stop,
-    /// [`Engine::restart_container`].
-    Restart,
-    /// [`Engine::remove_container`].
-    Remove,
-    /// [`Engine::rename_container`].
-    Rename,
-    /// [`Engine::ensure_volume`].
-    EnsureVolume,
-    /// [`Engine::inspect_volume`].
-    InspectVolume,
-    /// [`Engine::ensure_network`].
-    EnsureNetwork,
-    /// [`Engine::inspect_network`].
-    InspectNetwork,
-    /// [`Engine::image_present`].
-    ImagePresent,
-    /// [`Engine::pull_image`].
-    Pull,
-    /// [`Engine::events`].
-    Events,
-}
-
-impl Op {
-    /// Every operation, in declaration order.
-    pub const ALL: [Op; 16] = [
-        Op::Version,
-        Op::List,
-        Op::Inspect,
-        Op::Create,
-        Op::Start,
-        Op::Stop,
-        Op::Restart,
-        Op::Remove,
-        Op::Rename,
-        Op::EnsureVolume,
-        Op::InspectVolume,
-        Op::EnsureNetwork,
-        Op::InspectNetwork,
-        Op::ImagePresent,
-        Op::Pull,
-        Op::Events,
-    ];
-
-    /// The operation's name in error messages (`start`, `volume create`, ...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Op::Version => "version",
-            Op::List => "list",
-            Op::Inspect => "inspect",
-            Op::Create => "create",
-            Op::Start => "start",
-            Op::Stop => "stop",
-            Op::Restart => "restart",
-            Op::Remove => "remove",
-            Op::Rename => "rename",
-            Op::EnsureVolume => "volume create",
-            Op::InspectVolume => "volume inspect",
-            Op::EnsureNetwork => "network create",
-            Op::InspectNetwork => "network inspect",
-            Op::ImagePresent => "image inspect",
-            Op::Pull => "pull",
-            Op::Events => "events",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
+/// The slot of `op` in the per-operation counters and queues.
+fn slot(op: Op) -> usize {
+    op as usize
 }
 
 pub(super) struct Fault {
@@ -103,7 +25,7 @@ pub(super) struct Fault {
 impl State {
     /// True (and one fewer to come) when a panic is queued for `op`.
     pub(super) fn take_panic(&mut self, op: Op) -> bool {
-        let queued = &mut self.panics[op.index()];
+        let queued = &mut self.panics[slot(op)];
         let panic = *queued > 0;
         *queued = queued.saturating_sub(1);
         panic
@@ -112,14 +34,14 @@ impl State {
     /// Counts a call of `op` and applies unreachability and the next
     /// injected fault: `Err` fails the call now, `Ok(Some)` after its effect.
     pub(super) fn admit(&mut self, op: Op) -> Result<Option<EngineError>, EngineError> {
-        self.calls[op.index()] += 1;
+        self.calls[slot(op)] += 1;
         if self.unreachable {
             return Err(EngineError::Unreachable {
                 host: HOST.to_owned(),
                 message: "connection refused".to_owned(),
             });
         }
-        match self.faults[op.index()].pop_front() {
+        match self.faults[slot(op)].pop_front() {
             None => Ok(None),
             Some(Fault {
                 error,
@@ -136,7 +58,7 @@ impl State {
 impl MemoryEngine {
     /// How many times `op` was called, failed calls included.
     pub fn calls(&self, op: Op) -> u64 {
-        self.lock().calls[op.index()]
+        self.lock().calls[slot(op)]
     }
 
     /// Sets every call counter back to zero.
@@ -147,7 +69,7 @@ impl MemoryEngine {
     /// Makes the next call of `op` fail with `error`, without effect.
     /// Several calls queue several failures.
     pub fn fail_next(&self, op: Op, error: EngineError) {
-        self.lock().faults[op.index()].push_back(Fault {
+        self.lock().faults[slot(op)].push_back(Fault {
             error,
             after_effect: false,
         });
@@ -157,14 +79,14 @@ impl MemoryEngine {
     /// bug in the code under test would. Several calls queue several panics.
     /// [`Op::Events`] subscriptions never panic.
     pub fn panic_next(&self, op: Op) {
-        self.lock().panics[op.index()] += 1;
+        self.lock().panics[slot(op)] += 1;
     }
 
     /// Makes the next call of `op` take effect and then fail with `error`, as
     /// when the engine acts but the reply is lost. A call that fails anyway
     /// uses it up. For [`Op::Events`] it is the same as [`fail_next`](Self::fail_next).
     pub fn lose_next_reply(&self, op: Op, error: EngineError) {
-        self.lock().faults[op.index()].push_back(Fault {
+        self.lock().faults[slot(op)].push_back(Fault {
             error,
             after_effect: true,
         });
@@ -189,8 +111,8 @@ impl MemoryEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::docker::memory::fixtures::*;
-    use crate::docker::{Engine, RunState};
+    use crate::fixtures::*;
+    use clawfleet::docker::{Engine, RunState};
 
     #[tokio::test]
     async fn fail_next_fails_only_the_next_call_of_that_op_without_effect() {

@@ -1,7 +1,7 @@
 //! Docker's rule for container and local volume names, and the errors the
 //! engine gives for a name that breaks it.
 
-use crate::docker::EngineError;
+use clawfleet::docker::EngineError;
 
 /// Docker's rule for container and local volume names: `[a-zA-Z0-9][a-zA-Z0-9_.-]+`.
 pub(super) fn is_valid_object_name(name: &str) -> bool {

@@ -13,17 +13,18 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 
 use super::events::EventLog;
-use super::faults::{Fault, Op};
+use super::faults::Fault;
 use super::ids::render_id;
 use super::images::ImageFlags;
 use super::networks::Network;
 use super::record::{Interner, Record, Sym};
 use super::volumes::Volume;
-use crate::docker::{
+use clawfleet::docker::Op;
+use clawfleet::docker::{
     Confinement, ContainerFilter, ContainerSummary, EngineVersion, ObservedContainer, RunState,
     LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID,
 };
-use crate::status::Health;
+use clawfleet::status::Health;
 
 /// A stable 64-bit hash of a string, for ordered indexes that must not store it.
 pub(super) fn text_hash(text: &str) -> u64 {
@@ -211,8 +212,8 @@ impl State {
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
-    use crate::docker::memory::fixtures::*;
-    use crate::docker::{ContainerSummary, Engine, RunState, LABEL_MANAGED};
+    use crate::fixtures::*;
+    use clawfleet::docker::{ContainerSummary, Engine, RunState, LABEL_MANAGED};
 
     #[tokio::test]
     async fn list_shows_only_managed_containers_of_the_instance() {

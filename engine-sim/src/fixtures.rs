@@ -11,7 +11,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 
 use super::MemoryEngine;
-use crate::docker::{
+use clawfleet::docker::{
     object_labels, shared_labels, Confinement, ContainerFilter, ContainerSpec, Engine, EngineError,
     EngineEvent, ObservedContainer, ResourceLimits, LABEL_SPEC_HASH,
 };

@@ -14,11 +14,11 @@ use futures::stream::{self, BoxStream, StreamExt};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::watch;
 
-use super::faults::Op;
 use super::ids::render_id;
 use super::state::State;
 use super::{MemoryEngine, HOST};
-use crate::docker::{ContainerFilter, EngineError, EngineEvent};
+use clawfleet::docker::Op;
+use clawfleet::docker::{ContainerFilter, EngineError, EngineEvent};
 
 /// Events kept for `since` replays, like the real engine.
 const RECENT_EVENTS: usize = 256;
@@ -220,9 +220,9 @@ mod tests {
     use futures::StreamExt;
 
     use super::RECENT_EVENTS;
-    use crate::docker::memory::fixtures::*;
-    use crate::docker::memory::MemoryEngine;
-    use crate::docker::{Engine, EngineError, EngineEvent};
+    use crate::fixtures::*;
+    use crate::MemoryEngine;
+    use clawfleet::docker::{Engine, EngineError, EngineEvent};
 
     #[tokio::test]
     async fn events_reach_only_subscribers_of_the_container_s_instance() {

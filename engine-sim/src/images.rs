@@ -5,7 +5,7 @@ use super::state::State;
 use super::MemoryEngine;
 
 #[cfg(doc)]
-use crate::docker::Engine;
+use clawfleet::docker::Engine;
 
 #[derive(Clone, Copy, Default)]
 pub(super) struct ImageFlags {
@@ -103,9 +103,9 @@ impl MemoryEngine {
 
 #[cfg(test)]
 mod tests {
-    use crate::docker::memory::fixtures::*;
-    use crate::docker::memory::MemoryEngine;
-    use crate::docker::{Engine, EngineError};
+    use crate::fixtures::*;
+    use crate::MemoryEngine;
+    use clawfleet::docker::{Engine, EngineError};
 
     #[tokio::test]
     async fn images_are_matched_in_docker_s_normal_form() {

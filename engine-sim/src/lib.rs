@@ -2,7 +2,7 @@
 //! large simulations and fault injection.
 //!
 //! It keeps the trait's contract the way the real engine does (see the
-//! [module docs](super)): names are unique and valid, `start`/`stop` of a
+//! [seam's docs](clawfleet::docker)): names are unique and valid, `start`/`stop` of a
 //! container already in that state succeed, `remove` forces and keeps
 //! volumes, a start whose host port is bound elsewhere fails with
 //! [`EngineError::PortAllocated`], and every state change emits a
@@ -65,12 +65,10 @@ use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use tokio::sync::broadcast;
 
-use super::{
+use clawfleet::docker::{
     Confinement, ContainerFilter, ContainerSpec, ContainerSummary, Engine, EngineError,
-    EngineEvent, EngineVersion, ObservedContainer, ObservedNetwork,
+    EngineEvent, EngineVersion, ObservedContainer, ObservedNetwork, Op,
 };
-
-pub use faults::Op;
 
 use events::DEFAULT_EVENT_CAPACITY;
 use ids::render_id;

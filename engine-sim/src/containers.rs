@@ -13,8 +13,8 @@ use super::names::{check_container_name, check_volume_name};
 use super::record::Record;
 use super::state::{text_hash, Container, State};
 use super::volumes::Volume;
-use crate::docker::{ContainerSpec, EngineError, RunState};
-use crate::status::Health;
+use clawfleet::docker::{ContainerSpec, EngineError, RunState};
+use clawfleet::status::Health;
 
 /// Docker's exit code of a container whose start failed.
 const EXIT_START_FAILED: i64 = 128;
@@ -287,11 +287,14 @@ mod tests {
 
     use chrono::{TimeZone, Utc};
 
-    use crate::docker::memory::fixtures::*;
-    use crate::docker::memory::names::is_valid_object_name;
-    use crate::docker::memory::{MemoryEngine, Op};
-    use crate::docker::{object_labels, shared_labels, Confinement, Engine, EngineError, RunState};
-    use crate::status::Health;
+    use crate::fixtures::*;
+    use crate::names::is_valid_object_name;
+    use crate::MemoryEngine;
+    use clawfleet::docker::Op;
+    use clawfleet::docker::{
+        object_labels, shared_labels, Confinement, Engine, EngineError, RunState,
+    };
+    use clawfleet::status::Health;
 
     // ---- create ----------------------------------------------------------------
 
