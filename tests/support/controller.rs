@@ -70,8 +70,13 @@ pub async fn write_status(store: &Store, status: &ContainerStatus) {
         .expect("write status");
 }
 
-/// A port range of `len` ports unlikely to be used by a test running beside this one.
+/// A port range of `len` ports no other test of this suite uses while this
+/// process lives: the range's 50-port blocks are claimed with file locks
+/// (released when the test's process exits), so tests running beside each
+/// other never share a port.
 pub fn port_range(len: u16) -> (u16, u16) {
+    const BLOCK: u64 = 50;
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
     let seed = std::process::id() as u64 * 7919
         + std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -84,9 +89,31 @@ pub fn port_range(len: u16) -> (u16, u16) {
         .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .unwrap_or(32768);
     let top = ephemeral_start.clamp(21000, 40000);
-    let slots = (top - 20000) / u64::from(len);
-    let start = 20000 + (seed % slots) as u16 * len;
-    (start, start + len - 1)
+    let blocks = (top - 20000) / BLOCK;
+    let needed = u64::from(len).div_ceil(BLOCK);
+    let dir = std::env::temp_dir().join("clawfleet-test-ports");
+    std::fs::create_dir_all(&dir).expect("port lock folder");
+    let claim = |block: u64| -> Option<std::fs::File> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{}", 20000 + block * BLOCK)))
+            .expect("port lock file");
+        file.try_lock().ok().map(|()| file)
+    };
+    for i in 0..blocks {
+        let first = (seed + i) % (blocks - needed + 1);
+        let claimed: Vec<std::fs::File> = (first..first + needed).map_while(claim).collect();
+        if claimed.len() as u64 == needed {
+            HELD.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(claimed);
+            let start = (20000 + first * BLOCK) as u16;
+            return (start, start + len - 1);
+        }
+    }
+    panic!("no free {len}-port range below {top}: every block is held by a running test");
 }
 
 /// How to start a controller.
