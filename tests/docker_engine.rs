@@ -719,26 +719,33 @@ async fn expect_port_allocated(engine: &DockerEngine, id: &str, port: u16, phras
     }
 }
 
+/// Every engine of `engines` ensures the network `name` at once; the ids they got.
+async fn race_for_network(
+    engines: &[DockerEngine],
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let calls = engines.iter().map(|engine| async move {
+        engine
+            .ensure_network(name, labels, &BTreeMap::new())
+            .await
+            .map(|n| n.id)
+    });
+    futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.expect("ensure network"))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ensure_network_is_idempotent_and_single_flight_among_clones() {
     let fx = DockerFixture::new("net");
     let engine = engine().await;
     let labels = shared_labels(&fx.instance);
 
-    let calls = (0..4).map(|_| {
-        let (engine, labels, name) = (engine.clone(), labels.clone(), fx.network.clone());
-        async move {
-            engine
-                .ensure_network(&name, &labels, &BTreeMap::new())
-                .await
-                .map(|n| n.id)
-        }
-    });
-    let ids: Vec<String> = futures::future::join_all(calls)
-        .await
-        .into_iter()
-        .map(|r| r.expect("ensure network"))
-        .collect();
+    let clones = vec![engine.clone(); 4];
+    let ids = race_for_network(&clones, &fx.network, &labels).await;
     assert!(ids.iter().all(|id| id == &ids[0]), "{ids:?}");
     assert_eq!(networks_named(&fx.network), [ids[0].clone()]);
 
@@ -778,17 +785,7 @@ async fn separately_connected_engines_racing_for_a_network_agree_on_one_id() {
     }
     for round in 0..NETWORK_RACE_ROUNDS {
         let name = fx.name(&format!("race{round}-net"));
-        let calls = engines.iter().map(|engine| async {
-            engine
-                .ensure_network(&name, &labels, &BTreeMap::new())
-                .await
-                .map(|n| n.id)
-        });
-        let ids: Vec<String> = futures::future::join_all(calls)
-            .await
-            .into_iter()
-            .map(|r| r.expect("ensure network"))
-            .collect();
+        let ids = race_for_network(&engines, &name, &labels).await;
         assert!(ids.iter().all(|id| id == &ids[0]), "round {round}: {ids:?}");
         assert_eq!(
             networks_named(&name),
