@@ -15,12 +15,12 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use futures::FutureExt;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tracing::{info, warn, Instrument};
 
+use crate::clock::Clock;
 use crate::docker::Engine;
 use crate::events::{self, EventObserver};
 use crate::feed::{self, FeedOptions};
@@ -46,6 +46,10 @@ pub struct ControllerOptions {
     pub backoff: BackoffPolicy,
     /// How long shutdown waits for in-flight reconciles.
     pub shutdown_timeout: Duration,
+    /// The clock of the queue, the feed and the event subscription; give
+    /// the reconciler and its port allocator the same one (client-go's
+    /// queue config carries its clock the same way).
+    pub clock: Clock,
 }
 
 impl Default for ControllerOptions {
@@ -56,6 +60,7 @@ impl Default for ControllerOptions {
             feed: FeedOptions::default(),
             backoff: BackoffPolicy::default(),
             shutdown_timeout: Duration::from_secs(30),
+            clock: Clock::system(),
         }
     }
 }
@@ -121,7 +126,8 @@ impl<E: Engine> Controller<E> {
         options: ControllerOptions,
         observers: Observers,
     ) -> Self {
-        let queue = Arc::new(WorkQueue::with_observer(
+        let queue = Arc::new(WorkQueue::with_clock(
+            options.clock,
             options.backoff,
             observers.queue.clone(),
         ));
@@ -164,7 +170,11 @@ impl<E: Engine> Controller<E> {
         // Subscribe before listing, asking for events from a little before
         // now, so nothing that happens between the list and the subscription
         // is missed.
-        let since = Utc::now().timestamp_nanos_opt().map(|n| n - 1_000_000_000);
+        let since = options
+            .clock
+            .wall()
+            .timestamp_nanos_opt()
+            .map(|n| n - 1_000_000_000);
         let relist = Arc::new(Notify::new());
         {
             let sink_queue = queue.clone();
@@ -193,6 +203,7 @@ impl<E: Engine> Controller<E> {
                 store.clone(),
                 start_revision,
                 options.feed,
+                options.clock,
                 move |user, delay| {
                     if delay.is_zero() {
                         sink_queue.add(user);

@@ -29,6 +29,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::clock::Clock;
 use crate::store::{DesiredChange, Pool, Store};
 
 /// Rows read per poll; a full page is followed by another poll at once.
@@ -183,7 +184,8 @@ impl Default for FeedOptions {
 /// Runs the feed from revision `start` until the task is dropped, handing
 /// every changed user id to `sink` with how long to wait before acting on it
 /// (zero, or the rest of the user's spacing window; `sink` must not block).
-pub async fn run<F>(store: Store, start: i64, options: FeedOptions, sink: F)
+/// Spacing windows and gap ages are read from `clock`.
+pub async fn run<F>(store: Store, start: i64, options: FeedOptions, clock: Clock, sink: F)
 where
     F: Fn(String, Duration) + Send + Sync + 'static,
 {
@@ -192,7 +194,7 @@ where
         let delay = spacer
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .delay(&user, Instant::now());
+            .delay(&user, clock.now());
         sink(user, delay);
     });
     let wake = Arc::new(Notify::new());
@@ -224,7 +226,7 @@ where
                     debug!("desired change feed recovered");
                     failing = false;
                 }
-                cursor.advance(&changes, Instant::now());
+                cursor.advance(&changes, clock.now());
                 let full = changes.len() as u64 >= PAGE;
                 for change in changes {
                     sink(change.user_id);

@@ -12,9 +12,11 @@
 //! - [`secrets`]: gateway tokens and the key ring that seals them.
 //! - [`config`], [`image_ref`]: typed settings and their validation.
 //! - [`isolation`]: how containers are kept apart (capabilities, logs, network).
+//! - [`clock`]: the one clock deadlines, back-offs and quarantines read.
 //! - [`cli`]: the command line.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod controller;
 pub mod desired;

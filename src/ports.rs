@@ -32,10 +32,12 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
+use crate::clock::Clock;
 use crate::config::PortRange;
 use crate::store::StoreError;
 
@@ -70,6 +72,8 @@ pub struct PortAllocator {
     state: Mutex<State>,
     /// Signalled when a port is released while users wait for one.
     freed: Notify,
+    /// Times the quarantines.
+    clock: Clock,
 }
 
 #[derive(Debug, Default)]
@@ -98,7 +102,15 @@ impl PortAllocator {
                 ..State::default()
             }),
             freed: Notify::new(),
+            clock: Clock::system(),
         }
+    }
+
+    /// Times quarantines by `clock` instead of the system clock (give the
+    /// reconciler the same one).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Skips the bind probe (for simulated engines, where no real port is involved).
@@ -156,7 +168,7 @@ impl PortAllocator {
     pub fn quarantine(&self, port: u16) {
         self.lock()
             .refused
-            .insert(port, Instant::now() + QUARANTINE);
+            .insert(port, self.clock.now() + QUARANTINE);
     }
 
     /// True when a user may keep `port`: in range and not refused by the
@@ -168,7 +180,7 @@ impl PortAllocator {
         self.lock()
             .refused
             .get(&port)
-            .is_none_or(|until| *until <= Instant::now())
+            .is_none_or(|until| *until <= self.clock.now())
     }
 
     /// Picks a free port for `user` and claims it with `claim`, which writes
@@ -213,7 +225,7 @@ impl PortAllocator {
     fn choose(&self, user: &str) -> Result<u16, PortError> {
         let mut guard = self.lock();
         let state = &mut *guard;
-        let now = Instant::now();
+        let now = self.clock.now();
         state.refused.retain(|_, until| *until > now);
         state.busy.retain(|_, until| *until > now);
         let taken = state.claimed.get_or_insert_with(HashSet::new);

@@ -22,6 +22,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tracing::{debug, info, warn};
 
+use crate::clock::Clock;
 use crate::config::ContainerSettings;
 use crate::desired::{quote_short, DesiredContainer, DesiredState};
 use crate::docker::{
@@ -191,7 +192,7 @@ pub struct Reconciler<E: Engine> {
     options: ReconcilerOptions,
     network: tokio::sync::Mutex<Option<String>>,
     memory: Mutex<HashMap<String, Memory>>,
-    clock: fn() -> DateTime<Utc>,
+    clock: Clock,
     telemetry: Arc<dyn Telemetry>,
 }
 
@@ -221,13 +222,14 @@ impl<E: Engine> Reconciler<E> {
             options,
             network: tokio::sync::Mutex::new(None),
             memory: Mutex::new(HashMap::new()),
-            clock: Utc::now,
+            clock: Clock::system(),
             telemetry: Arc::new(NoTelemetry),
         }
     }
 
-    /// Uses `clock` instead of the system clock (simulations).
-    pub fn with_clock(mut self, clock: fn() -> DateTime<Utc>) -> Self {
+    /// Reads the time from `clock` instead of the system clock (virtual
+    /// time in tests; give the port allocator and the controller the same).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self
     }
@@ -255,7 +257,7 @@ impl<E: Engine> Reconciler<E> {
 
     /// Reconciles `user_id` once.
     pub async fn reconcile(&self, user_id: &str) -> Result<Outcome, ReconcileError> {
-        let now = (self.clock)();
+        let now = self.clock.wall();
         let desired = self.store.desired(user_id).await?;
         let previous = self.store.status(user_id).await?;
         let names = self.names(user_id, previous.as_ref()).await?;

@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 use tracing::{info, warn};
 
 use super::{CliError, GlobalArgs};
+use crate::clock::Clock;
 use crate::config::{parse_duration, parse_image, ContainerSettings, API_TOKEN_ENV};
 use crate::controller::{Controller, ControllerOptions, Observers};
 use crate::docker::{DockerEngine, Engine, Instrumented};
@@ -163,14 +164,18 @@ struct Parts<E: Engine> {
 impl<E: Engine> Parts<E> {
     /// Reconciles until `stop` resolves (graceful) or the returned future is dropped (at once).
     async fn lead(&self, stop: impl std::future::Future<Output = ()>) {
+        // One clock for the reconciler, its port quarantine, the queue and the feed.
+        let clock = self.controller.clock;
         let reconciler = Reconciler::new(
             self.store.clone(),
             self.engine.clone(),
             self.settings.clone(),
             self.keys.clone(),
-            PortAllocator::new(self.settings.port_range, self.settings.publish_ip),
+            PortAllocator::new(self.settings.port_range, self.settings.publish_ip)
+                .with_clock(clock),
             self.reconciler,
         )
+        .with_clock(clock)
         .with_telemetry(self.metrics.clone());
         let observers = Observers {
             queue: self.metrics.clone(),
@@ -329,6 +334,7 @@ pub async fn run(
                 ..Default::default()
             },
             shutdown_timeout: args.shutdown_timeout,
+            clock: Clock::system(),
             ..Default::default()
         },
     };

@@ -44,6 +44,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::{sleep_until, Instant};
 
+use crate::clock::Clock;
+
 pub use backoff::{BackoffPolicy, BackoffPolicyError};
 pub use observer::{QueueObserver, QueueStats};
 pub use runner::{run_workers, Outcome};
@@ -70,6 +72,8 @@ struct Shared<K> {
     /// `notify_waiters` when they must recompute their deadline or stop.
     wakeup: Notify,
     observer: Arc<dyn QueueObserver>,
+    /// Where `now` comes from.
+    clock: Clock,
 }
 
 /// A key handed out by [`WorkQueue::next`]. The key counts as being processed
@@ -91,12 +95,23 @@ where
 
     /// An empty queue that reports its events to `observer` (metrics).
     pub fn with_observer(policy: BackoffPolicy, observer: Arc<dyn QueueObserver>) -> Self {
+        Self::with_clock(Clock::system(), policy, observer)
+    }
+
+    /// An empty queue whose deadlines and delays are read from `clock`
+    /// (client-go's `newQueue(clock, …)`), reporting to `observer`.
+    pub fn with_clock(
+        clock: Clock,
+        policy: BackoffPolicy,
+        observer: Arc<dyn QueueObserver>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(QueueState::new()),
                 backoffs: Mutex::new(Backoffs::new(policy)),
                 wakeup: Notify::new(),
                 observer,
+                clock,
             }),
         }
     }
@@ -198,7 +213,7 @@ impl<K: Clone + Eq + Hash> Shared<K> {
         let result = {
             let mut state = lock(&self.state);
             // Read under the lock so the state sees time move forward only.
-            f(&mut state, Instant::now(), &mut fx)
+            f(&mut state, self.clock.now(), &mut fx)
         };
         self.apply(fx);
         result
