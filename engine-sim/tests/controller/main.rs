@@ -8,6 +8,7 @@
 
 mod event_watcher;
 mod panics;
+mod reconcile_table;
 mod transient_errors;
 
 use std::time::Duration;
