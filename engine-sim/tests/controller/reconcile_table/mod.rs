@@ -250,6 +250,12 @@ impl Fleet {
         self.changed(&update.user_id).await;
     }
 
+    /// Sets `user`'s desired state and hands the user to the queue.
+    pub async fn set_state(&self, user: &str, state: clawfleet::desired::DesiredState) {
+        self.store.set_state(user, state).await.unwrap();
+        self.changed(user).await;
+    }
+
     /// Hands `user` to the queue, as the change feed does for a changed
     /// row, and waits until the reconcile and all it caused are done.
     pub async fn changed(&self, user: &str) {

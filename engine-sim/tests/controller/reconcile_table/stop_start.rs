@@ -10,17 +10,18 @@ use clawfleet::store::DesiredUpdate;
 
 use super::{running, Fleet};
 
-#[tokio::test(start_paused = true)]
-async fn a_running_container_whose_row_says_stopped_is_stopped() {
+/// A fleet where alice ran, then her row said `stopped`; her container's id.
+async fn alice_ran_then_was_stopped() -> (Fleet, String) {
     let fleet = Fleet::start().await;
     fleet.write(running("alice")).await;
     let id = fleet.container("alice").unwrap().id;
-    fleet
-        .store
-        .set_state("alice", DesiredState::Stopped)
-        .await
-        .unwrap();
-    fleet.changed("alice").await;
+    fleet.set_state("alice", DesiredState::Stopped).await;
+    (fleet, id)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_container_whose_row_says_stopped_is_stopped() {
+    let (fleet, id) = alice_ran_then_was_stopped().await;
     let c = fleet.container("alice").unwrap();
     assert_eq!(c.state, RunState::Exited);
     assert_eq!(c.id, id, "stopped, not removed");
@@ -64,24 +65,11 @@ async fn a_running_container_is_stopped_at_its_idle_deadline() {
 
 #[tokio::test(start_paused = true)]
 async fn an_exited_container_clawfleet_stopped_is_started_when_its_row_says_running() {
-    let fleet = Fleet::start().await;
-    fleet.write(running("alice")).await;
-    let id = fleet.container("alice").unwrap().id;
-    fleet
-        .store
-        .set_state("alice", DesiredState::Stopped)
-        .await
-        .unwrap();
-    fleet.changed("alice").await;
+    let (fleet, id) = alice_ran_then_was_stopped().await;
     fleet.advance(Duration::from_secs(3600)).await;
     assert_eq!(fleet.container("alice").unwrap().state, RunState::Exited);
 
-    fleet
-        .store
-        .set_state("alice", DesiredState::Running)
-        .await
-        .unwrap();
-    fleet.changed("alice").await;
+    fleet.set_state("alice", DesiredState::Running).await;
     let c = fleet.container("alice").unwrap();
     assert_eq!(c.state, RunState::Running);
     assert_eq!(c.id, id, "the same container");
