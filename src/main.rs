@@ -29,7 +29,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keygen(args) => cli::keygen(args)?,
         Command::Doctor(args) => {
             let image = args.default_image.clone().or(cli.default_image.clone());
-            cli::doctor(&cli.global, image).await?
+            cli::doctor(&cli.global, image, args.strict).await?
         }
         Command::Healthcheck => cli::healthcheck(&cli.global)?,
     }

@@ -47,8 +47,12 @@ Durations are humantime: 30s, 5m, 1h 30m.";
 #[derive(Debug, Parser)]
 #[command(name = "clawfleet", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
-    /// Settings shared by every command.
-    #[command(flatten)]
+    /// Settings shared by every command, listed under their own heading in
+    /// every command's `--help` so a command's own options stand apart.
+    #[command(
+        flatten,
+        next_help_heading = "Global options (any command; each also from its environment variable)"
+    )]
     pub global: GlobalArgs,
 
     /// Default image for users whose row names none [default: alpine/openclaw:latest]
@@ -219,7 +223,7 @@ pub enum Command {
     Users(UsersCommand),
     /// Print a new encryption key entry for CLAWFLEET_ENCRYPTION_KEYS
     Keygen(KeygenArgs),
-    /// Check everything `run` needs; one line per check, exit 0 only if all pass
+    /// Check everything `run` needs, creating nothing; one line per check (✓, ⚠ warning, ✗ failure), exit 0 unless one fails
     Doctor(DoctorArgs),
     /// Probe a running controller's /healthz on --listen (for container HEALTHCHECKs); exit 0 when healthy
     Healthcheck,
@@ -231,6 +235,9 @@ pub struct DoctorArgs {
     /// Default image to check (overrides the one given before the subcommand)
     #[arg(long = "image", value_parser = parse_image)]
     pub default_image: Option<ImageRef>,
+    /// Fail on warnings too (an optional feature off, a database or key file `run` would create)
+    #[arg(long)]
+    pub strict: bool,
 }
 
 /// Flags of `keygen`.
