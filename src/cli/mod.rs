@@ -7,6 +7,7 @@
 //! flag but never the variable's current value.
 
 mod doctor;
+mod import;
 mod run;
 mod table;
 mod users;
@@ -29,6 +30,7 @@ use crate::secrets::{self, SecretsError};
 use crate::store::{Store, StoreError};
 
 pub use doctor::doctor;
+pub use import::{import, ImportCommand};
 pub use run::{run, shutdown_signal, RunArgs};
 pub use users::UsersCommand;
 
@@ -223,6 +225,9 @@ pub enum Command {
     Users(UsersCommand),
     /// Print a new encryption key entry for CLAWFLEET_ENCRYPTION_KEYS
     Keygen(KeygenArgs),
+    /// Write desired rows for a fleet that exists without them (taking over from the original service)
+    #[command(subcommand)]
+    Import(ImportCommand),
     /// Check everything `run` needs, creating nothing; one line per check (✓, ⚠ warning, ✗ failure), exit 0 unless one fails
     Doctor(DoctorArgs),
     /// Probe a running controller's /healthz on --listen (for container HEALTHCHECKs); exit 0 when healthy
