@@ -12,6 +12,7 @@
 //! - [`secrets`]: gateway tokens and the key ring that seals them.
 //! - [`config`], [`image_ref`]: typed settings and their validation.
 //! - [`isolation`]: how containers are kept apart (capabilities, logs, network).
+//! - [`probe`]: whether a user's gateway answers on its published port.
 //! - [`cli`]: the command line.
 
 pub mod cli;
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod naming;
 pub mod plan;
 pub mod ports;
+pub mod probe;
 pub mod progress;
 pub mod queue;
 pub mod reconcile;

@@ -32,7 +32,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let image = args.default_image.clone().or(cli.default_image.clone());
             cli::doctor(&cli.global, image, args.strict).await?
         }
-        Command::Healthcheck => cli::healthcheck(&cli.global)?,
+        Command::Healthcheck => cli::healthcheck(&cli.global).await?,
     }
     Ok(())
 }

@@ -386,37 +386,17 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), CliError> {
 }
 
 /// `clawfleet healthcheck`: GET /healthz on the `--listen` address (a
-/// wildcard address is probed on loopback), 2 s timeout.
-pub fn healthcheck(global: &GlobalArgs) -> Result<(), CliError> {
-    use std::io::{Read, Write};
-    let mut addr = global.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    let timeout = std::time::Duration::from_secs(2);
+/// wildcard address is probed on loopback), 2 s timeout; healthy on 200.
+pub async fn healthcheck(global: &GlobalArgs) -> Result<(), CliError> {
+    let addr = SocketAddr::new(
+        crate::probe::reachable(global.listen.ip()),
+        global.listen.port(),
+    );
     let fail = |why: String| CliError::Config(format!("unhealthy: {addr}: {why}"));
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| fail(e.to_string()))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| fail(e.to_string()))?;
-    stream
-        .write_all(
-            format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .map_err(|e| fail(e.to_string()))?;
-    let mut head = [0u8; 12];
-    stream
-        .read_exact(&mut head)
-        .map_err(|e| fail(e.to_string()))?;
-    if head.starts_with(b"HTTP/1.1 200") {
-        Ok(())
-    } else {
-        Err(fail(format!("answered {}", String::from_utf8_lossy(&head))))
+    match crate::probe::http_get(addr, "/healthz", Duration::from_secs(2)).await {
+        Ok(200) => Ok(()),
+        Ok(code) => Err(fail(format!("answered {code}"))),
+        Err(why) => Err(fail(why)),
     }
 }
 
