@@ -13,6 +13,7 @@
 //! - [`config`], [`image_ref`]: typed settings and their validation.
 //! - [`isolation`]: how containers are kept apart (capabilities, logs, network).
 //! - [`clock`]: the one clock deadlines, back-offs and quarantines read.
+//! - [`probe`]: whether a user's gateway answers on its published port.
 //! - [`cli`]: the command line.
 
 pub mod cli;
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod naming;
 pub mod plan;
 pub mod ports;
+pub mod probe;
 pub mod progress;
 pub mod queue;
 pub mod reconcile;

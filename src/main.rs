@@ -27,11 +27,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => cli::migrate(&cli.global).await?,
         Command::Users(command) => cli::users(&cli.global, command).await?,
         Command::Keygen(args) => cli::keygen(args)?,
+        Command::Import(command) => cli::import(&cli.global, command).await?,
         Command::Doctor(args) => {
             let image = args.default_image.clone().or(cli.default_image.clone());
-            cli::doctor(&cli.global, image).await?
+            cli::doctor(&cli.global, image, args.strict).await?
         }
-        Command::Healthcheck => cli::healthcheck(&cli.global)?,
+        Command::Healthcheck => cli::healthcheck(&cli.global).await?,
     }
     Ok(())
 }

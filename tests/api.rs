@@ -14,7 +14,9 @@ use serde_json::{json, Value};
 use support::controller::{
     gateway, token_of, wait_for_status, wait_running, ControllerConfig, ControllerProcess,
 };
-use support::docker::{docker, eventually, DockerFixture, AGENT_IMAGE};
+use support::docker::{
+    docker, ensure_slow_health_image, eventually, DockerFixture, AGENT_IMAGE, SLOW_HEALTH_IMAGE,
+};
 use support::http::{user_path, Client, Reply};
 use support::{Backend, TestDb};
 
@@ -573,6 +575,62 @@ async fn ensure_running_an_idle_user_waits_for_its_container_to_run_again() {
         docker(&["inspect", "--format", "{{.State.Status}}", name]).unwrap(),
         "running",
         "ensure-running answered before the idle container was started again"
+    );
+}
+
+/// Regression: ensure-running waited for Docker's health check, whose first
+/// probe comes one full `interval` after start (30 s by Docker's default), so
+/// every wake took 30 s or more. It answers within a second of the gateway.
+#[tokio::test]
+async fn ensure_running_answers_within_a_second_of_the_gateway_not_at_the_first_health_check() {
+    ensure_slow_health_image();
+    let api = Api::start_with("wakefast", Backend::Sqlite, |c| {
+        c.with("CLAWFLEET_API_TOKEN", API_TOKEN)
+            .with("OPENCLAW_IMAGE", SLOW_HEALTH_IMAGE)
+    })
+    .await;
+    let user = "wendy";
+    let first = assert_status(&api.ensure_running(user, "120s").await, 200);
+    let port = first["host_port"].as_u64().expect("a host port") as u16;
+    assert_status(&api.client.post(&user_path(user, "/stop")).await, 200);
+    wait_for_status(&api.store, user, Duration::from_secs(60), "stopped", |s| {
+        s.phase == Phase::Stopped
+    })
+    .await;
+
+    // The test's own poller sees when the gateway first answers.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if matches!(gateway(port, "GET", "/healthz", None), Ok((code, _)) if code < 500) {
+                    return Some(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            None
+        })
+    };
+    let asked = Instant::now();
+    let woken = assert_status(&api.ensure_running(user, "120s").await, 200);
+    let answered = Instant::now();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let gateway_up = poller
+        .join()
+        .unwrap()
+        .expect("the gateway answered the test's poller");
+    assert_eq!(woken["host_port"], first["host_port"]);
+    let health = api.store.status(user).await.unwrap().and_then(|s| s.health);
+    eprintln!(
+        "wake with a 30 s health interval: ensure-running {:?}, gateway first answered the test after {:?}; health then {health:?}",
+        answered - asked,
+        gateway_up - asked
+    );
+    assert!(
+        answered.saturating_duration_since(gateway_up) <= Duration::from_secs(1),
+        "ensure-running answered {:?} after the gateway did",
+        answered - gateway_up
     );
 }
 

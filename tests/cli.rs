@@ -23,6 +23,14 @@ fn clawfleet(db: &TestDb, args: &[&str]) -> Output {
         .expect("run clawfleet")
 }
 
+/// `clawfleet <args>` with the environment as it is.
+fn clawfleet_bare(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_clawfleet"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -202,11 +210,7 @@ fn help_names_environment_variables_but_never_their_values() {
 
 #[test]
 fn keygen_prints_a_key_the_ring_accepts() {
-    let out = Command::new(env!("CARGO_BIN_EXE_clawfleet"))
-        .args(["keygen", "--id", "rotated"])
-        .output()
-        .unwrap();
-    let entry = ok(out);
+    let entry = ok(clawfleet_bare(&["keygen", "--id", "rotated"]));
     let ring = KeyRing::parse(entry.trim()).unwrap();
     assert_eq!(ring.key_ids(), ["rotated"]);
 }
@@ -225,6 +229,39 @@ fn global_flags_are_accepted_after_the_subcommand() {
         .output()
         .unwrap();
     assert!(ok(out).contains("0 users"));
+}
+
+/// `users set --help` lists its own options first; the ~20 global flags come
+/// after them under a heading of their own instead of burying them.
+#[test]
+fn a_commands_help_lists_its_own_options_before_the_global_ones() {
+    let help = ok(clawfleet_bare(&["users", "set", "--help"]));
+    let heading = help
+        .find("Global options")
+        .unwrap_or_else(|| panic!("no global heading in:\n{help}"));
+    let (own, global) = help.split_at(heading);
+    for flag in ["--state", "--idle-timeout", "--image", "--touch"] {
+        assert!(
+            own.contains(flag),
+            "{flag} not among the command's options:\n{help}"
+        );
+    }
+    for flag in [
+        "--database-url",
+        "--docker-host",
+        "--instance",
+        "--port-range",
+        "--listen",
+    ] {
+        assert!(
+            !own.contains(flag),
+            "{flag} listed among the command's own options:\n{help}"
+        );
+        assert!(
+            global.contains(flag),
+            "{flag} missing from the global options:\n{help}"
+        );
+    }
 }
 
 /// Regression: `users show` printed the id raw, so an id holding a newline

@@ -162,6 +162,11 @@ fn cases() -> BTreeMap<&'static str, Case> {
             "CLAWFLEET_API_MAX_INFLIGHT",
             run("64", &["0", "x", "1000001"]),
         ),
+        ("CLAWFLEET_READINESS_PROBE", run("tcp", &["udp", "HTTP "])),
+        (
+            "CLAWFLEET_READINESS_PATH",
+            run("/ready?x=1", &["healthz", "/a b"]),
+        ),
         (
             "CLAWFLEET_HOLDER_ID",
             anything(

@@ -6,7 +6,9 @@ mod support;
 use std::process::{Command, Output};
 
 use clawfleet::secrets::{EncryptionKey, GatewayToken, KeyRing};
-use support::controller::{port_range, seal_v1, status_with_token, test_key, write_status};
+use support::controller::{
+    port_range, seal_v1, status_with_token, test_key, test_ring, write_status,
+};
 use support::docker::{docker, ensure_agent_image, DockerFixture, AGENT_IMAGE};
 use support::{Backend, TestDb};
 
@@ -120,14 +122,93 @@ async fn doctor_checks_the_image_given_after_the_subcommand() {
     assert!(ok, "{text}");
 }
 
+/// The line marked `mark` (✓, ⚠ or ✗) about `topic`.
+fn line_of<'a>(text: &'a str, mark: char, topic: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.starts_with(mark) && l.contains(topic))
+        .unwrap_or_else(|| panic!("no {mark} line about {topic}:\n{text}"))
+}
+
 #[tokio::test]
-async fn doctor_fails_on_a_missing_key() {
+async fn a_missing_key_file_is_a_warning_until_a_stored_token_needs_it() {
     let db = TestDb::new(Backend::Sqlite).await;
-    db.store().await;
-    let (ok, text) = doctor(&db.url, &[("CLAWFLEET_ENCRYPTION_KEYS", "")]);
-    assert!(!ok);
+    let store = db.store().await;
+    let no_keys = [("CLAWFLEET_ENCRYPTION_KEYS", "")];
+    let (ok, text) = doctor(&db.url, &no_keys);
+    assert!(ok, "{text}");
+    assert!(
+        line_of(&text, '⚠', "no key file").contains("`clawfleet run` creates one"),
+        "{text}"
+    );
+    let (ok, text) = doctor_with(&db.url, &no_keys, &["--strict"]);
+    assert!(!ok, "--strict fails on a warning: {text}");
+    assert!(text.contains("failures with --strict"), "{text}");
+
+    // With a stored token, a key that opens it is required.
+    let sealed = test_ring()
+        .seal("alice", &GatewayToken::generate().unwrap())
+        .unwrap();
+    store_token(&store, "alice", sealed).await;
+    let (ok, text) = doctor(&db.url, &no_keys);
+    assert!(!ok, "{text}");
     assert!(
         failed_line(&text, "encryption keys").contains("no encryption key"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_optional_feature_off_is_a_warning_and_strict_fails_on_it() {
+    ensure_agent_image();
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.store().await;
+    let no_api = [("CLAWFLEET_API_TOKEN", ""), ("CLAWFLEET_CAP_ADD", "CHOWN")];
+    let (ok, text) = doctor(&db.url, &no_api);
+    assert!(ok, "a warning is not a failure: {text}");
+    assert!(
+        line_of(&text, '⚠', "API token not set").contains("CLAWFLEET_API_TOKEN"),
+        "{text}"
+    );
+    assert!(text.contains("1 warning(s)"), "{text}");
+    let (ok, text) = doctor_with(&db.url, &no_api, &["--strict"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("0 of 7 checks failed; 1 warning(s)"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn before_the_first_start_doctor_warns_of_what_run_creates_and_creates_nothing() {
+    ensure_agent_image();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("data").join("clawfleet.db");
+    let url = format!("sqlite://{}?mode=rwc", file.display());
+    let env = [
+        ("CLAWFLEET_ENCRYPTION_KEYS", ""),
+        ("CLAWFLEET_CAP_ADD", "CHOWN"),
+    ];
+    let (ok, text) = doctor(&url, &env);
+    assert!(ok, "{text}");
+    assert!(
+        line_of(&text, '⚠', "does not exist yet").contains("`clawfleet run` creates it"),
+        "{text}"
+    );
+    line_of(&text, '⚠', "no key file");
+    assert!(!text.contains('✗'), "{text}");
+    assert!(
+        !file.parent().unwrap().exists(),
+        "doctor created {}",
+        file.parent().unwrap().display()
+    );
+
+    // A database file without the schema: the migrations `run` applies.
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::File::create(&file).unwrap();
+    let (ok, text) = doctor(&url, &env);
+    assert!(ok, "{text}");
+    assert!(
+        line_of(&text, '⚠', "migration(s) pending").contains("`clawfleet run` applies them"),
         "{text}"
     );
 }
@@ -247,7 +328,7 @@ async fn doctor_warns_when_the_image_runs_as_root_with_every_capability_dropped(
     assert!(ok, "a warning is not a failure: {text}");
     let warning = text
         .lines()
-        .find(|l| l.starts_with('!') && l.contains("runs as root"))
+        .find(|l| l.starts_with('⚠') && l.contains("runs as root"))
         .unwrap_or_else(|| panic!("no warning about root:\n{text}"));
     assert!(warning.contains("CLAWFLEET_CAP_ADD"), "{warning}");
     let (ok, text) = doctor(&db.url, &[("CLAWFLEET_CAP_ADD", "CHOWN")]);

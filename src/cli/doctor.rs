@@ -1,7 +1,9 @@
 //! `clawfleet doctor`: checks everything `clawfleet run` needs, one line
-//! each with ✓ or ✗ and, on ✗, a hint. Exits 0 only when every check passes.
-//! It creates nothing: no migration, no key, no network (an image may be
-//! pulled, since "pullable" can only be known by pulling).
+//! each: ✓ passed, ⚠ a warning (an optional feature off, or something `run`
+//! creates itself on its first start) and ✗ a failure, with a hint on ⚠ and ✗.
+//! Exits 0 unless a check failed (`--strict`: or warned).
+//! It creates nothing: no database file, no migration, no key, no network (an
+//! image may be pulled, since "pullable" can only be known by pulling).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -11,15 +13,24 @@ use super::{CliError, GlobalArgs};
 use crate::config::{API_TOKEN_ENV, ENCRYPTION_KEYS_ENV};
 use crate::docker::{DockerEngine, Engine};
 use crate::image_ref::ImageRef;
-use crate::secrets::{KeyRing, KeySource, SealedHeader};
-use crate::store::{redact_url, Store};
+use crate::secrets::{KeyRing, KeySource, SealedHeader, KEY_FILE_NAME};
+use crate::store::{is_postgres_url, redact_url, sqlite_file, Store};
 
 /// How long each check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How a check came out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    /// Worth a look, no reason to fail (unless `--strict`).
+    Warn,
+    Fail,
+}
+
 /// One check's verdict.
 struct Check {
-    ok: bool,
+    verdict: Verdict,
     what: String,
     hint: Option<String>,
 }
@@ -27,17 +38,37 @@ struct Check {
 impl Check {
     fn pass(what: impl Into<String>) -> Self {
         Self {
-            ok: true,
+            verdict: Verdict::Pass,
             what: what.into(),
             hint: None,
         }
     }
 
-    fn fail(what: impl Into<String>, hint: impl Into<String>) -> Self {
+    fn warn(what: impl Into<String>, hint: impl Into<String>) -> Self {
         Self {
-            ok: false,
+            verdict: Verdict::Warn,
             what: what.into(),
             hint: Some(hint.into()),
+        }
+    }
+
+    fn fail(what: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self {
+            verdict: Verdict::Fail,
+            what: what.into(),
+            hint: Some(hint.into()),
+        }
+    }
+
+    fn line(&self) -> String {
+        let mark = match self.verdict {
+            Verdict::Pass => "✓",
+            Verdict::Warn => "⚠",
+            Verdict::Fail => "✗",
+        };
+        match &self.hint {
+            None => format!("{mark} {}", self.what),
+            Some(hint) => format!("{mark} {} — {hint}", self.what),
         }
     }
 }
@@ -99,12 +130,15 @@ async fn within<T>(future: impl std::future::Future<Output = T>) -> Option<T> {
     tokio::time::timeout(CHECK_TIMEOUT, future).await.ok()
 }
 
-/// Runs every check, prints one line each, and fails when any fails.
-pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), CliError> {
+/// Runs every check, prints one line each, and fails when any fails (with
+/// `strict`, also when any warns).
+pub async fn doctor(
+    global: &GlobalArgs,
+    image: Option<ImageRef>,
+    strict: bool,
+) -> Result<(), CliError> {
     let settings = global.container_settings(image)?;
     let mut checks = Vec::new();
-    // Worth a look, but no reason to fail: printed with `!` after the checks.
-    let mut warnings: Vec<String> = Vec::new();
 
     let engine = match within(DockerEngine::connect(&global.docker_host)).await {
         Some(Ok(engine)) => match within(engine.version()).await {
@@ -144,49 +178,32 @@ pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), 
     };
 
     let shown_url = redact_url(&global.database_url);
-    let store = match within(Store::connect(&global.database_url)).await {
-        Some(Ok(store)) => match store.pending_migrations().await {
-            Ok(pending) if pending.is_empty() => {
-                checks.push(Check::pass(format!(
-                    "database {shown_url} reachable, migrations current"
-                )));
-                Some(store)
-            }
-            Ok(pending) => {
-                checks.push(Check::fail(
-                    format!(
-                        "database {shown_url} reachable, {} migration(s) pending",
-                        pending.len()
-                    ),
-                    "run `clawfleet migrate` (or start `clawfleet run`, which migrates first)",
-                ));
-                Some(store)
-            }
-            Err(e) => {
-                checks.push(Check::fail(
-                    format!("database {shown_url}: {e}"),
-                    "check the database user's rights",
-                ));
-                None
-            }
-        },
-        Some(Err(e)) => {
-            checks.push(Check::fail(
-                format!("database: {e}"),
-                "check DATABASE_URL / --database-url and that the server runs",
-            ));
-            None
-        }
-        None => {
-            checks.push(Check::fail(
-                format!("database {shown_url} did not answer within 10s"),
-                "check DATABASE_URL / --database-url",
-            ));
-            None
-        }
+    let absent_file = sqlite_file(&global.database_url).filter(|f| !f.exists());
+    let store = if let Some(file) = &absent_file {
+        // Connecting would create it: say what `run` will do instead.
+        checks.push(Check::warn(
+            format!("database file {} does not exist yet", file.display()),
+            "`clawfleet run` creates it and applies the migrations on its first start",
+        ));
+        None
+    } else {
+        store_check(&mut checks, global, &shown_url).await
     };
 
+    let key_file = global.data_dir.join(KEY_FILE_NAME);
+    let keys_from_file = std::env::var(ENCRYPTION_KEYS_ENV).map_or(true, |v| v.trim().is_empty())
+        && !is_postgres_url(&global.database_url);
+    let stored_tokens = match &store {
+        Some(store) => store.status_all().await.map_or(0, |rows| {
+            rows.iter().filter(|r| r.gateway_token.is_some()).count()
+        }),
+        None => 0,
+    };
     checks.push(match global.key_ring(false) {
+        Err(_) if keys_from_file && !key_file.exists() && stored_tokens == 0 => Check::warn(
+            format!("no key file {} yet", key_file.display()),
+            format!("`clawfleet run` creates one on its first start (back it up), or set {ENCRYPTION_KEYS_ENV}"),
+        ),
         Ok((ring, source)) => match &store {
             Some(store) => match store.status_all().await {
                 Ok(rows) => {
@@ -239,8 +256,9 @@ pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), 
         }
         if let Some(Ok(Some(user))) = within(engine.image_user(image)).await {
             if runs_as_root(&user) && settings.confinement.cap_add.is_empty() {
-                warnings.push(format!(
-                    "image {image} runs as root with every capability dropped: an entrypoint that chowns or switches user will fail — give back what it needs with CLAWFLEET_CAP_ADD (e.g. CHOWN,SETUID,SETGID,DAC_OVERRIDE,FOWNER), or use an image with a non-root USER"
+                checks.push(Check::warn(
+                    format!("image {image} runs as root with every capability dropped: an entrypoint that chowns or switches user will fail"),
+                    "give back what it needs with CLAWFLEET_CAP_ADD (e.g. CHOWN,SETUID,SETGID,DAC_OVERRIDE,FOWNER), or use an image with a non-root USER",
                 ));
             }
         }
@@ -313,33 +331,86 @@ pub async fn doctor(global: &GlobalArgs, image: Option<ImageRef>) -> Result<(), 
             "API token shorter than 16 characters",
             format!("use a long random {API_TOKEN_ENV}, e.g. `openssl rand -hex 32`"),
         )),
-        _ => checks.push(Check::fail(
+        _ => checks.push(Check::warn(
             "API token not set: the JSON API is off",
             format!("set {API_TOKEN_ENV} to enable it"),
         )),
     }
 
-    let failed = checks.iter().filter(|c| !c.ok).count();
     for check in &checks {
-        match &check.hint {
-            None => println!("✓ {}", check.what),
-            Some(hint) => println!("✗ {} — {hint}", check.what),
-        }
+        println!("{}", check.line());
     }
-    for warning in &warnings {
-        println!("! {warning}");
-    }
-    if failed > 0 {
+    let count = |v: Verdict| checks.iter().filter(|c| c.verdict == v).count();
+    let (passed, warned, failed) = (
+        count(Verdict::Pass),
+        count(Verdict::Warn),
+        count(Verdict::Fail),
+    );
+    if failed > 0 || (strict && warned > 0) {
+        let strict_note = if strict && warned > 0 {
+            format!("; {warned} warning(s), failures with --strict")
+        } else {
+            String::new()
+        };
         return Err(CliError::Config(format!(
-            "{failed} of {} checks failed",
+            "{failed} of {} checks failed{strict_note}",
             checks.len()
         )));
     }
-    match warnings.len() {
-        0 => println!("all {} checks passed", checks.len()),
-        n => println!("all {} checks passed, {n} warning(s)", checks.len()),
+    match warned {
+        0 => println!("all {passed} checks passed"),
+        n => println!("all {passed} checks passed, {n} warning(s) (⚠; --strict fails on them)"),
     }
     Ok(())
+}
+
+/// Connects to the database and checks its migrations.
+async fn store_check(
+    checks: &mut Vec<Check>,
+    global: &GlobalArgs,
+    shown_url: &str,
+) -> Option<Store> {
+    match within(Store::connect(&global.database_url)).await {
+        Some(Ok(store)) => match store.pending_migrations().await {
+            Ok(pending) if pending.is_empty() => {
+                checks.push(Check::pass(format!(
+                    "database {shown_url} reachable, migrations current"
+                )));
+                Some(store)
+            }
+            Ok(pending) => {
+                checks.push(Check::warn(
+                    format!(
+                        "database {shown_url} reachable, {} migration(s) pending",
+                        pending.len()
+                    ),
+                    "`clawfleet run` applies them when it starts (or run `clawfleet migrate`)",
+                ));
+                Some(store)
+            }
+            Err(e) => {
+                checks.push(Check::fail(
+                    format!("database {shown_url}: {e}"),
+                    "check the database user's rights",
+                ));
+                None
+            }
+        },
+        Some(Err(e)) => {
+            checks.push(Check::fail(
+                format!("database: {e}"),
+                "check DATABASE_URL / --database-url and that the server runs",
+            ));
+            None
+        }
+        None => {
+            checks.push(Check::fail(
+                format!("database {shown_url} did not answer within 10s"),
+                "check DATABASE_URL / --database-url",
+            ));
+            None
+        }
+    }
 }
 
 #[cfg(test)]

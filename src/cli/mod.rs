@@ -7,6 +7,7 @@
 //! flag but never the variable's current value.
 
 mod doctor;
+mod import;
 mod run;
 mod table;
 mod users;
@@ -29,6 +30,7 @@ use crate::secrets::{self, SecretsError};
 use crate::store::{Store, StoreError};
 
 pub use doctor::doctor;
+pub use import::{import, ImportCommand};
 pub use run::{run, shutdown_signal, RunArgs};
 pub use users::UsersCommand;
 
@@ -47,8 +49,12 @@ Durations are humantime: 30s, 5m, 1h 30m.";
 #[derive(Debug, Parser)]
 #[command(name = "clawfleet", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
-    /// Settings shared by every command.
-    #[command(flatten)]
+    /// Settings shared by every command, listed under their own heading in
+    /// every command's `--help` so a command's own options stand apart.
+    #[command(
+        flatten,
+        next_help_heading = "Global options (any command; each also from its environment variable)"
+    )]
     pub global: GlobalArgs,
 
     /// Default image for users whose row names none [default: alpine/openclaw:latest]
@@ -219,7 +225,10 @@ pub enum Command {
     Users(UsersCommand),
     /// Print a new encryption key entry for CLAWFLEET_ENCRYPTION_KEYS
     Keygen(KeygenArgs),
-    /// Check everything `run` needs; one line per check, exit 0 only if all pass
+    /// Write desired rows for a fleet that exists without them (taking over from the original service)
+    #[command(subcommand)]
+    Import(ImportCommand),
+    /// Check everything `run` needs, creating nothing; one line per check (✓, ⚠ warning, ✗ failure), exit 0 unless one fails
     Doctor(DoctorArgs),
     /// Probe a running controller's /healthz on --listen (for container HEALTHCHECKs); exit 0 when healthy
     Healthcheck,
@@ -231,6 +240,9 @@ pub struct DoctorArgs {
     /// Default image to check (overrides the one given before the subcommand)
     #[arg(long = "image", value_parser = parse_image)]
     pub default_image: Option<ImageRef>,
+    /// Fail on warnings too (an optional feature off, a database or key file `run` would create)
+    #[arg(long)]
+    pub strict: bool,
 }
 
 /// Flags of `keygen`.
@@ -374,37 +386,17 @@ pub fn keygen(args: &KeygenArgs) -> Result<(), CliError> {
 }
 
 /// `clawfleet healthcheck`: GET /healthz on the `--listen` address (a
-/// wildcard address is probed on loopback), 2 s timeout.
-pub fn healthcheck(global: &GlobalArgs) -> Result<(), CliError> {
-    use std::io::{Read, Write};
-    let mut addr = global.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    let timeout = std::time::Duration::from_secs(2);
+/// wildcard address is probed on loopback), 2 s timeout; healthy on 200.
+pub async fn healthcheck(global: &GlobalArgs) -> Result<(), CliError> {
+    let addr = SocketAddr::new(
+        crate::probe::reachable(global.listen.ip()),
+        global.listen.port(),
+    );
     let fail = |why: String| CliError::Config(format!("unhealthy: {addr}: {why}"));
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| fail(e.to_string()))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| fail(e.to_string()))?;
-    stream
-        .write_all(
-            format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .map_err(|e| fail(e.to_string()))?;
-    let mut head = [0u8; 12];
-    stream
-        .read_exact(&mut head)
-        .map_err(|e| fail(e.to_string()))?;
-    if head.starts_with(b"HTTP/1.1 200") {
-        Ok(())
-    } else {
-        Err(fail(format!("answered {}", String::from_utf8_lossy(&head))))
+    match crate::probe::http_get(addr, "/healthz", Duration::from_secs(2)).await {
+        Ok(200) => Ok(()),
+        Ok(code) => Err(fail(format!("answered {code}"))),
+        Err(why) => Err(fail(why)),
     }
 }
 

@@ -25,6 +25,7 @@ use crate::image_ref::ImageRef;
 use crate::leader::{default_holder, Elector, Lost, SqliteLock};
 use crate::metrics::Metrics;
 use crate::ports::PortAllocator;
+use crate::probe::{GatewayProbe, ProbeKind, ProbeMode, ProbePath};
 use crate::progress::Progress;
 use crate::reconcile::{Reconciler, ReconcilerOptions};
 use crate::secrets::{KeyRing, KeySource};
@@ -67,6 +68,25 @@ pub struct RunArgs {
     /// JSON API requests served at once; past it they answer 503 with Retry-After
     #[arg(long, env = "CLAWFLEET_API_MAX_INFLIGHT", default_value_t = http::DEFAULT_MAX_INFLIGHT, value_parser = parse_max_inflight, hide_env_values = true)]
     pub api_max_inflight: usize,
+
+    /// How ensure-running asks a started gateway whether it answers, every 50 ms: an HTTP GET of --readiness-path (any answer below 500), or a TCP connect
+    #[arg(
+        long,
+        env = "CLAWFLEET_READINESS_PROBE",
+        value_enum,
+        default_value = "http",
+        hide_env_values = true
+    )]
+    pub readiness_probe: ProbeMode,
+
+    /// The path of the HTTP readiness probe, on the gateway's published port
+    #[arg(
+        long,
+        env = "CLAWFLEET_READINESS_PATH",
+        default_value = "/healthz",
+        hide_env_values = true
+    )]
+    pub readiness_path: ProbePath,
 }
 
 fn parse_max_inflight(s: &str) -> Result<usize, String> {
@@ -289,6 +309,10 @@ pub async fn run(
         }))),
         max_inflight: args.api_max_inflight,
         metrics: metrics.clone(),
+        gateway_probe: GatewayProbe::new(
+            ProbeKind::new(args.readiness_probe, &args.readiness_path),
+            settings.publish_ip,
+        ),
     });
     let server = http::Server::bind(runtime.listen)
         .await

@@ -45,6 +45,16 @@ impl<const N: usize> Table<N> {
     }
 }
 
+/// A user id as shown in a table: control characters escaped, cut at 40 characters.
+pub fn display_id(id: &str) -> String {
+    let escaped: String = id.chars().flat_map(char::escape_debug).collect();
+    if escaped.chars().count() > 40 {
+        format!("{}…", escaped.chars().take(39).collect::<String>())
+    } else {
+        escaped
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use std::io::Write;
 
-use super::table::Table;
+use super::table::{display_id, Table};
 use super::{CliError, GlobalArgs};
 use crate::config::{parse_idle_timeout, parse_image, IdleTimeout};
 use crate::desired::{quote_short, DesiredContainer, DesiredState};
@@ -322,14 +322,4 @@ async fn list(store: &Store, args: &ListArgs) -> Result<(), CliError> {
     table.write(&mut out)?;
     writeln!(out, "{} users", users.len())?;
     Ok(())
-}
-
-/// A user id as shown in a table: control characters escaped, cut at 40 characters.
-fn display_id(id: &str) -> String {
-    let escaped: String = id.chars().flat_map(char::escape_debug).collect();
-    if escaped.chars().count() > 40 {
-        format!("{}…", escaped.chars().take(39).collect::<String>())
-    } else {
-        escaped
-    }
 }

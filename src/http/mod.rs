@@ -73,6 +73,8 @@ pub struct AppState {
     pub max_inflight: usize,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
+    /// How `ensure-running` asks a started gateway whether it answers.
+    pub gateway_probe: crate::probe::GatewayProbe,
 }
 
 /// The router of the whole surface.

@@ -337,6 +337,23 @@ impl Store {
 
     /// Inserts or updates one user's desired row with the given fields.
     pub async fn upsert_desired(&self, update: &DesiredUpdate) -> Result<(), StoreError> {
+        self.write_desired(update, true).await.map(drop)
+    }
+
+    /// Inserts one user's desired row with the given fields unless the user
+    /// has one already (then nothing is written). True when it inserted.
+    pub async fn insert_desired(&self, update: &DesiredUpdate) -> Result<bool, StoreError> {
+        self.write_desired(update, false).await
+    }
+
+    /// An INSERT of `update`'s fields; on a user that has a row, those
+    /// fields are updated when `update_existing`, else nothing is written.
+    /// True when a row was inserted or updated.
+    async fn write_desired(
+        &self,
+        update: &DesiredUpdate,
+        update_existing: bool,
+    ) -> Result<bool, StoreError> {
         validate_user_id(&update.user_id).map_err(|reason| StoreError::Invalid {
             field: "user_id",
             reason,
@@ -360,7 +377,7 @@ impl Store {
             columns.push(desired::Column::LastActiveAt);
             values.push(timestamp_value(backend, at).into());
         }
-        let on_conflict = if columns.len() > 1 {
+        let on_conflict = if update_existing && columns.len() > 1 {
             OnConflict::column(desired::Column::UserId)
                 .update_columns(columns[1..].iter().copied())
                 .to_owned()
@@ -375,11 +392,12 @@ impl Store {
             .values_panic(values)
             .on_conflict(on_conflict)
             .to_owned();
-        self.db
+        let result = self
+            .db
             .execute(&insert)
             .await
             .map_err(StoreError::query("write of desired row"))?;
-        Ok(())
+        Ok(result.rows_affected() > 0)
     }
 
     /// Sets `last_active_at` of an existing row.

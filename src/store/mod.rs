@@ -19,7 +19,7 @@ mod status;
 mod users;
 mod watch;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -204,6 +204,19 @@ pub enum Pool {
 /// (README "High availability").
 pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres:") || url.starts_with("postgresql:")
+}
+
+/// The file of a SQLite URL (`sqlite://PATH?…`); `None` for another database
+/// or an in-memory one. `doctor` looks for it before connecting, since
+/// connecting with `mode=rwc` would create it.
+pub fn sqlite_file(url: &str) -> Option<PathBuf> {
+    if !url.starts_with("sqlite:") {
+        return None;
+    }
+    let options = SqliteConnectOptions::from_str(url).ok()?;
+    let path = options.get_filename();
+    (!path.as_os_str().is_empty() && path != Path::new(":memory:") && !url.contains(":memory:"))
+        .then(|| path.to_owned())
 }
 
 /// Query parameters whose name holds one of these (lowercased) carry a secret.

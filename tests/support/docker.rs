@@ -59,6 +59,45 @@ pub fn ensure_agent_image() {
     });
 }
 
+/// The stand-in image with Docker's default health-check interval (30 s):
+/// on engine 20.10 its first health probe comes 30 s after start. Built from
+/// [`AGENT_IMAGE`] (no registry needed), at most once per process.
+pub const SLOW_HEALTH_IMAGE: &str = "clawfleet-agent-stub:slow-health";
+
+/// Builds [`SLOW_HEALTH_IMAGE`] unless the engine has it.
+pub fn ensure_slow_health_image() {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        ensure_agent_image();
+        if docker(&["image", "inspect", "--format", "{{.Id}}", SLOW_HEALTH_IMAGE]).is_ok() {
+            return;
+        }
+        let dockerfile = format!(
+            "FROM {AGENT_IMAGE}\nHEALTHCHECK --interval=30s --timeout=10s --retries=3 CMD [\"/agent-stub\", \"healthcheck\"]\n"
+        );
+        let mut child = Command::new("docker")
+            .args(["build", "--quiet", "--tag", SLOW_HEALTH_IMAGE, "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("docker build");
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(dockerfile.as_bytes())
+            .expect("write the Dockerfile");
+        let output = child.wait_with_output().expect("docker build");
+        assert!(
+            output.status.success(),
+            "building {SLOW_HEALTH_IMAGE} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    });
+}
+
 /// The `DOCKER_HOST` the tests use: the environment's, or empty for the default socket.
 pub fn docker_host() -> String {
     std::env::var("DOCKER_HOST").unwrap_or_default()

@@ -4,9 +4,11 @@
 //! It marks the user running and active now, then waits on the user's
 //! status watcher (shared by every waiter of that user, see
 //! [`crate::store::StatusWatch`]) until the controller reports the container
-//! of that revision running, and hands out its addresses and gateway token;
-//! 409 at once when the controller reports that revision failed, 504 when
-//! `wait` runs out.
+//! of that revision started, probes the gateway on its published port every
+//! 50 ms until it answers ([`crate::probe`]), and hands out its addresses and
+//! gateway token; 409 at once when the controller reports that revision
+//! failed, 504 when `wait` runs out. Docker's health status is not waited
+//! for: its first probe comes one full `interval` after start.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +25,8 @@ use super::{DEFAULT_WAIT, MAX_WAIT};
 use crate::config::parse_duration;
 use crate::desired::{quote_short, DesiredState};
 use crate::http::AppState;
-use crate::status::{ContainerStatus, Health, Phase};
+use crate::probe::{GatewayProbe, ATTEMPT_INTERVAL};
+use crate::status::{ContainerStatus, Phase};
 use crate::store::{DesiredUpdate, StatusSnapshot, StoreError};
 use crate::view::GatewayAddress;
 
@@ -50,15 +53,30 @@ fn wait_param(text: Option<&str>) -> Result<Duration, ApiError> {
     Ok(wait)
 }
 
-/// True when `status` shows the container of revision `revision` (or later)
-/// running and, if its image has a health check, past its start period: the
-/// caller gets a gateway that answers.
-fn is_ready(status: &ContainerStatus, revision: i64) -> bool {
-    status.phase == Phase::Running
-        && !matches!(status.health, Some(Health::Starting | Health::Unhealthy))
+/// The published port of the container of revision `revision` (or later)
+/// when `status` shows it started: the gateway is then probed.
+fn started_port(status: &ContainerStatus, revision: i64) -> Option<u16> {
+    (status.phase == Phase::Running
         && status.container_id.is_some()
-        && status.host_port.is_some()
-        && status.observed_revision.is_some_and(|r| r >= revision)
+        && status.observed_revision.is_some_and(|r| r >= revision))
+    .then_some(status.host_port)
+    .flatten()
+}
+
+/// Probes the gateway on `port` every [`ATTEMPT_INTERVAL`] until it answers
+/// (`Ok`) or `deadline` passes (the last attempt's error).
+async fn until_answers(probe: &GatewayProbe, port: u16, deadline: Instant) -> Result<(), String> {
+    loop {
+        let attempt = tokio::time::timeout_at(deadline, probe.attempt(port)).await;
+        match attempt {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) if Instant::now() + ATTEMPT_INTERVAL < deadline => {
+                tokio::time::sleep(ATTEMPT_INTERVAL).await;
+            }
+            Ok(Err(why)) => return Err(why),
+            Err(_) => return Err("no answer before the wait ran out".into()),
+        }
+    }
 }
 
 /// True when `status` shows the user failed at revision `revision` (or
@@ -123,8 +141,25 @@ pub(super) async fn ensure_running(
             }
             StatusSnapshot::Read(status) => {
                 if let Some(status) = status.as_ref() {
-                    if is_ready(status, revision) {
-                        return running_answer(&state, status).map(Json);
+                    if let Some(port) = started_port(status, revision) {
+                        tokio::select! {
+                            answered = until_answers(&state.gateway_probe, port, deadline) => {
+                                return match answered {
+                                    Ok(()) => running_answer(&state, status).map(Json),
+                                    Err(why) => Err(ApiError::Timeout {
+                                        user: quote_short(&id),
+                                        waited: wait,
+                                        phase: Some(status.phase),
+                                        status_message: Some(format!(
+                                            "the container runs but its gateway did not answer {} on port {port}: {why}",
+                                            state.gateway_probe.kind
+                                        )),
+                                    }),
+                                };
+                            }
+                            // A new status (stopped, failed, recreated): judge it afresh.
+                            _ = watch.changed() => continue,
+                        }
                     }
                     if has_failed(status, revision) {
                         return Err(ApiError::Failed {

@@ -16,6 +16,7 @@ use super::{openapi, PREFIX};
 use crate::http::{router, ApiToken, AppState, Readiness, ReadinessReport};
 use crate::image_ref::ImageRef;
 use crate::metrics::Metrics;
+use crate::probe::{GatewayProbe, ProbeKind};
 use crate::secrets::{EncryptionKey, KeyRing};
 use crate::store::Store;
 use crate::view::UserView;
@@ -44,6 +45,7 @@ async fn test_app(api_token: Option<&str>) -> (axum::Router, Store, tempfile::Te
         readiness: Arc::new(AlwaysReady),
         max_inflight: 8,
         metrics: Metrics::new(),
+        gateway_probe: GatewayProbe::new(ProbeKind::Tcp, "127.0.0.1".parse().unwrap()),
     });
     (router(state), store, dir)
 }
