@@ -10,7 +10,8 @@
 //! - [`naming`]: the one place a user id becomes a Docker name.
 //! - [`docker`]: the engine seam (bollard, and an in-memory engine for simulations).
 //! - [`secrets`]: gateway tokens and the key ring that seals them.
-//! - [`config`], [`image_ref`]: typed settings and their validation.
+//! - [`config`], [`image_ref`]: typed settings and their validation;
+//!   [`quote`]: untrusted text quoted and cut for messages.
 //! - [`isolation`]: how containers are kept apart (capabilities, logs, network).
 //! - [`cli`]: the command line.
 
@@ -31,6 +32,7 @@ pub mod plan;
 pub mod ports;
 pub mod progress;
 pub mod queue;
+pub mod quote;
 pub mod reconcile;
 pub mod resync;
 pub mod secrets;

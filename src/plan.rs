@@ -364,7 +364,7 @@ fn plan_present(
     now: DateTime<Utc>,
     policy: &Policy,
 ) -> Plan {
-    let replacement = format!("{name}{}", crate::spec::REPLACEMENT_SUFFIX);
+    let replacement = crate::naming::replacement_name(name);
     // An interrupted recreate left the new container under its temporary
     // name and removed the old one: finish the job before anything else.
     if observed.canonical.is_none() {

@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use tracing::{debug, info, warn};
 
 use crate::config::ContainerSettings;
-use crate::desired::{quote_short, DesiredContainer, DesiredState};
+use crate::desired::{DesiredContainer, DesiredState};
 use crate::docker::{
     object_labels, shared_labels, ContainerFilter, Engine, EngineError, ObservedContainer,
     RunState, LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID,
@@ -35,6 +35,7 @@ use crate::plan::{
     StopReason, Target,
 };
 use crate::ports::{PortAllocator, PortError};
+use crate::quote::quote_short;
 use crate::secrets::{GatewayToken, KeyRing, SecretsError};
 use crate::spec::DesiredSpec;
 use crate::status::{ContainerStatus, Phase};

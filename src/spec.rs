@@ -20,9 +20,6 @@ use crate::image_ref::ImageRef;
 use crate::naming::UserNames;
 use crate::secrets::GatewayToken;
 
-/// Suffix of the replacement container while a recreate is under way.
-pub const REPLACEMENT_SUFFIX: &str = "-next";
-
 /// Everything that decides one user's container, except its token.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredSpec {
@@ -131,10 +128,10 @@ impl DesiredSpec {
         }
     }
 
-    /// The name a replacement container takes while a recreate is under way.
-    /// Never a canonical name: raw bodies hold no `-` and escaped ones end in hex digits.
+    /// The name a replacement container takes while a recreate is under way
+    /// ([`crate::naming::replacement_name`]).
     pub fn replacement_name(&self) -> String {
-        format!("{}{REPLACEMENT_SUFFIX}", self.name)
+        crate::naming::replacement_name(&self.name)
     }
 
     /// `http://<container name>:18789`, the gateway on the agents' network.
