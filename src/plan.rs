@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::docker::{ContainerSummary, ObservedContainer, RunState};
-use crate::status::{Health, Phase};
+use crate::docker::{ContainerHealth, ContainerSummary, ObservedContainer, RunState};
+use crate::status::Phase;
 
 /// Exit code with which the OpenClaw gateway reports a configuration error.
 pub const CONFIG_ERROR_EXIT_CODE: i64 = 78;
@@ -434,7 +434,7 @@ fn plan_canonical(
             reason: StopReason::Idle,
         }),
         (Intent::Stopped | Intent::Idle, false) => Plan::write(resting, None),
-        (Intent::Running, true) if c.health == Some(Health::Unhealthy) => {
+        (Intent::Running, true) if c.health == ContainerHealth::Unhealthy => {
             let wait = backoff_left(observed, now, policy);
             if wait > Duration::ZERO {
                 Plan::write(
@@ -552,7 +552,7 @@ mod tests {
             image: "img".into(),
             state,
             exit_code: (state == RunState::Exited).then_some(0),
-            health: None,
+            health: ContainerHealth::None,
             started_at: (state != RunState::Created).then(|| now() - secs(60)),
             finished_at: (state == RunState::Exited).then(|| now() - secs(5)),
             host_port: Some(19000),
@@ -759,7 +759,7 @@ mod tests {
     #[test]
     fn an_unhealthy_container_is_restarted_with_back_off() {
         let mut c = container(RunState::Running);
-        c.health = Some(Health::Unhealthy);
+        c.health = ContainerHealth::Unhealthy;
         let p = run(
             &present(Intent::Running),
             &observed(Some(c.clone()), Some(Phase::Running)),

@@ -930,7 +930,9 @@ impl<E: Engine> Reconciler<E> {
         // Docker keeps the last health result of a stopped container; only a
         // running one has a health worth reporting.
         row.health = match &current {
-            Some(c) if !acted && c.state == RunState::Running => c.health,
+            Some(c) if !acted && c.state == RunState::Running => {
+                crate::status::Health::of_container(c.health)
+            }
             _ => None,
         };
         if let Some(spec) = spec {

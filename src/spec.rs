@@ -13,12 +13,15 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 
 use crate::config::ContainerSettings;
-use crate::docker::{
-    object_labels, ContainerSpec, EnvValue, GATEWAY_PORT, LABEL_SPEC_HASH, STATE_PATH,
-};
+use crate::docker::{object_labels, ContainerSpec, EnvValue, SecretString, LABEL_SPEC_HASH};
 use crate::image_ref::ImageRef;
 use crate::naming::UserNames;
 use crate::secrets::GatewayToken;
+
+/// The gateway's port inside the container.
+pub const GATEWAY_PORT: u16 = 18789;
+/// Where the state volume is mounted.
+pub const STATE_PATH: &str = "/home/node/.openclaw";
 
 /// Everything that decides one user's container, except its token.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,7 +165,8 @@ impl DesiredSpec {
             .map(|(k, v)| (k.to_owned(), EnvValue::Plain(v)))
             .collect();
         for key in SECRET_ENV {
-            env.push((key.to_owned(), EnvValue::Secret(token.clone())));
+            let secret = SecretString::new(token.expose());
+            env.push((key.to_owned(), EnvValue::Secret(secret)));
         }
         let mut labels: BTreeMap<String, String> = object_labels(&settings.instance, &self.user_id);
         labels.insert(LABEL_SPEC_HASH.to_owned(), self.hash.clone());
@@ -172,7 +176,9 @@ impl DesiredSpec {
             env,
             labels,
             volume: self.volume.clone(),
+            mount_path: STATE_PATH.to_owned(),
             network: network.to_owned(),
+            port: GATEWAY_PORT,
             publish: self.host_port.map(|p| (settings.publish_ip, p)),
             stop_timeout: settings.stop_timeout,
             limits: settings.limits,

@@ -39,12 +39,11 @@ use chrono::{DateTime, Datelike, Utc};
 use futures::stream::{self, BoxStream, StreamExt};
 
 use super::{
-    ContainerFilter, ContainerSpec, ContainerSummary, Engine, EngineError, EngineEvent,
-    EngineVersion, ObservedContainer, ObservedNetwork, RunState, GATEWAY_PORT, LABEL_INSTANCE,
-    LABEL_MANAGED, LABEL_USER_ID, STATE_PATH,
+    ContainerFilter, ContainerHealth, ContainerSpec, ContainerSummary, Engine, EngineError,
+    EngineEvent, EngineVersion, ObservedContainer, ObservedNetwork, RunState, LABEL_INSTANCE,
+    LABEL_MANAGED, LABEL_USER_ID,
 };
 use crate::image_ref::ImageRef;
-use crate::status::Health;
 
 /// The endpoint used when the configured host (`DOCKER_HOST`) is empty.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
@@ -731,25 +730,35 @@ fn observed_from(inspect: ContainerInspectResponse) -> ObservedContainer {
         health: state
             .health
             .and_then(|h| h.status)
-            .and_then(|s| Health::parse(s.as_ref())),
+            .map_or(ContainerHealth::None, |s| {
+                ContainerHealth::parse(s.as_ref())
+            }),
         started_at: state.started_at.as_deref().and_then(docker_time),
         finished_at: state.finished_at.as_deref().and_then(docker_time),
-        host_port: inspect.host_config.and_then(|hc| gateway_host_port(&hc)),
+        host_port: inspect.host_config.and_then(|hc| published_host_port(&hc)),
     }
 }
 
-/// The host port bound to the gateway port in the container's configuration.
-fn gateway_host_port(host_config: &HostConfig) -> Option<u16> {
+/// The host port published in the container's configuration: a spec
+/// publishes one port; should several be bound, the lowest TCP port's.
+fn published_host_port(host_config: &HostConfig) -> Option<u16> {
     host_config
         .port_bindings
         .as_ref()?
-        .get(&gateway_port_key())?
-        .as_ref()?
-        .first()?
-        .host_port
-        .as_deref()?
-        .parse()
-        .ok()
+        .iter()
+        .filter_map(|(key, bindings)| {
+            let container_port: u16 = key.strip_suffix("/tcp")?.parse().ok()?;
+            let host_port: u16 = bindings
+                .as_ref()?
+                .first()?
+                .host_port
+                .as_deref()?
+                .parse()
+                .ok()?;
+            Some((container_port, host_port))
+        })
+        .min()
+        .map(|(_, host_port)| host_port)
 }
 
 /// A Docker timestamp; Docker's zero time (`0001-01-01T00:00:00Z`) means never.
@@ -758,14 +767,14 @@ fn docker_time(text: &str) -> Option<DateTime<Utc>> {
     (time.year() > 1).then_some(time)
 }
 
-/// `18789/tcp`, Docker's key for the gateway port.
-fn gateway_port_key() -> String {
-    format!("{GATEWAY_PORT}/tcp")
+/// `18789/tcp`, Docker's key for a container's TCP port.
+fn tcp_port_key(port: u16) -> String {
+    format!("{port}/tcp")
 }
 
 /// The create request for `spec`.
 fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
-    let port_key = gateway_port_key();
+    let port_key = tcp_port_key(spec.port);
     let confinement = &spec.confinement;
     let port_bindings = spec.publish.map(|(ip, port)| {
         HashMap::from([(
@@ -791,7 +800,7 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
             mounts: Some(vec![Mount {
                 typ: Some(MountType::VOLUME),
                 source: Some(spec.volume.clone()),
-                target: Some(STATE_PATH.to_owned()),
+                target: Some(spec.mount_path.clone()),
                 ..Default::default()
             }]),
             port_bindings,
@@ -1079,8 +1088,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::docker::{object_labels, Confinement, EnvValue, ResourceLimits};
-    use crate::secrets::GatewayToken;
+    use crate::docker::{object_labels, Confinement, EnvValue, ResourceLimits, SecretString};
 
     const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
@@ -1092,12 +1100,14 @@ mod tests {
                 ("AGENT_ID".to_owned(), EnvValue::Plain("1".to_owned())),
                 (
                     "OPENCLAW_GATEWAY_TOKEN".to_owned(),
-                    EnvValue::Secret(GatewayToken::from_plaintext(TOKEN.to_owned())),
+                    EnvValue::Secret(SecretString::new(TOKEN)),
                 ),
             ],
             labels: object_labels("default", "1"),
             volume: "mosaic-user-1-state".to_owned(),
+            mount_path: "/home/node/.openclaw".to_owned(),
             network: "mosaic-internal".to_owned(),
+            port: 18789,
             publish: Some((IpAddr::V4(Ipv4Addr::LOCALHOST), 19000)),
             stop_timeout: Duration::from_millis(10_500),
             limits: ResourceLimits {
@@ -1440,7 +1450,7 @@ mod tests {
         let mount = &host.mounts.expect("mounts")[0];
         assert_eq!(mount.typ, Some(MountType::VOLUME));
         assert_eq!(mount.source.as_deref(), Some("mosaic-user-1-state"));
-        assert_eq!(mount.target.as_deref(), Some(STATE_PATH));
+        assert_eq!(mount.target.as_deref(), Some("/home/node/.openclaw"));
         let binding = &host.port_bindings.expect("bindings")["18789/tcp"]
             .clone()
             .expect("binding")[0];
@@ -1488,7 +1498,7 @@ mod tests {
         assert_eq!(observed.name, "mosaic-user-1");
         assert_eq!(observed.state, RunState::Exited);
         assert_eq!(observed.exit_code, Some(137));
-        assert_eq!(observed.health, None);
+        assert_eq!(observed.health, ContainerHealth::None);
         assert_eq!(
             observed.started_at.map(|t| t.timestamp_subsec_nanos()),
             Some(123_456_789)
@@ -1497,6 +1507,21 @@ mod tests {
         assert_eq!(observed.host_port, Some(19000));
         assert_eq!(observed.user_id(), Some("1"));
         assert_eq!(observed.image, "img:1");
+    }
+
+    #[test]
+    fn the_observed_host_port_is_the_one_of_the_lowest_published_tcp_port() {
+        let host_config: HostConfig = serde_json::from_value(serde_json::json!({
+            "PortBindings": {
+                "9000/tcp": [ { "HostIp": "127.0.0.1", "HostPort": "19001" } ],
+                "18789/udp": [ { "HostIp": "127.0.0.1", "HostPort": "19002" } ],
+                "8080/tcp": [ { "HostIp": "127.0.0.1", "HostPort": "19003" } ],
+                "80/tcp": []
+            }
+        }))
+        .expect("host config json");
+        assert_eq!(published_host_port(&host_config), Some(19003));
+        assert_eq!(published_host_port(&HostConfig::default()), None);
     }
 
     #[test]
