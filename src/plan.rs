@@ -16,6 +16,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::docker::{ContainerHealth, ContainerSummary, ObservedContainer, RunState};
+use crate::spec::SpecHash;
 use crate::status::Phase;
 
 /// Exit code with which the OpenClaw gateway reports a configuration error.
@@ -41,7 +42,7 @@ pub enum Target {
         /// Whether it should run, and if not, why.
         intent: Intent,
         /// Hash of the desired configuration.
-        spec_hash: String,
+        spec_hash: SpecHash,
         /// The canonical container name.
         name: String,
     },
@@ -358,7 +359,7 @@ fn plan_absent(
 
 fn plan_present(
     intent: Intent,
-    spec_hash: &str,
+    spec_hash: &SpecHash,
     name: &str,
     observed: &Observed,
     now: DateTime<Utc>,
@@ -388,7 +389,7 @@ fn plan_present(
 
 fn plan_canonical(
     intent: Intent,
-    spec_hash: &str,
+    spec_hash: &SpecHash,
     observed: &Observed,
     now: DateTime<Utc>,
     policy: &Policy,
@@ -419,7 +420,7 @@ fn plan_canonical(
             start,
         });
     }
-    if c.spec_hash() != Some(spec_hash) {
+    if !spec_hash.is_current(c.spec_hash()) {
         return Plan::write(resting, None).with(Action::Recreate {
             reason: RecreateReason::SpecChanged,
             start,
@@ -562,7 +563,7 @@ mod tests {
     fn present(intent: Intent) -> Target {
         Target::Present {
             intent,
-            spec_hash: HASH.into(),
+            spec_hash: SpecHash::exact(HASH),
             name: NAME.into(),
         }
     }
@@ -779,6 +780,19 @@ mod tests {
         let p = run(&present(Intent::Running), &o);
         assert!(p.actions.is_empty());
         assert_eq!(p.requeue_after, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_container_labelled_with_the_legacy_hash_of_its_spec_is_not_recreated() {
+        let mut c = container(RunState::Running);
+        c.labels = labels("0123456789abcdef");
+        let target = Target::Present {
+            intent: Intent::Running,
+            spec_hash: SpecHash::with_legacy(HASH, "0123456789abcdef"),
+            name: NAME.into(),
+        };
+        let p = run(&target, &observed(Some(c), Some(Phase::Running)));
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
     }
 
     #[test]

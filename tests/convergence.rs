@@ -271,7 +271,10 @@ async fn reconciler_for(
     let engine = Arc::new(MemoryEngine::new());
     let settings = Arc::new(settings());
     let desired_hash =
-        clawfleet::spec::DesiredSpec::new(&settings, USER, &settings.image, 0, Some(19000)).hash;
+        clawfleet::spec::DesiredSpec::new(&settings, USER, &settings.image, 0, Some(19000))
+            .hash
+            .label()
+            .to_owned();
     set_up(case, &store, &engine, &desired_hash).await;
     let reconciler = Reconciler::new(
         store.clone(),
