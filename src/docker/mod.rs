@@ -16,7 +16,7 @@
 //! - lists and events only ever show containers labelled
 //!   `io.clawfleet.managed=true` and `io.clawfleet.instance=<instance>`.
 
-mod bollard_engine;
+mod bollard;
 mod instrumented;
 mod op;
 
@@ -31,7 +31,7 @@ use futures::stream::BoxStream;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-pub use bollard_engine::DockerEngine;
+pub use bollard::DockerEngine;
 pub use instrumented::{EngineObserver, Instrumented};
 pub use op::Op;
 
