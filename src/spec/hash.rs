@@ -132,20 +132,20 @@ mod tests {
             port,
             publish,
             stop_timeout,
-            limits,
-            confinement,
+            limits:
+                ResourceLimits {
+                    memory_bytes,
+                    nano_cpus,
+                    pids,
+                },
+            confinement:
+                Confinement {
+                    drop_all_capabilities,
+                    cap_add,
+                    no_new_privileges,
+                    log,
+                },
         } = base.clone();
-        let ResourceLimits {
-            memory_bytes,
-            nano_cpus,
-            pids,
-        } = limits;
-        let Confinement {
-            drop_all_capabilities,
-            cap_add,
-            no_new_privileges,
-            log,
-        } = confinement.clone();
         let with = |change: &dyn Fn(&mut ContainerSpec)| {
             let mut spec = base.clone();
             change(&mut spec);
