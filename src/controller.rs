@@ -313,7 +313,7 @@ async fn reconcile_one<E: Engine>(
 ) -> Outcome {
     let span = tracing::info_span!(
         "reconcile",
-        user_id = %crate::desired::quote_short(&user),
+        user_id = %crate::quote::quote_short(&user),
         actions = tracing::field::Empty
     );
     let started = std::time::Instant::now();

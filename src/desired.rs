@@ -12,6 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDateTime, Utc};
 
 use crate::image_ref::ImageRef;
+use crate::quote::quote_short;
 
 /// Longest user id, in bytes.
 pub const MAX_USER_ID_BYTES: usize = 128;
@@ -191,18 +192,6 @@ impl InvalidRow {
     /// The text for `container_status.message`.
     pub fn status_message(&self) -> String {
         format!("invalid desired row: {}: {}", self.field, self.reason)
-    }
-}
-
-/// Quotes `text` for a message, cutting it to 64 characters so a 10 KB value
-/// cannot flood a log line.
-pub fn quote_short(text: &str) -> String {
-    const MAX: usize = 64;
-    if text.chars().count() <= MAX {
-        format!("{text:?}")
-    } else {
-        let head: String = text.chars().take(MAX).collect();
-        format!("{head:?}… ({} bytes)", text.len())
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::desired::quote_short;
+use crate::quote::quote_short;
 
 /// Longest reference name Docker accepts (registry and path, without tag or digest).
 const MAX_NAME_LEN: usize = 255;

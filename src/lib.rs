@@ -10,7 +10,8 @@
 //! - [`naming`]: the one place a user id becomes a Docker name.
 //! - [`docker`]: the engine seam (bollard, and an in-memory engine for simulations).
 //! - [`secrets`]: gateway tokens and the key ring that seals them.
-//! - [`config`], [`image_ref`]: typed settings and their validation.
+//! - [`config`], [`image_ref`]: typed settings and their validation;
+//!   [`quote`]: untrusted text quoted and cut for messages.
 //! - [`isolation`]: how containers are kept apart (capabilities, logs, network).
 //! - [`clock`]: the one clock deadlines, back-offs and quarantines read.
 //! - [`probe`]: whether a user's gateway answers on its published port.
@@ -35,6 +36,7 @@ pub mod ports;
 pub mod probe;
 pub mod progress;
 pub mod queue;
+pub mod quote;
 pub mod reconcile;
 pub mod resync;
 pub mod secrets;

@@ -31,6 +31,8 @@ pub const LEGACY_HASH_SUFFIX_HEX: usize = 12;
 
 /// Suffix of the state volume's name.
 const VOLUME_SUFFIX: &str = "-state";
+/// Suffix of the replacement container while a recreate is under way.
+const REPLACEMENT_SUFFIX: &str = "-next";
 
 /// True when `user_id` is used in a name exactly as it is.
 pub fn is_raw_id(user_id: &str) -> bool {
@@ -76,6 +78,13 @@ pub fn container_name(prefix: &str, user_id: &str) -> String {
 /// The state volume a user gets today: `<container name>-state`.
 pub fn volume_name(prefix: &str, user_id: &str) -> String {
     UserNames::current(prefix, user_id).volume
+}
+
+/// The name a replacement for the container `container` takes while a
+/// recreate is under way. Never a canonical name: raw bodies hold no `-` and
+/// escaped ones end in hex digits.
+pub fn replacement_name(container: &str) -> String {
+    format!("{container}{REPLACEMENT_SUFFIX}")
 }
 
 /// A user's container and state volume names.
@@ -316,6 +325,13 @@ mod tests {
         fn escaped_names_never_equal_raw_ones(a in "[a-z0-9]{1,64}", b in any::<String>()) {
             prop_assume!(!is_raw_id(&b));
             prop_assert_ne!(name_body(&a), name_body(&b));
+        }
+
+        #[test]
+        fn a_replacement_name_is_never_anyones_container_name(a in any::<String>(), b in any::<String>()) {
+            let next = replacement_name(&container_name(PREFIX, &a));
+            prop_assert!(next.ends_with("-next"));
+            prop_assert_ne!(next, container_name(PREFIX, &b));
         }
     }
 }

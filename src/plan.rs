@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::docker::{ContainerSummary, ObservedContainer, RunState};
-use crate::status::{Health, Phase};
+use crate::docker::{ContainerHealth, ContainerSummary, ObservedContainer, RunState};
+use crate::spec::SpecHash;
+use crate::status::Phase;
 
 /// Exit code with which the OpenClaw gateway reports a configuration error.
 pub const CONFIG_ERROR_EXIT_CODE: i64 = 78;
@@ -41,7 +42,7 @@ pub enum Target {
         /// Whether it should run, and if not, why.
         intent: Intent,
         /// Hash of the desired configuration.
-        spec_hash: String,
+        spec_hash: SpecHash,
         /// The canonical container name.
         name: String,
     },
@@ -358,13 +359,13 @@ fn plan_absent(
 
 fn plan_present(
     intent: Intent,
-    spec_hash: &str,
+    spec_hash: &SpecHash,
     name: &str,
     observed: &Observed,
     now: DateTime<Utc>,
     policy: &Policy,
 ) -> Plan {
-    let replacement = format!("{name}{}", crate::spec::REPLACEMENT_SUFFIX);
+    let replacement = crate::naming::replacement_name(name);
     // An interrupted recreate left the new container under its temporary
     // name and removed the old one: finish the job before anything else.
     if observed.canonical.is_none() {
@@ -388,7 +389,7 @@ fn plan_present(
 
 fn plan_canonical(
     intent: Intent,
-    spec_hash: &str,
+    spec_hash: &SpecHash,
     observed: &Observed,
     now: DateTime<Utc>,
     policy: &Policy,
@@ -419,7 +420,7 @@ fn plan_canonical(
             start,
         });
     }
-    if c.spec_hash() != Some(spec_hash) {
+    if !spec_hash.is_current(c.spec_hash()) {
         return Plan::write(resting, None).with(Action::Recreate {
             reason: RecreateReason::SpecChanged,
             start,
@@ -434,7 +435,7 @@ fn plan_canonical(
             reason: StopReason::Idle,
         }),
         (Intent::Stopped | Intent::Idle, false) => Plan::write(resting, None),
-        (Intent::Running, true) if c.health == Some(Health::Unhealthy) => {
+        (Intent::Running, true) if c.health == ContainerHealth::Unhealthy => {
             let wait = backoff_left(observed, now, policy);
             if wait > Duration::ZERO {
                 Plan::write(
@@ -552,7 +553,7 @@ mod tests {
             image: "img".into(),
             state,
             exit_code: (state == RunState::Exited).then_some(0),
-            health: None,
+            health: ContainerHealth::None,
             started_at: (state != RunState::Created).then(|| now() - secs(60)),
             finished_at: (state == RunState::Exited).then(|| now() - secs(5)),
             host_port: Some(19000),
@@ -562,7 +563,7 @@ mod tests {
     fn present(intent: Intent) -> Target {
         Target::Present {
             intent,
-            spec_hash: HASH.into(),
+            spec_hash: SpecHash::exact(HASH),
             name: NAME.into(),
         }
     }
@@ -759,7 +760,7 @@ mod tests {
     #[test]
     fn an_unhealthy_container_is_restarted_with_back_off() {
         let mut c = container(RunState::Running);
-        c.health = Some(Health::Unhealthy);
+        c.health = ContainerHealth::Unhealthy;
         let p = run(
             &present(Intent::Running),
             &observed(Some(c.clone()), Some(Phase::Running)),
@@ -779,6 +780,19 @@ mod tests {
         let p = run(&present(Intent::Running), &o);
         assert!(p.actions.is_empty());
         assert_eq!(p.requeue_after, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_container_labelled_with_the_legacy_hash_of_its_spec_is_not_recreated() {
+        let mut c = container(RunState::Running);
+        c.labels = labels("0123456789abcdef");
+        let target = Target::Present {
+            intent: Intent::Running,
+            spec_hash: SpecHash::with_legacy(HASH, "0123456789abcdef"),
+            name: NAME.into(),
+        };
+        let p = run(&target, &observed(Some(c), Some(Phase::Running)));
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::clock::Clock;
 use crate::config::ContainerSettings;
-use crate::desired::{quote_short, DesiredContainer, DesiredState};
+use crate::desired::{DesiredContainer, DesiredState};
 use crate::docker::{
     object_labels, shared_labels, ContainerFilter, Engine, EngineError, ObservedContainer,
     RunState, LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID,
@@ -36,6 +36,7 @@ use crate::plan::{
     StopReason, Target,
 };
 use crate::ports::{PortAllocator, PortError};
+use crate::quote::quote_short;
 use crate::secrets::{GatewayToken, KeyRing, SecretsError};
 use crate::spec::DesiredSpec;
 use crate::status::{ContainerStatus, Phase};
@@ -931,7 +932,9 @@ impl<E: Engine> Reconciler<E> {
         // Docker keeps the last health result of a stopped container; only a
         // running one has a health worth reporting.
         row.health = match &current {
-            Some(c) if !acted && c.state == RunState::Running => c.health,
+            Some(c) if !acted && c.state == RunState::Running => {
+                crate::status::Health::of_container(c.health)
+            }
             _ => None,
         };
         if let Some(spec) = spec {

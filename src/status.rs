@@ -5,6 +5,8 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 
+use crate::docker::ContainerHealth;
+
 /// Where a user's container is in its life, as written to `container_status.phase`.
 #[derive(
     Clone,
@@ -106,7 +108,18 @@ impl Health {
         }
     }
 
-    /// Parses Docker's (and the stored) name; anything else is no health.
+    /// The health to report for a container the engine reports as `health`;
+    /// `None` for one without a health check.
+    pub fn of_container(health: ContainerHealth) -> Option<Self> {
+        match health {
+            ContainerHealth::None => None,
+            ContainerHealth::Starting => Some(Self::Starting),
+            ContainerHealth::Healthy => Some(Self::Healthy),
+            ContainerHealth::Unhealthy => Some(Self::Unhealthy),
+        }
+    }
+
+    /// Parses the stored name; anything else is no health.
     pub fn parse(text: &str) -> Option<Self> {
         match text {
             "starting" => Some(Self::Starting),
@@ -195,5 +208,14 @@ mod tests {
     fn docker_health_names_parse_and_none_means_no_check() {
         assert_eq!(Health::parse("healthy"), Some(Health::Healthy));
         assert_eq!(Health::parse("none"), None);
+    }
+
+    #[test]
+    fn an_engine_health_maps_to_the_same_reported_health_and_none_to_none() {
+        assert_eq!(Health::of_container(ContainerHealth::None), None);
+        for health in [Health::Starting, Health::Healthy, Health::Unhealthy] {
+            let engine = ContainerHealth::parse(health.as_str());
+            assert_eq!(Health::of_container(engine), Some(health));
+        }
     }
 }

@@ -10,15 +10,15 @@ use std::sync::Arc;
 use chrono::Utc;
 use clawfleet::config::{ContainerSettings, PortRange};
 use clawfleet::docker::{
-    object_labels, Confinement, ContainerFilter, ContainerSpec, Engine, EnvValue, Op,
-    ResourceLimits, RunState, LABEL_SPEC_HASH,
+    object_labels, Confinement, ContainerFilter, ContainerHealth, ContainerSpec, Engine, EnvValue,
+    Op, ResourceLimits, RunState, SecretString, LABEL_SPEC_HASH,
 };
 use clawfleet::image_ref::ImageRef;
 use clawfleet::isolation::NetworkIsolation;
 use clawfleet::ports::PortAllocator;
 use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
 use clawfleet::secrets::GatewayToken;
-use clawfleet::status::{Health, Phase};
+use clawfleet::status::Phase;
 use clawfleet::store::Store;
 use clawfleet_engine_sim::MemoryEngine;
 use proptest::prelude::*;
@@ -46,7 +46,7 @@ enum Existing {
     Labelled {
         hash_matches: bool,
         state: Start,
-        health: Option<Health>,
+        health: Option<ContainerHealth>,
     },
     Unlabelled {
         running: bool,
@@ -99,7 +99,10 @@ fn existing() -> impl Strategy<Value = Existing> {
         (
             any::<bool>(),
             start(),
-            prop::option::of(prop_oneof![Just(Health::Healthy), Just(Health::Unhealthy)])
+            prop::option::of(prop_oneof![
+                Just(ContainerHealth::Healthy),
+                Just(ContainerHealth::Unhealthy)
+            ])
         )
             .prop_map(|(hash_matches, state, health)| Existing::Labelled {
                 hash_matches,
@@ -153,11 +156,13 @@ fn container(name: &str, labels: BTreeMap<String, String>) -> ContainerSpec {
         image: IMAGE.into(),
         env: vec![(
             "OPENCLAW_GATEWAY_TOKEN".into(),
-            EnvValue::Secret(GatewayToken::from_plaintext("t".into())),
+            EnvValue::Secret(SecretString::new("t")),
         )],
         labels,
         volume: format!("{name}-state"),
+        mount_path: clawfleet::spec::STATE_PATH.into(),
         network: "mosaic-internal".into(),
+        port: clawfleet::spec::GATEWAY_PORT,
         publish: Some(("127.0.0.1".parse().unwrap(), 19000)),
         stop_timeout: std::time::Duration::from_secs(1),
         limits: ResourceLimits::default(),
@@ -266,7 +271,10 @@ async fn reconciler_for(
     let engine = Arc::new(MemoryEngine::new());
     let settings = Arc::new(settings());
     let desired_hash =
-        clawfleet::spec::DesiredSpec::new(&settings, USER, &settings.image, 0, Some(19000)).hash;
+        clawfleet::spec::DesiredSpec::new(&settings, USER, &settings.image, 0, Some(19000))
+            .hash
+            .label()
+            .to_owned();
     set_up(case, &store, &engine, &desired_hash).await;
     let reconciler = Reconciler::new(
         store.clone(),

@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use clawfleet::docker::{
-    shared_labels, ContainerFilter, ContainerSpec, DockerEngine, Engine, EngineError, EngineEvent,
-    RunState, LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID,
+    shared_labels, ContainerFilter, ContainerHealth, ContainerSpec, DockerEngine, Engine,
+    EngineError, EngineEvent, RunState, LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID,
 };
-use clawfleet::status::Health;
 use futures::StreamExt;
 use support::controller::gateway;
 use support::docker::{
@@ -181,7 +180,7 @@ async fn created_container_runs_healthy_with_its_labels_port_token_and_volume() 
     assert_eq!(created.state, RunState::Created);
     assert_eq!(created.started_at, None);
     assert_eq!(created.finished_at, None);
-    assert_eq!(created.health, None);
+    assert_eq!(created.health, ContainerHealth::None);
 
     engine.start_container(&id).await.expect("start");
     let observed = inspect(&engine, &spec.name).await;
@@ -201,7 +200,7 @@ async fn created_container_runs_healthy_with_its_labels_port_token_and_volume() 
     }
     let healthy = eventually(SETTLE, "health to turn healthy", || async {
         let now = inspect(&engine, &id).await;
-        (now.health == Some(Health::Healthy)).then_some(now)
+        (now.health == ContainerHealth::Healthy).then_some(now)
     })
     .await;
     assert_eq!(healthy.state, RunState::Running);
@@ -221,7 +220,7 @@ async fn created_container_runs_healthy_with_its_labels_port_token_and_volume() 
     .expect("mounts");
     assert_eq!(
         mounts,
-        format!("volume {} {}", spec.volume, clawfleet::docker::STATE_PATH)
+        format!("volume {} {}", spec.volume, spec.mount_path)
     );
     let restart_policy = docker(&[
         "container",

@@ -13,8 +13,7 @@ use super::names::{check_container_name, check_volume_name};
 use super::record::Record;
 use super::state::{text_hash, Container, State};
 use super::volumes::Volume;
-use clawfleet::docker::{ContainerSpec, EngineError, RunState};
-use clawfleet::status::Health;
+use clawfleet::docker::{ContainerHealth, ContainerSpec, EngineError, RunState};
 
 /// Docker's exit code of a container whose start failed.
 const EXIT_START_FAILED: i64 = 128;
@@ -90,7 +89,7 @@ impl State {
             finished_at: None,
             exit_code: 0,
             state: RunState::Created,
-            health: None,
+            health: ContainerHealth::None,
             has_healthcheck: flags.healthcheck,
         };
         let slot = match self.free_slots.pop() {
@@ -168,7 +167,11 @@ impl State {
         container.state = RunState::Running;
         container.started_at = Some(now);
         container.exit_code = 0;
-        container.health = container.has_healthcheck.then_some(Health::Starting);
+        container.health = if container.has_healthcheck {
+            ContainerHealth::Starting
+        } else {
+            ContainerHealth::None
+        };
         self.emit(slot, "start", now);
         Ok(())
     }
@@ -198,7 +201,11 @@ impl State {
         container.exit_code = exit_code;
         container.finished_at = Some(now);
         // Docker reports a stopped health monitor as unhealthy.
-        container.health = container.has_healthcheck.then_some(Health::Unhealthy);
+        container.health = if container.has_healthcheck {
+            ContainerHealth::Unhealthy
+        } else {
+            ContainerHealth::None
+        };
         for action in actions {
             self.emit(slot, action, now);
         }
@@ -255,7 +262,7 @@ impl State {
     pub(super) fn set_health(
         &mut self,
         slot: u32,
-        health: Health,
+        health: ContainerHealth,
         now: DateTime<Utc>,
     ) -> Result<(), EngineError> {
         let container = self.container_mut(slot);
@@ -267,12 +274,12 @@ impl State {
                 message: "the container's image has no health check".to_owned(),
             });
         }
-        let changed = container.health.replace(health) != Some(health);
+        let changed = std::mem::replace(&mut container.health, health) != health;
         // Docker announces results of probes, never the initial `starting`.
         let action = match health {
-            Health::Starting => None,
-            Health::Healthy => Some("health_status: healthy"),
-            Health::Unhealthy => Some("health_status: unhealthy"),
+            ContainerHealth::None | ContainerHealth::Starting => None,
+            ContainerHealth::Healthy => Some("health_status: healthy"),
+            ContainerHealth::Unhealthy => Some("health_status: unhealthy"),
         };
         if let Some(action) = action.filter(|_| changed) {
             self.emit(slot, action, now);
@@ -292,9 +299,8 @@ mod tests {
     use crate::MemoryEngine;
     use clawfleet::docker::Op;
     use clawfleet::docker::{
-        object_labels, shared_labels, Confinement, Engine, EngineError, RunState,
+        object_labels, shared_labels, Confinement, ContainerHealth, Engine, EngineError, RunState,
     };
-    use clawfleet::status::Health;
 
     // ---- create ----------------------------------------------------------------
 
@@ -444,7 +450,7 @@ mod tests {
             observed.started_at,
             Some(Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 5).unwrap())
         );
-        assert_eq!(observed.health, None);
+        assert_eq!(observed.health, ContainerHealth::None);
         assert_eq!(engine.calls(Op::Start), 2);
     }
 
@@ -582,19 +588,25 @@ mod tests {
         engine.set_image_healthcheck(IMAGE, true);
         let id = running(&engine, &spec("alice")).await;
         let mut events = engine.events(&filter(INSTANCE, None), None);
-        assert_eq!(inspect(&engine, &id).await.health, Some(Health::Starting));
+        assert_eq!(
+            inspect(&engine, &id).await.health,
+            ContainerHealth::Starting
+        );
 
-        engine.set_health(&id, Health::Healthy).unwrap();
-        engine.set_health(&id, Health::Healthy).unwrap();
+        engine.set_health(&id, ContainerHealth::Healthy).unwrap();
+        engine.set_health(&id, ContainerHealth::Healthy).unwrap();
         engine
-            .set_health("mosaic-user-alice", Health::Unhealthy)
+            .set_health("mosaic-user-alice", ContainerHealth::Unhealthy)
             .unwrap();
 
         assert_eq!(
             ready_actions(&mut events),
             ["health_status: healthy", "health_status: unhealthy"]
         );
-        assert_eq!(inspect(&engine, &id).await.health, Some(Health::Unhealthy));
+        assert_eq!(
+            inspect(&engine, &id).await.health,
+            ContainerHealth::Unhealthy
+        );
     }
 
     #[tokio::test]
@@ -602,17 +614,27 @@ mod tests {
         let engine = engine().await;
         engine.set_image_healthcheck(IMAGE, true);
         let id = running(&engine, &spec("alice")).await;
-        engine.set_health(&id, Health::Healthy).unwrap();
+        engine.set_health(&id, ContainerHealth::Healthy).unwrap();
 
         engine.stop_container(&id, STOP).await.unwrap();
-        assert_eq!(inspect(&engine, &id).await.health, Some(Health::Unhealthy));
         assert_eq!(
-            api_status(&engine.set_health(&id, Health::Healthy).unwrap_err()),
+            inspect(&engine, &id).await.health,
+            ContainerHealth::Unhealthy
+        );
+        assert_eq!(
+            api_status(
+                &engine
+                    .set_health(&id, ContainerHealth::Healthy)
+                    .unwrap_err()
+            ),
             Some(409)
         );
 
         engine.start_container(&id).await.unwrap();
-        assert_eq!(inspect(&engine, &id).await.health, Some(Health::Starting));
+        assert_eq!(
+            inspect(&engine, &id).await.health,
+            ContainerHealth::Starting
+        );
     }
 
     #[tokio::test]
@@ -620,9 +642,9 @@ mod tests {
         let engine = engine().await;
         let id = running(&engine, &spec("alice")).await;
 
-        assert_eq!(inspect(&engine, &id).await.health, None);
-        assert!(engine.set_health(&id, Health::Healthy).is_err());
+        assert_eq!(inspect(&engine, &id).await.health, ContainerHealth::None);
+        assert!(engine.set_health(&id, ContainerHealth::Healthy).is_err());
         engine.stop_container(&id, STOP).await.unwrap();
-        assert_eq!(inspect(&engine, &id).await.health, None);
+        assert_eq!(inspect(&engine, &id).await.health, ContainerHealth::None);
     }
 }

@@ -8,8 +8,7 @@ use std::time::Duration;
 use super::containers::EXIT_KILLED;
 use super::ids::render_id;
 use super::MemoryEngine;
-use clawfleet::docker::{Confinement, ContainerSpec, EngineError, ResourceLimits};
-use clawfleet::status::Health;
+use clawfleet::docker::{Confinement, ContainerHealth, ContainerSpec, EngineError, ResourceLimits};
 
 impl MemoryEngine {
     /// Creates a container as `docker create` (and `docker start` when
@@ -45,7 +44,9 @@ impl MemoryEngine {
             env: Vec::new(),
             labels: BTreeMap::new(),
             volume: String::new(),
+            mount_path: String::new(),
             network: String::new(),
+            port: 0,
             publish: None,
             stop_timeout: Duration::from_secs(10),
             limits: ResourceLimits::default(),
@@ -74,7 +75,7 @@ impl MemoryEngine {
 
     /// Sets the health of a running container whose image has a health
     /// check; a change to healthy or unhealthy emits `health_status: ...`.
-    pub fn set_health(&self, name_or_id: &str, health: Health) -> Result<(), EngineError> {
+    pub fn set_health(&self, name_or_id: &str, health: ContainerHealth) -> Result<(), EngineError> {
         let mut state = self.lock();
         let now = (self.clock)();
         let slot = state.require_running("health", name_or_id)?;

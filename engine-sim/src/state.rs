@@ -21,10 +21,9 @@ use super::record::{Interner, Record, Sym};
 use super::volumes::Volume;
 use clawfleet::docker::Op;
 use clawfleet::docker::{
-    Confinement, ContainerFilter, ContainerSummary, EngineVersion, ObservedContainer, RunState,
-    LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID,
+    Confinement, ContainerFilter, ContainerHealth, ContainerSummary, EngineVersion,
+    ObservedContainer, RunState, LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID,
 };
-use clawfleet::status::Health;
 
 /// A stable 64-bit hash of a string, for ordered indexes that must not store it.
 pub(super) fn text_hash(text: &str) -> u64 {
@@ -51,7 +50,7 @@ pub(super) struct Container {
     pub(super) finished_at: Option<DateTime<Utc>>,
     pub(super) exit_code: i64,
     pub(super) state: RunState,
-    pub(super) health: Option<Health>,
+    pub(super) health: ContainerHealth,
     pub(super) has_healthcheck: bool,
     /// Index into [`State::confinements`]: few distinct values are shared by every container.
     pub(super) confinement: u16,

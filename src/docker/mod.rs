@@ -16,7 +16,7 @@
 //! - lists and events only ever show containers labelled
 //!   `io.clawfleet.managed=true` and `io.clawfleet.instance=<instance>`.
 
-mod bollard_engine;
+mod bollard;
 mod instrumented;
 mod op;
 
@@ -28,11 +28,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
+use serde::Serialize;
+use zeroize::Zeroizing;
 
-use crate::secrets::GatewayToken;
-use crate::status::Health;
-
-pub use bollard_engine::DockerEngine;
+pub use bollard::DockerEngine;
 pub use instrumented::{EngineObserver, Instrumented};
 pub use op::Op;
 
@@ -44,10 +43,6 @@ pub const LABEL_INSTANCE: &str = "io.clawfleet.instance";
 pub const LABEL_USER_ID: &str = "io.clawfleet.user-id";
 /// Label holding the hash of the container's effective configuration.
 pub const LABEL_SPEC_HASH: &str = "io.clawfleet.spec-hash";
-/// The gateway's port inside the container.
-pub const GATEWAY_PORT: u16 = 18789;
-/// Where the state volume is mounted.
-pub const STATE_PATH: &str = "/home/node/.openclaw";
 
 /// A container's run state, as Docker reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -118,13 +113,15 @@ pub struct ObservedContainer {
     pub state: RunState,
     /// Exit code of the last run (meaningful when exited).
     pub exit_code: Option<i64>,
-    /// Docker health, for images with a HEALTHCHECK.
-    pub health: Option<Health>,
+    /// Docker health ([`ContainerHealth::None`] for images without a HEALTHCHECK).
+    pub health: ContainerHealth,
     /// When the last run started.
     pub started_at: Option<DateTime<Utc>>,
     /// When the last run ended.
     pub finished_at: Option<DateTime<Utc>>,
-    /// Host port bound to the gateway port (from the container's configuration).
+    /// Host port published for the container (from its configuration): the
+    /// one [`ContainerSpec::publish`] bound; should several be bound, the one
+    /// of the lowest container port.
     pub host_port: Option<u16>,
 }
 
@@ -150,13 +147,72 @@ impl ObservedContainer {
     }
 }
 
-/// An environment variable's value; secrets are redacted in `Debug`.
+/// A container's health, as Docker reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ContainerHealth {
+    /// No health check: the image has no HEALTHCHECK (Docker's `none`).
+    #[default]
+    None,
+    /// Within the start period, or no result yet.
+    Starting,
+    /// The last checks passed.
+    Healthy,
+    /// The checks failed `retries` times in a row.
+    Unhealthy,
+}
+
+impl ContainerHealth {
+    /// Parses Docker's health status; anything unknown is [`Self::None`].
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "starting" => Self::Starting,
+            "healthy" => Self::Healthy,
+            "unhealthy" => Self::Unhealthy,
+            _ => Self::None,
+        }
+    }
+}
+
+/// A value the engine must be given but no log may show: `Debug` redacts
+/// it, it serializes as the same placeholder (so a spec can be hashed whole
+/// without it), and its memory is wiped when dropped.
 #[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(Zeroizing<String>);
+
+impl SecretString {
+    /// What `Debug` and serialization show instead of the value.
+    pub const REDACTED: &'static str = "<redacted>";
+
+    /// Wraps `value`.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(Zeroizing::new(value.into()))
+    }
+
+    /// The value itself, for the engine request only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(Self::REDACTED)
+    }
+}
+
+impl Serialize for SecretString {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(Self::REDACTED)
+    }
+}
+
+/// An environment variable's value; secrets are redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize)]
 pub enum EnvValue {
     /// An ordinary value.
     Plain(String),
     /// A secret (the gateway token).
-    Secret(GatewayToken),
+    Secret(SecretString),
 }
 
 impl EnvValue {
@@ -173,13 +229,13 @@ impl fmt::Debug for EnvValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Plain(v) => write!(f, "{v:?}"),
-            Self::Secret(_) => f.write_str("<redacted>"),
+            Self::Secret(secret) => write!(f, "{secret:?}"),
         }
     }
 }
 
 /// Optional resource limits of a container.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct ResourceLimits {
     /// Memory limit in bytes.
     pub memory_bytes: Option<i64>,
@@ -194,7 +250,7 @@ pub struct ResourceLimits {
 pub const OPTION_ENABLE_ICC: &str = "com.docker.network.bridge.enable_icc";
 
 /// How far a container is confined beyond its resource limits (README "Security").
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Confinement {
     /// Drop every capability (`--cap-drop ALL`) before adding [`Self::cap_add`].
     pub drop_all_capabilities: bool,
@@ -239,7 +295,7 @@ impl Confinement {
 }
 
 /// Size rotation of the `json-file` log driver.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct LogLimits {
     /// Bytes a log file may grow to before it is rotated.
     pub max_size_bytes: u64,
@@ -270,8 +326,9 @@ impl LogLimits {
     }
 }
 
-/// Everything needed to create one user's container.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Everything needed to create one user's container. Serializing it never
+/// shows a secret ([`SecretString`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ContainerSpec {
     /// Container name.
     pub name: String,
@@ -281,11 +338,15 @@ pub struct ContainerSpec {
     pub env: Vec<(String, EnvValue)>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
-    /// Named volume mounted at [`STATE_PATH`].
+    /// Named volume mounted at [`Self::mount_path`].
     pub volume: String,
+    /// Where the volume is mounted inside the container.
+    pub mount_path: String,
     /// Network to join (name or id).
     pub network: String,
-    /// Host address and port the gateway port is published on.
+    /// The container's TCP port, exposed, and published when [`Self::publish`] says.
+    pub port: u16,
+    /// Host address and port [`Self::port`] is published on.
     pub publish: Option<(IpAddr, u16)>,
     /// Grace period of `docker stop` (the container's StopTimeout).
     pub stop_timeout: Duration,
@@ -540,4 +601,37 @@ pub fn shared_labels(instance: &str) -> BTreeMap<String, String> {
         (LABEL_MANAGED.to_owned(), "true".to_owned()),
         (LABEL_INSTANCE.to_owned(), instance.to_owned()),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_is_redacted_in_debug_and_serialization_and_exposed_only_on_request() {
+        let value = EnvValue::Secret(SecretString::new("s3cret-token"));
+        assert_eq!(format!("{value:?}"), "<redacted>");
+        let json = serde_json::to_string(&value).unwrap();
+        assert!(!json.contains("s3cret"), "{json}");
+        assert_eq!(value.expose(), "s3cret-token");
+        assert_eq!(
+            format!("{:?}", EnvValue::Plain("visible".into())),
+            "\"visible\""
+        );
+    }
+
+    #[test]
+    fn docker_health_names_are_read_and_anything_else_is_no_health_check() {
+        assert_eq!(
+            ContainerHealth::parse("starting"),
+            ContainerHealth::Starting
+        );
+        assert_eq!(ContainerHealth::parse("healthy"), ContainerHealth::Healthy);
+        assert_eq!(
+            ContainerHealth::parse("unhealthy"),
+            ContainerHealth::Unhealthy
+        );
+        assert_eq!(ContainerHealth::parse("none"), ContainerHealth::None);
+        assert_eq!(ContainerHealth::parse(""), ContainerHealth::None);
+    }
 }

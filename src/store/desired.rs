@@ -452,7 +452,7 @@ impl Store {
             .await
             .map_err(StoreError::query(operation))?;
         if result.rows_affected() == 0 {
-            return Err(StoreError::NoSuchUser(crate::desired::quote_short(user_id)));
+            return Err(StoreError::NoSuchUser(crate::quote::quote_short(user_id)));
         }
         Ok(())
     }

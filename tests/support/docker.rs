@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use clawfleet::docker::{
-    object_labels, Confinement, ContainerSpec, EnvValue, ResourceLimits, LABEL_INSTANCE,
-    LABEL_SPEC_HASH,
+    object_labels, Confinement, ContainerSpec, EnvValue, ResourceLimits, SecretString,
+    LABEL_INSTANCE, LABEL_SPEC_HASH,
 };
-use clawfleet::secrets::GatewayToken;
+use clawfleet::spec::{GATEWAY_PORT, STATE_PATH};
 
 /// The stand-in gateway image every Docker test runs.
 pub const AGENT_IMAGE: &str = "clawfleet-agent-stub:dev";
@@ -263,7 +263,7 @@ impl DockerFixture {
     /// with its volume `<name>-state`, on the fixture's network, unpublished.
     pub fn spec(&self, user_id: &str, suffix: &str) -> ContainerSpec {
         let name = self.name(suffix);
-        let token = || EnvValue::Secret(GatewayToken::from_plaintext(TEST_TOKEN.to_owned()));
+        let token = || EnvValue::Secret(SecretString::new(TEST_TOKEN));
         let mut labels = object_labels(&self.instance, user_id);
         labels.insert(LABEL_SPEC_HASH.to_owned(), "test".to_owned());
         ContainerSpec {
@@ -280,7 +280,9 @@ impl DockerFixture {
                 ("OPENCLAW_GATEWAY_TOKEN".to_owned(), token()),
             ],
             labels,
+            mount_path: STATE_PATH.to_owned(),
             network: self.network.clone(),
+            port: GATEWAY_PORT,
             publish: None,
             stop_timeout: Duration::from_secs(10),
             limits: ResourceLimits::default(),

@@ -10,8 +10,8 @@ use chrono::Utc;
 use super::errors::{ApiError, ErrorBody};
 use super::requests::{query, ListQuery, UserList};
 use super::{DEFAULT_LIMIT, MAX_LIMIT};
-use crate::desired::quote_short;
 use crate::http::AppState;
+use crate::quote::quote_short;
 use crate::status::Phase;
 use crate::view::UserView;
 

@@ -17,8 +17,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::errors::ApiError;
 use crate::config::{parse_idle_timeout, parse_image};
-use crate::desired::{quote_short, validate_user_id, DesiredState, MAX_IDLE_TIMEOUT_SECS};
+use crate::desired::{validate_user_id, DesiredState, MAX_IDLE_TIMEOUT_SECS};
 use crate::image_ref::ImageRef;
+use crate::quote::quote_short;
 use crate::status::Phase;
 use crate::store::DesiredUpdate;
 use crate::view::{rfc3339, GatewayAddress, UserView};

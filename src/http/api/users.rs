@@ -13,8 +13,9 @@ use chrono::Utc;
 
 use super::errors::{ApiError, ErrorBody};
 use super::requests::{PutBody, RestartRequested, Touched, UserId};
-use crate::desired::{quote_short, DesiredState};
+use crate::desired::DesiredState;
 use crate::http::AppState;
+use crate::quote::quote_short;
 use crate::view::UserView;
 
 /// `GET /v1/users/{id}`.

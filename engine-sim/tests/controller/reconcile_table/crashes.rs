@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use clawfleet::docker::RunState;
-use clawfleet::status::{Health, Phase};
+use clawfleet::docker::{ContainerHealth, RunState};
+use clawfleet::status::Phase;
 
 use super::{running, Fleet};
 use crate::IMAGE;
@@ -132,24 +132,24 @@ async fn an_unhealthy_container_is_restarted_in_place_with_the_same_back_off() {
 
     let first = fleet.now();
     fleet
-        .behind_its_back(|engine| engine.set_health(&name, Health::Unhealthy).unwrap())
+        .behind_its_back(|engine| engine.set_health(&name, ContainerHealth::Unhealthy).unwrap())
         .await;
     let c = fleet.container("alice").unwrap();
     assert_eq!(c.id, id, "restarted in place, not recreated");
     assert_eq!(c.started_at, Some(first), "restarted at once");
-    assert_ne!(c.health, Some(Health::Unhealthy));
+    assert_ne!(c.health, ContainerHealth::Unhealthy);
     assert_eq!(fleet.status("alice").await.unwrap().restarts, 1);
 
     // Unhealthy again at once: the next restart waits 1 s, the one after 2 s.
     for (restarts, delay) in [(2, 1), (3, 2)] {
         let at = fleet.now();
         fleet
-            .behind_its_back(|engine| engine.set_health(&name, Health::Unhealthy).unwrap())
+            .behind_its_back(|engine| engine.set_health(&name, ContainerHealth::Unhealthy).unwrap())
             .await;
         fleet.advance(secs(delay) - MS).await;
         assert_eq!(
             fleet.container("alice").unwrap().health,
-            Some(Health::Unhealthy),
+            ContainerHealth::Unhealthy,
             "restarted before its back-off of {delay} s ended"
         );
         fleet.advance(MS).await;

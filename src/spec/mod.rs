@@ -1,27 +1,28 @@
 //! The container a user should have: its Docker spec and the hash that says
 //! when an existing container no longer matches it.
 //!
-//! The hash covers every input of the effective configuration (image, name,
-//! volume, network, published address, environment names and non-secret
-//! values, stop timeout, limits, capabilities, no-new-privileges, log rotation,
-//! restart nonce) and never the token: it is a
-//! label anyone can read. A container whose `io.clawfleet.spec-hash` label
-//! differs from [`DesiredSpec::hash`] is recreated.
+//! The hash ([`hash`]) is of the container spec itself and the restart nonce,
+//! never the token: it is a label anyone can read. A container whose
+//! `io.clawfleet.spec-hash` label is not current for [`DesiredSpec::hash`]
+//! is recreated.
+
+mod hash;
+mod legacy_hash;
 
 use std::collections::BTreeMap;
 
-use sha2::{Digest, Sha256};
+pub use hash::SpecHash;
 
 use crate::config::ContainerSettings;
-use crate::docker::{
-    object_labels, ContainerSpec, EnvValue, GATEWAY_PORT, LABEL_SPEC_HASH, STATE_PATH,
-};
+use crate::docker::{object_labels, ContainerSpec, EnvValue, SecretString, LABEL_SPEC_HASH};
 use crate::image_ref::ImageRef;
 use crate::naming::UserNames;
 use crate::secrets::GatewayToken;
 
-/// Suffix of the replacement container while a recreate is under way.
-pub const REPLACEMENT_SUFFIX: &str = "-next";
+/// The gateway's port inside the container.
+pub const GATEWAY_PORT: u16 = 18789;
+/// Where the state volume is mounted.
+pub const STATE_PATH: &str = "/home/node/.openclaw";
 
 /// Everything that decides one user's container, except its token.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,8 +39,8 @@ pub struct DesiredSpec {
     pub host_port: Option<u16>,
     /// The row's restart nonce.
     pub restart_nonce: i64,
-    /// Hash of all of the above and the settings that shape the container.
-    pub hash: String,
+    /// Hash of the container spec all of the above and the settings make.
+    pub hash: SpecHash,
 }
 
 impl DesiredSpec {
@@ -66,75 +67,31 @@ impl DesiredSpec {
         restart_nonce: i64,
         host_port: Option<u16>,
     ) -> Self {
-        let limits = settings.limits;
-        let name = names.container.clone();
-        let volume = names.volume.clone();
-        let mut hasher = Sha256::new();
-        let mut field = |key: &str, value: &str| {
-            // Length-prefixed so no two field lists hash alike.
-            for part in [key, value] {
-                hasher.update((part.len() as u64).to_le_bytes());
-                hasher.update(part.as_bytes());
-            }
-        };
-        field("version", "1");
-        field("name", &name);
-        field("volume", &volume);
-        field("state_path", STATE_PATH);
-        field("image", image.as_str());
-        field("network", &settings.network);
-        field("gateway_port", &GATEWAY_PORT.to_string());
-        field("publish_ip", &settings.publish_ip.to_string());
-        field(
-            "host_port",
-            &host_port.map_or(String::new(), |p| p.to_string()),
-        );
-        field(
-            "stop_timeout_s",
-            &settings.stop_timeout.as_secs().to_string(),
-        );
-        field("memory", &format!("{:?}", limits.memory_bytes));
-        field("nano_cpus", &format!("{:?}", limits.nano_cpus));
-        field("pids", &format!("{:?}", limits.pids));
-        let confinement = &settings.confinement;
-        field(
-            "cap_drop_all",
-            &confinement.drop_all_capabilities.to_string(),
-        );
-        field("cap_add", &confinement.cap_add.join(","));
-        field(
-            "no_new_privileges",
-            &confinement.no_new_privileges.to_string(),
-        );
-        field(
-            "log",
-            &confinement.log.map_or(String::new(), |l| {
-                format!("{}x{}", l.max_size(), l.max_files)
-            }),
-        );
-        field("restart_nonce", &restart_nonce.to_string());
-        for (key, value) in plain_env(settings, user_id) {
-            field(key, &value);
-        }
-        for key in SECRET_ENV {
-            field(key, "<token>");
-        }
-        let hash = hex::encode(&hasher.finalize()[..8]);
-        Self {
+        let mut spec = Self {
             user_id: user_id.to_owned(),
-            name,
-            volume,
+            name: names.container.clone(),
+            volume: names.volume.clone(),
             image: image.clone(),
             host_port,
             restart_nonce,
-            hash,
-        }
+            hash: SpecHash::exact(String::new()),
+        };
+        // The placeholder secret is never hashed: secrets hash as a marker.
+        let template = spec.unlabelled_spec(
+            settings,
+            SecretString::new(""),
+            &spec.name,
+            &settings.network,
+        );
+        let legacy = legacy_hash::legacy_hash(&template, settings.publish_ip, restart_nonce);
+        spec.hash = SpecHash::of(&template, restart_nonce, legacy);
+        spec
     }
 
-    /// The name a replacement container takes while a recreate is under way.
-    /// Never a canonical name: raw bodies hold no `-` and escaped ones end in hex digits.
+    /// The name a replacement container takes while a recreate is under way
+    /// ([`crate::naming::replacement_name`]).
     pub fn replacement_name(&self) -> String {
-        format!("{}{REPLACEMENT_SUFFIX}", self.name)
+        crate::naming::replacement_name(&self.name)
     }
 
     /// `http://<container name>:18789`, the gateway on the agents' network.
@@ -160,22 +117,38 @@ impl DesiredSpec {
         name: &str,
         network: &str,
     ) -> ContainerSpec {
+        let secret = SecretString::new(token.expose());
+        let mut spec = self.unlabelled_spec(settings, secret, name, network);
+        spec.labels
+            .insert(LABEL_SPEC_HASH.to_owned(), self.hash.label().to_owned());
+        spec
+    }
+
+    /// The container spec without its spec-hash label, with `secret` as the token.
+    fn unlabelled_spec(
+        &self,
+        settings: &ContainerSettings,
+        secret: SecretString,
+        name: &str,
+        network: &str,
+    ) -> ContainerSpec {
         let mut env: Vec<(String, EnvValue)> = plain_env(settings, &self.user_id)
             .into_iter()
             .map(|(k, v)| (k.to_owned(), EnvValue::Plain(v)))
             .collect();
         for key in SECRET_ENV {
-            env.push((key.to_owned(), EnvValue::Secret(token.clone())));
+            env.push((key.to_owned(), EnvValue::Secret(secret.clone())));
         }
-        let mut labels: BTreeMap<String, String> = object_labels(&settings.instance, &self.user_id);
-        labels.insert(LABEL_SPEC_HASH.to_owned(), self.hash.clone());
+        let labels: BTreeMap<String, String> = object_labels(&settings.instance, &self.user_id);
         ContainerSpec {
             name: name.to_owned(),
             image: self.image.as_str().to_owned(),
             env,
             labels,
             volume: self.volume.clone(),
+            mount_path: STATE_PATH.to_owned(),
             network: network.to_owned(),
+            port: GATEWAY_PORT,
             publish: self.host_port.map(|p| (settings.publish_ip, p)),
             stop_timeout: settings.stop_timeout,
             limits: settings.limits,
@@ -229,7 +202,7 @@ pub(crate) mod tests {
     fn the_hash_is_stable_and_changes_with_every_input() {
         let base = spec(0, Some(19000));
         assert_eq!(base.hash, spec(0, Some(19000)).hash);
-        assert_eq!(base.hash.len(), 16);
+        assert!(base.hash.label().starts_with("v2:"));
         assert_ne!(base.hash, spec(1, Some(19000)).hash, "restart nonce");
         assert_ne!(base.hash, spec(0, Some(19001)).hash, "port");
         let mut s = settings();
@@ -252,6 +225,43 @@ pub(crate) mod tests {
         s.confinement.no_new_privileges = false;
         let privileged = DesiredSpec::new(&s, "alice", &s.image, 0, Some(19000));
         assert_ne!(base.hash, privileged.hash, "no-new-privileges");
+    }
+
+    #[test]
+    fn a_legacy_label_stays_current_until_the_row_or_settings_change() {
+        let s = settings();
+        let legacy_label = |d: &DesiredSpec| {
+            legacy_hash::legacy_hash(
+                &d.unlabelled_spec(&s, SecretString::new(""), &d.name, &s.network),
+                s.publish_ip,
+                d.restart_nonce,
+            )
+        };
+        let before = spec(0, Some(19000));
+        let label = legacy_label(&before);
+        assert!(!label.starts_with("v2:"), "{label}");
+        assert!(
+            spec(0, Some(19000)).hash.is_current(Some(&label)),
+            "unchanged row"
+        );
+        assert!(
+            !spec(1, Some(19000)).hash.is_current(Some(&label)),
+            "restart nonce"
+        );
+        assert!(!spec(0, Some(19001)).hash.is_current(Some(&label)), "port");
+        let image = ImageRef::parse("alpine/openclaw:2").unwrap();
+        let new_image = DesiredSpec::new(&s, "alice", &image, 0, Some(19000));
+        assert!(!new_image.hash.is_current(Some(&label)), "image");
+        let mut limited = settings();
+        limited.limits.memory_bytes = Some(1 << 30);
+        let limits = DesiredSpec::new(&limited, "alice", &limited.image, 0, Some(19000));
+        assert!(!limits.hash.is_current(Some(&label)), "limits");
+        let c = before.container_spec(&s, &GatewayToken::generate().unwrap(), &before.name, "id");
+        assert_eq!(
+            c.labels[LABEL_SPEC_HASH],
+            before.hash.label(),
+            "a new container is labelled v2"
+        );
     }
 
     #[test]
@@ -283,7 +293,7 @@ pub(crate) mod tests {
             c.labels, c2.labels,
             "the hash label does not depend on the token"
         );
-        assert_eq!(c.labels[LABEL_SPEC_HASH], d.hash);
+        assert_eq!(c.labels[LABEL_SPEC_HASH], d.hash.label());
         assert_eq!(c.publish, Some(("127.0.0.1".parse().unwrap(), 19000)));
     }
 
