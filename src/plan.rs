@@ -11,11 +11,13 @@
 //!   desired row claims its exact name; one labelled for another user or
 //!   instance is never touched.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use crate::docker::{ContainerSummary, ObservedContainer, RunState};
+use crate::spec::DesiredSpec;
 use crate::status::{Health, Phase};
 
 /// Exit code with which the OpenClaw gateway reports a configuration error.
@@ -36,15 +38,84 @@ pub enum Target {
         /// Why, for `container_status.message`.
         message: String,
     },
-    /// A container with configuration `spec_hash` should exist.
+    /// A container made from `blueprint` should exist, running or not.
     Present {
         /// Whether it should run, and if not, why.
         intent: Intent,
-        /// Hash of the desired configuration.
-        spec_hash: String,
-        /// The canonical container name.
-        name: String,
+        /// Its spec and the port and token claimed for it.
+        blueprint: Arc<Blueprint>,
     },
+    /// A stopped or idle user that has no container: none is made, so no
+    /// port or token is claimed for it (a user who never ran holds neither).
+    /// The reconciler gives this target only when the engine shows no
+    /// container of `spec.name`; one seen anyway is left alone.
+    Resting {
+        /// [`Intent::Stopped`] or [`Intent::Idle`].
+        intent: Intent,
+        /// The spec the container would have (its port, if the status row
+        /// holds one, for `host_url`).
+        spec: DesiredSpec,
+    },
+}
+
+impl Target {
+    /// The desired spec, for a row that can be acted on.
+    pub fn spec(&self) -> Option<&DesiredSpec> {
+        match self {
+            Self::Present { blueprint, .. } => Some(&blueprint.spec),
+            Self::Resting { spec, .. } => Some(spec),
+            Self::Absent { .. } | Self::Failed { .. } => None,
+        }
+    }
+}
+
+/// What making the user's container takes: its spec, and the host port and
+/// gateway token claimed for it in `container_status` before any container
+/// uses them. A create or recreate carries one, so none is made without them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Blueprint {
+    /// The container; its `host_port` is the claimed one.
+    pub spec: DesiredSpec,
+    /// The claimed port and token.
+    pub claim: Claim,
+}
+
+impl Blueprint {
+    /// A blueprint of `spec` built with `claim`'s port.
+    pub fn new(spec: DesiredSpec, claim: Claim) -> Self {
+        debug_assert_eq!(spec.host_port, Some(claim.host_port));
+        Self { spec, claim }
+    }
+}
+
+/// Names only what tells blueprints apart, never the token.
+impl std::fmt::Debug for Blueprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blueprint")
+            .field("name", &self.spec.name)
+            .field("hash", &self.spec.hash)
+            .field("claim", &self.claim)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A host port and a gateway token held for one user in `container_status`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The host port the gateway is published on.
+    pub host_port: u16,
+    /// The gateway token, sealed as the status row stores it.
+    pub sealed_token: String,
+}
+
+/// Shows the port; the token, even sealed, never reaches a log.
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("host_port", &self.host_port)
+            .field("sealed_token", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Running or not, and why not.
@@ -190,12 +261,16 @@ pub enum Action {
     },
     /// Create the canonical container, and start it if `start`.
     Create {
+        /// What to make it from.
+        blueprint: Arc<Blueprint>,
         /// Start it after creating.
         start: bool,
     },
     /// Replace the canonical container with a fresh one (same volume),
     /// keeping the old one until the new one is created.
     Recreate {
+        /// What to make the new one from.
+        blueprint: Arc<Blueprint>,
         /// Why.
         reason: RecreateReason,
         /// Start the new one.
@@ -307,11 +382,14 @@ pub fn plan(target: &Target, observed: &Observed, now: DateTime<Utc>, policy: &P
     match target {
         Target::Failed { message } => Plan::write(Phase::Failed, Some(message.clone())),
         Target::Absent { remove_after } => plan_absent(*remove_after, observed, now),
-        Target::Present {
-            intent,
-            spec_hash,
-            name,
-        } => plan_present(*intent, spec_hash, name, observed, now, policy),
+        Target::Present { intent, blueprint } => {
+            plan_present(&blueprint.spec.name, observed, || {
+                plan_canonical(*intent, blueprint, observed, now, policy)
+            })
+        }
+        Target::Resting { intent, spec } => plan_present(&spec.name, observed, || {
+            Plan::write(intent.resting_phase(), None)
+        }),
     }
 }
 
@@ -356,14 +434,9 @@ fn plan_absent(
     plan
 }
 
-fn plan_present(
-    intent: Intent,
-    spec_hash: &str,
-    name: &str,
-    observed: &Observed,
-    now: DateTime<Utc>,
-    policy: &Policy,
-) -> Plan {
+/// The plan for a user with a row: what `canonical` plans for the
+/// container of `name`, after the leftovers are removed.
+fn plan_present(name: &str, observed: &Observed, canonical: impl FnOnce() -> Plan) -> Plan {
     let replacement = format!("{name}{}", crate::spec::REPLACEMENT_SUFFIX);
     // An interrupted recreate left the new container under its temporary
     // name and removed the old one: finish the job before anything else.
@@ -376,7 +449,7 @@ fn plan_present(
                 .requeue(Duration::ZERO);
         }
     }
-    let mut plan = plan_canonical(intent, spec_hash, observed, now, policy);
+    let mut plan = canonical();
     let strays = observed.strays.iter().map(|s| Action::RemoveStray {
         id: s.id.clone(),
         name: s.name.clone(),
@@ -388,7 +461,7 @@ fn plan_present(
 
 fn plan_canonical(
     intent: Intent,
-    spec_hash: &str,
+    blueprint: &Arc<Blueprint>,
     observed: &Observed,
     now: DateTime<Utc>,
     policy: &Policy,
@@ -396,9 +469,10 @@ fn plan_canonical(
     let resting = intent.resting_phase();
     let Some(c) = &observed.canonical else {
         return match intent {
-            Intent::Running => {
-                Plan::write(Phase::Running, None).with(Action::Create { start: true })
-            }
+            Intent::Running => Plan::write(Phase::Running, None).with(Action::Create {
+                blueprint: blueprint.clone(),
+                start: true,
+            }),
             _ => Plan::write(resting, None),
         };
     };
@@ -409,18 +483,21 @@ fn plan_canonical(
     let start = intent == Intent::Running;
     if !c.is_managed() {
         return Plan::write(resting, None).with(Action::Recreate {
+            blueprint: blueprint.clone(),
             reason: RecreateReason::Adopted,
             start,
         });
     }
     if c.state == RunState::Dead {
         return Plan::write(resting, None).with(Action::Recreate {
+            blueprint: blueprint.clone(),
             reason: RecreateReason::Dead,
             start,
         });
     }
-    if c.spec_hash() != Some(spec_hash) {
+    if c.spec_hash() != Some(blueprint.spec.hash.as_str()) {
         return Plan::write(resting, None).with(Action::Recreate {
+            blueprint: blueprint.clone(),
             reason: RecreateReason::SpecChanged,
             start,
         });
@@ -559,11 +636,26 @@ mod tests {
         }
     }
 
+    fn spec() -> DesiredSpec {
+        let s = crate::spec::tests::settings();
+        let mut spec = DesiredSpec::new(&s, "alice", &s.image, 0, Some(19000));
+        spec.name = NAME.into();
+        spec.hash = HASH.into();
+        spec
+    }
+
+    fn blueprint() -> Arc<Blueprint> {
+        let claim = Claim {
+            host_port: 19000,
+            sealed_token: "v2:sealed".into(),
+        };
+        Arc::new(Blueprint::new(spec(), claim))
+    }
+
     fn present(intent: Intent) -> Target {
         Target::Present {
             intent,
-            spec_hash: HASH.into(),
-            name: NAME.into(),
+            blueprint: blueprint(),
         }
     }
 
@@ -596,7 +688,13 @@ mod tests {
     #[test]
     fn a_new_running_user_gets_a_container_created_and_started() {
         let p = run(&present(Intent::Running), &observed(None, None));
-        assert_eq!(p.actions, [Action::Create { start: true }]);
+        assert_eq!(
+            p.actions,
+            [Action::Create {
+                blueprint: blueprint(),
+                start: true
+            }]
+        );
         assert_eq!(phase_of(&p), Phase::Running);
     }
 
@@ -792,6 +890,7 @@ mod tests {
         assert_eq!(
             p.actions,
             [Action::Recreate {
+                blueprint: blueprint(),
                 reason: RecreateReason::SpecChanged,
                 start: true
             }]
@@ -803,6 +902,7 @@ mod tests {
         assert_eq!(
             p.actions,
             [Action::Recreate {
+                blueprint: blueprint(),
                 reason: RecreateReason::SpecChanged,
                 start: false
             }]
@@ -817,6 +917,7 @@ mod tests {
         assert_eq!(
             p.actions,
             [Action::Recreate {
+                blueprint: blueprint(),
                 reason: RecreateReason::Adopted,
                 start: true
             }]
@@ -929,6 +1030,7 @@ mod tests {
         assert_eq!(
             p.actions,
             [Action::Recreate {
+                blueprint: blueprint(),
                 reason: RecreateReason::Dead,
                 start: true
             }]

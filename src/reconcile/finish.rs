@@ -1,0 +1,196 @@
+//! The end of a pass: the status row written (or deleted), and when to look
+//! again.
+//!
+//! Invariants: a row is written only when it changed; a pass that failed
+//! part-way keeps the revision the row last showed, so `ensure-running`
+//! never takes the old container for the one asked for.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tracing::{debug, info};
+
+use crate::docker::{Engine, RunState};
+use crate::plan::{Plan, StatusIntent, Target};
+use crate::status::{ContainerStatus, Phase};
+
+use super::{Blocked, Outcome, Pass, ReconcileError, Reconciler};
+
+impl<E: Engine> Reconciler<E> {
+    /// Writes what `plan` for `target` left of `pass` and says when to look again.
+    pub(super) async fn finish(
+        &self,
+        plan: &Plan,
+        target: &Target,
+        pass: Pass<'_>,
+    ) -> Result<Outcome, ReconcileError> {
+        let Pass {
+            user_id,
+            desired,
+            previous,
+            mut row,
+            current,
+            now,
+            ..
+        } = pass;
+        let acted = !plan.actions.is_empty();
+        let phase = match &plan.status {
+            StatusIntent::Delete => {
+                if let Some(previous) = previous {
+                    self.store.delete_status(user_id).await?;
+                    if let Some(port) = previous.host_port {
+                        self.ports.release(port);
+                    }
+                    info!("user gone; status removed");
+                }
+                self.memory.forget(user_id);
+                return Ok(Outcome {
+                    requeue_after: plan.requeue_after,
+                    converged: !acted,
+                    phase: None,
+                    actions: plan.actions.len(),
+                    desired_state: None,
+                });
+            }
+            StatusIntent::Write { phase, message } => {
+                // A container just started is not yet seen running: the look
+                // that follows at once says `running` (with its health).
+                let phase = match (*phase, acted) {
+                    (Phase::Running, true) => Phase::Starting,
+                    (phase, _) => phase,
+                };
+                set_phase(&mut row, phase, now);
+                row.message = message.clone();
+                phase
+            }
+        };
+        row.container_id = current.as_ref().map(|c| c.id.clone());
+        row.container_name = current.as_ref().map(|c| c.name.clone());
+        // After acting, what the engine now holds is seen on the next look.
+        // Docker keeps the last health result of a stopped container; only a
+        // running one has a health worth reporting.
+        row.health = match &current {
+            Some(c) if !acted && c.state == RunState::Running => c.health,
+            _ => None,
+        };
+        if let Some(spec) = target.spec() {
+            row.url = current.as_ref().map(|_| spec.url());
+            row.host_url = spec.host_url(&self.settings);
+        }
+        self.write(&row, previous.as_ref(), now).await?;
+
+        let mut requeue = plan.requeue_after;
+        if acted {
+            // Look again at once: the next reconcile observes what the actions did.
+            requeue = Some(Duration::ZERO);
+        } else if let Some(deadline) = desired
+            .as_ref()
+            .and_then(|d| d.as_ref().ok())
+            .and_then(|d| d.idle_deadline())
+        {
+            if deadline > now {
+                let wait = (deadline - now).to_std().unwrap_or_default();
+                requeue = Some(requeue.map_or(wait, |r| r.min(wait)));
+            }
+        }
+        let converged = !acted && plan.requeue_after.is_none() && phase != Phase::Failed;
+        Ok(Outcome {
+            requeue_after: requeue,
+            converged,
+            phase: Some(phase),
+            actions: plan.actions.len(),
+            desired_state: None,
+        })
+    }
+
+    /// Reports an error that needs a human (`failed`, with its message) after
+    /// `actions` planned actions; the row's revision is not tried again
+    /// before the slow retry unless the row changes.
+    pub(super) async fn needs_human(
+        &self,
+        pass: Pass<'_>,
+        error: ReconcileError,
+        actions: usize,
+    ) -> Result<Outcome, ReconcileError> {
+        let Pass {
+            user_id,
+            desired,
+            previous,
+            mut row,
+            now,
+            ..
+        } = pass;
+        let message = error.to_string();
+        if let Some(Ok(d)) = desired.as_ref() {
+            let retry = chrono::Duration::from_std(self.options.needs_human_retry);
+            let blocked = Blocked {
+                revision: d.revision,
+                until: now + retry.unwrap_or_default(),
+                message: message.clone(),
+            };
+            self.memory.block(user_id, blocked);
+        }
+        row.message = Some(message);
+        set_phase(&mut row, Phase::Failed, now);
+        self.write(&row, previous.as_ref(), now).await?;
+        Ok(Outcome {
+            requeue_after: Some(self.options.needs_human_retry),
+            converged: false,
+            phase: Some(Phase::Failed),
+            actions,
+            desired_state: None,
+        })
+    }
+
+    /// Writes the row when it differs from what is stored.
+    pub(super) async fn write(
+        &self,
+        row: &ContainerStatus,
+        previous: Option<&ContainerStatus>,
+        now: DateTime<Utc>,
+    ) -> Result<(), ReconcileError> {
+        let unchanged = previous.is_some_and(|p| {
+            ContainerStatus {
+                updated_at: p.updated_at,
+                ..row.clone()
+            } == *p
+        });
+        if !unchanged {
+            self.store.write_status(row, now).await?;
+        }
+        Ok(())
+    }
+
+    /// Reports a transient error in the status row (best effort) and hands it back.
+    ///
+    /// The row keeps the revision it last showed: this reconcile did not
+    /// finish acting on the revision it read, and `ensure-running` takes an
+    /// `observed_revision` at or past its own as "this container is the one
+    /// you asked for" (regression: it handed out the old container).
+    pub(super) async fn record_error(
+        &self,
+        pass: Pass<'_>,
+        error: ReconcileError,
+    ) -> ReconcileError {
+        let Pass {
+            previous,
+            mut row,
+            now,
+            ..
+        } = pass;
+        row.observed_revision = previous.as_ref().and_then(|p| p.observed_revision);
+        row.message = Some(error.to_string());
+        if let Err(e) = self.write(&row, previous.as_ref(), now).await {
+            debug!(error = %e, "could not record the error in the status row");
+        }
+        error
+    }
+}
+
+/// Moves `row` to `phase`, dating the transition only when the phase changes.
+pub(super) fn set_phase(row: &mut ContainerStatus, phase: Phase, now: DateTime<Utc>) {
+    if row.phase != phase {
+        row.phase = phase;
+        row.last_transition_at = now;
+    }
+}

@@ -1,0 +1,182 @@
+//! What the row asks for, and the port and token a container of it needs.
+//!
+//! Invariant: a port and a token are claimed in `container_status` before
+//! any container uses them, so a crash between the two never hands a port
+//! to two users or a user two tokens; a stopped or idle user that has no
+//! container claims neither.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tracing::debug;
+
+use crate::desired::{quote_short, DesiredContainer, DesiredState};
+use crate::docker::{Engine, ObservedContainer};
+use crate::naming::UserNames;
+use crate::plan::{Blueprint, Claim, Intent, Target};
+use crate::secrets::GatewayToken;
+use crate::spec::DesiredSpec;
+use crate::status::ContainerStatus;
+use crate::store::StoreError;
+
+use super::{Pass, ReconcileError, Reconciler};
+
+impl<E: Engine> Reconciler<E> {
+    /// Decides the target of `pass`, whose user's container is `canonical`
+    /// under `names`; claims a port and a token when a container will need them.
+    pub(super) async fn target(
+        &self,
+        pass: &mut Pass<'_>,
+        names: &UserNames,
+        canonical: Option<&ObservedContainer>,
+    ) -> Result<Target, ReconcileError> {
+        let (user_id, now) = (pass.user_id, pass.now);
+        let d = match pass.desired.as_ref() {
+            None => {
+                let remove_after = if self.store.deleted_revision(user_id).await?.is_some() {
+                    None
+                } else {
+                    let grace =
+                        chrono::Duration::from_std(self.options.orphan_grace).unwrap_or_default();
+                    Some(self.memory.orphan_since(user_id, now) + grace)
+                };
+                return Ok(Target::Absent { remove_after });
+            }
+            Some(Err(invalid)) => {
+                return Ok(Target::Failed {
+                    message: invalid.status_message(),
+                });
+            }
+            Some(Ok(d)) => d,
+        };
+        if let Some(b) = self.memory.blocked(user_id, d.revision, now) {
+            return Ok(Target::Failed { message: b.message });
+        }
+        let image = d
+            .image
+            .clone()
+            .unwrap_or_else(|| self.settings.image.clone());
+        if !self.settings.image_allowed(&image) {
+            return Ok(Target::Failed {
+                message: format!(
+                    "image {} is not allowed (--allowed-images: {})",
+                    quote_short(image.as_str()),
+                    self.settings.allowed_images
+                ),
+            });
+        }
+        let intent = intent_of(d, now);
+        let spec = |port| {
+            DesiredSpec::named(
+                &self.settings,
+                names,
+                user_id,
+                &image,
+                d.restart_nonce,
+                port,
+            )
+        };
+        if intent != Intent::Running && canonical.is_none() {
+            let port = pass.row.host_port.filter(|p| self.ports.usable(*p));
+            let spec = spec(port);
+            return Ok(Target::Resting { intent, spec });
+        }
+        let claim = self.claim(user_id, canonical, &mut pass.row, now).await?;
+        let blueprint = Blueprint::new(spec(Some(claim.host_port)), claim);
+        Ok(Target::Present {
+            intent,
+            blueprint: Arc::new(blueprint),
+        })
+    }
+
+    /// The user's token, generated once, and port: the one in the status
+    /// row, else the one the existing container publishes, else a new one;
+    /// both claimed in the status row before they are used.
+    async fn claim(
+        &self,
+        user_id: &str,
+        canonical: Option<&ObservedContainer>,
+        row: &mut ContainerStatus,
+        now: DateTime<Utc>,
+    ) -> Result<Claim, ReconcileError> {
+        let sealed_token = match row.gateway_token.as_deref() {
+            None => self.keys.seal(user_id, &GatewayToken::generate()?)?,
+            // A v1 token, or one sealed before a rotation, is sealed again as
+            // it is: the plaintext, and so the container, stay. One that does
+            // not open is left for `create` and `doctor` to report.
+            Some(sealed) if self.keys.needs_reseal(sealed) => {
+                match self.keys.open(user_id, sealed) {
+                    Ok(token) => self.keys.seal(user_id, &token)?,
+                    Err(_) => sealed.to_owned(),
+                }
+            }
+            Some(sealed) => sealed.to_owned(),
+        };
+        row.gateway_token = Some(sealed_token.clone());
+        let host_port = self.claim_port(user_id, canonical, row, now).await?;
+        Ok(Claim {
+            host_port,
+            sealed_token,
+        })
+    }
+
+    async fn claim_port(
+        &self,
+        user_id: &str,
+        canonical: Option<&ObservedContainer>,
+        row: &mut ContainerStatus,
+        now: DateTime<Utc>,
+    ) -> Result<u16, ReconcileError> {
+        if let Some(port) = row.host_port.filter(|p| self.ports.usable(*p)) {
+            // The user's own port, whatever the probe may have found on it.
+            self.ports.note_claimed(port);
+            return Ok(port);
+        }
+        // A port out of the range or found busy is given up for another.
+        if let Some(old) = row.host_port.take() {
+            self.ports.release(old);
+        }
+        if let Some(port) = canonical
+            .and_then(|c| c.host_port)
+            .filter(|p| self.ports.usable(*p))
+        {
+            row.host_port = Some(port);
+            match self.store.write_status(row, now).await {
+                Ok(()) => {
+                    self.ports.note_claimed(port);
+                    return Ok(port);
+                }
+                Err(StoreError::PortTaken(_)) => {
+                    self.ports.note_claimed(port);
+                    row.host_port = None;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !self.ports.is_loaded() {
+            self.ports.load(self.store.ports_in_use().await?);
+        }
+        let claim_row = row.clone();
+        let port = self
+            .ports
+            .allocate(user_id, |port| {
+                let mut candidate = claim_row.clone();
+                candidate.host_port = Some(port);
+                let store = self.store.clone();
+                async move { store.write_status(&candidate, now).await }
+            })
+            .await?;
+        row.host_port = Some(port);
+        debug!(port, user = %quote_short(user_id), "claimed host port");
+        Ok(port)
+    }
+}
+
+/// Whether the row's container should run at `now`, and if not, why.
+pub(super) fn intent_of(d: &DesiredContainer, now: DateTime<Utc>) -> Intent {
+    match (d.state, d.is_idle(now)) {
+        (DesiredState::Stopped, _) => Intent::Stopped,
+        (DesiredState::Running, true) => Intent::Idle,
+        (DesiredState::Running, false) => Intent::Running,
+    }
+}
