@@ -1009,6 +1009,34 @@ mod tests {
     }
 
     #[test]
+    fn a_resting_user_gets_no_container_but_finishes_an_interrupted_recreate() {
+        for (intent, phase) in [
+            (Intent::Stopped, Phase::Stopped),
+            (Intent::Idle, Phase::Idle),
+        ] {
+            let resting = Target::Resting {
+                intent,
+                spec: spec(),
+            };
+            let p = run(&resting, &observed(None, None));
+            assert!(p.is_converged());
+            assert_eq!(phase_of(&p), phase);
+            let next = ContainerSummary {
+                id: "n1".into(),
+                name: format!("{NAME}-next"),
+                labels: labels(HASH),
+                state: RunState::Created,
+            };
+            let o = Observed {
+                strays: vec![next],
+                ..Default::default()
+            };
+            let p = run(&resting, &o);
+            assert_eq!(p.actions, [Action::AdoptReplacement { id: "n1".into() }]);
+        }
+    }
+
+    #[test]
     fn a_failed_row_leaves_the_container_alone() {
         let t = Target::Failed {
             message: "invalid desired row: state: \"banana\"".into(),

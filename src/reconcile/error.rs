@@ -62,3 +62,24 @@ impl ReconcileError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_human_must_fix_is_told_apart_from_what_a_retry_may_fix() {
+        let foreign = ReconcileError::ForeignVolume {
+            volume: "v".into(),
+            holder: "user \"bob\" of instance \"default\"".into(),
+        };
+        assert!(!foreign.is_transient());
+        assert_eq!(foreign.kind(), "isolation");
+        let taken = ReconcileError::Engine(EngineError::PortAllocated {
+            port: Some(19000),
+            message: "port is already allocated".into(),
+        });
+        assert!(taken.is_transient());
+        assert_eq!(taken.kind(), "port_allocated");
+    }
+}

@@ -231,3 +231,113 @@ impl<E: Engine> Reconciler<E> {
         Ok(network.id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::desired::DesiredState;
+    use crate::docker::{object_labels, RunState};
+    use crate::plan::{Intent, RecreateReason, Target};
+    use crate::reconcile::testing::{
+        container, desired, names, now, pass, reconciler, StubEngine, FIRST_PORT,
+    };
+
+    /// A pass over alice whose target (a running container) has been resolved.
+    async fn present(r: &Reconciler<StubEngine>) -> (Pass<'static>, Arc<Blueprint>) {
+        let mut p = pass(Some(desired(DesiredState::Running, 1)), None);
+        match r.target(&mut p, &names(), None).await.unwrap() {
+            Target::Present {
+                intent: Intent::Running,
+                blueprint,
+            } => (p, blueprint),
+            other => panic!("expected a running target, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_recreate_creates_the_new_container_before_letting_the_old_one_go() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let (mut p, blueprint) = present(&r).await;
+        p.current = Some(container(RunState::Running, now()));
+        let recreate = Action::Recreate {
+            blueprint,
+            reason: RecreateReason::SpecChanged,
+            start: true,
+        };
+        r.apply(&recreate, &mut p).await.unwrap();
+        let next = "mosaic-user-alice-next";
+        assert_eq!(
+            r.engine.calls(),
+            [
+                format!("create {next}"),
+                "stop c1".into(),
+                "remove c1".into(),
+                format!("rename id-{next} mosaic-user-alice"),
+                format!("start id-{next}"),
+            ]
+        );
+        assert_eq!(p.row.phase, Phase::Creating);
+    }
+
+    #[tokio::test]
+    async fn a_volume_labelled_for_another_user_is_never_mounted() {
+        let engine = StubEngine {
+            volume_labels: Some(object_labels("default", "bob")),
+            ..StubEngine::default()
+        };
+        let (r, _dir) = reconciler(engine).await;
+        let (mut p, blueprint) = present(&r).await;
+        let create = Action::Create {
+            blueprint,
+            start: true,
+        };
+        let err = r.apply(&create, &mut p).await.unwrap_err();
+        assert!(
+            matches!(&err, ReconcileError::ForeignVolume { holder, .. } if holder.contains("\"bob\"")),
+            "{err}"
+        );
+        assert!(!err.is_transient());
+        assert_eq!(r.engine.calls(), Vec::<String>::new(), "nothing created");
+    }
+
+    #[tokio::test]
+    async fn a_port_the_engine_refuses_is_quarantined_and_given_up() {
+        let engine = StubEngine {
+            port_taken: Some(FIRST_PORT),
+            ..StubEngine::default()
+        };
+        let (r, _dir) = reconciler(engine).await;
+        let (mut p, blueprint) = present(&r).await;
+        let create = Action::Create {
+            blueprint,
+            start: true,
+        };
+        let err = r.apply(&create, &mut p).await.unwrap_err();
+        assert!(err.is_transient(), "the next pass moves to another port");
+        assert!(!r.ports.usable(FIRST_PORT));
+        assert_eq!(p.row.host_port, None);
+        let stored = r.store.status("alice").await.unwrap().unwrap();
+        assert_eq!(stored.host_port, None);
+        assert!(stored.message.unwrap().contains("already in use"));
+    }
+
+    #[tokio::test]
+    async fn a_crash_restart_is_counted_in_the_row_and_in_the_streak() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let (mut p, _) = present(&r).await;
+        p.current = Some(container(RunState::Exited, now()));
+        let start = Action::Start {
+            reason: StartReason::Crashed { exit_code: Some(1) },
+        };
+        r.apply(&start, &mut p).await.unwrap();
+        assert_eq!(r.engine.calls(), ["start c1"]);
+        assert_eq!(p.row.restarts, 1);
+        let streak = r
+            .memory
+            .crash_history("alice", None, now(), r.options.stable_after);
+        assert_eq!(streak.consecutive, 1);
+        assert_eq!(streak.last_restart_at, Some(now()));
+    }
+}

@@ -194,3 +194,158 @@ pub(super) fn set_phase(row: &mut ContainerStatus, phase: Phase, now: DateTime<U
         row.last_transition_at = now;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::DesiredState;
+    use crate::plan::Action;
+    use crate::reconcile::testing::{desired, now, pass, reconciler, secs, StubEngine};
+
+    fn write(phase: Phase, message: Option<&str>) -> Plan {
+        Plan {
+            actions: Vec::new(),
+            status: StatusIntent::Write {
+                phase,
+                message: message.map(str::to_owned),
+            },
+            requeue_after: None,
+        }
+    }
+
+    fn failed() -> Target {
+        Target::Failed {
+            message: "boom".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_phase_message_and_revision_read_are_written() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let p = pass(Some(desired(DesiredState::Running, 3)), None);
+        let plan = write(Phase::Failed, Some("boom"));
+        let outcome = r.finish(&plan, &failed(), p).await.unwrap();
+        assert_eq!(outcome.phase, Some(Phase::Failed));
+        assert!(!outcome.converged, "a failure is not converged");
+        let stored = r.store.status("alice").await.unwrap().unwrap();
+        assert_eq!(stored.phase, Phase::Failed);
+        assert_eq!(stored.message.as_deref(), Some("boom"));
+        assert_eq!(stored.observed_revision, Some(3));
+        assert_eq!(stored.last_transition_at, now());
+    }
+
+    #[tokio::test]
+    async fn running_right_after_acting_is_written_as_starting_and_looked_at_at_once() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let p = pass(Some(desired(DesiredState::Running, 1)), None);
+        let mut plan = write(Phase::Running, None);
+        plan.actions.push(Action::RemoveStray {
+            id: "s1".into(),
+            name: "mosaic-user-alice-next".into(),
+        });
+        let outcome = r.finish(&plan, &failed(), p).await.unwrap();
+        assert_eq!(outcome.phase, Some(Phase::Starting));
+        assert_eq!(outcome.requeue_after, Some(Duration::ZERO));
+        assert!(!outcome.converged);
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_row_is_not_written_again() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let row = pass(None, None).row;
+        r.write(&row, None, now()).await.unwrap();
+        let stored = r.store.status("alice").await.unwrap().unwrap();
+        r.write(&row, Some(&stored), now() + secs(60))
+            .await
+            .unwrap();
+        let again = r.store.status("alice").await.unwrap().unwrap();
+        assert_eq!(again.updated_at, now(), "not rewritten");
+        let changed = ContainerStatus {
+            message: Some("pulling image".into()),
+            ..row
+        };
+        r.write(&changed, Some(&stored), now() + secs(60))
+            .await
+            .unwrap();
+        let after = r.store.status("alice").await.unwrap().unwrap();
+        assert_eq!(after.updated_at, now() + secs(60));
+    }
+
+    #[tokio::test]
+    async fn a_transient_error_keeps_the_revision_the_row_last_showed() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let mut shown = pass(Some(desired(DesiredState::Running, 2)), None).row;
+        shown.phase = Phase::Running;
+        r.write(&shown, None, now()).await.unwrap();
+        let previous = r.store.status("alice").await.unwrap();
+        let p = pass(Some(desired(DesiredState::Running, 3)), previous);
+        let error = ReconcileError::ForeignVolume {
+            volume: "v".into(),
+            holder: "h".into(),
+        };
+        let message = error.to_string();
+        r.record_error(p, error).await;
+        let stored = r.store.status("alice").await.unwrap().unwrap();
+        assert_eq!(stored.observed_revision, Some(2));
+        assert_eq!(stored.message, Some(message));
+        assert_eq!(stored.phase, Phase::Running);
+    }
+
+    #[tokio::test]
+    async fn a_failure_that_needs_a_human_blocks_its_revision() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let p = pass(Some(desired(DesiredState::Running, 5)), None);
+        let error = ReconcileError::ForeignVolume {
+            volume: "v".into(),
+            holder: "h".into(),
+        };
+        let message = error.to_string();
+        let outcome = r.needs_human(p, error, 2).await.unwrap();
+        assert_eq!(outcome.phase, Some(Phase::Failed));
+        assert_eq!(outcome.actions, 2);
+        assert_eq!(outcome.requeue_after, Some(r.options.needs_human_retry));
+        let blocked = r.memory.blocked("alice", 5, now()).expect("blocked");
+        assert_eq!(blocked.message, message);
+        let stored = r.store.status("alice").await.unwrap().unwrap();
+        assert_eq!(
+            (stored.phase, stored.message),
+            (Phase::Failed, Some(message))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gone_user_loses_its_status_row_and_what_is_remembered() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        r.write(&pass(None, None).row, None, now()).await.unwrap();
+        r.memory.orphan_since("alice", now());
+        let previous = r.store.status("alice").await.unwrap();
+        let plan = Plan {
+            actions: Vec::new(),
+            status: StatusIntent::Delete,
+            requeue_after: None,
+        };
+        let target = Target::Absent { remove_after: None };
+        let outcome = r
+            .finish(&plan, &target, pass(None, previous))
+            .await
+            .unwrap();
+        assert_eq!((outcome.phase, outcome.converged), (None, true));
+        assert_eq!(r.store.status("alice").await.unwrap(), None);
+        assert_eq!(
+            r.memory.orphan_since("alice", now() + secs(9)),
+            now() + secs(9)
+        );
+    }
+
+    #[test]
+    fn a_transition_is_dated_only_when_the_phase_changes() {
+        let mut row = ContainerStatus::pending("alice", now());
+        set_phase(&mut row, Phase::Pending, now() + secs(5));
+        assert_eq!(row.last_transition_at, now());
+        set_phase(&mut row, Phase::Creating, now() + secs(5));
+        assert_eq!(
+            (row.phase, row.last_transition_at),
+            (Phase::Creating, now() + secs(5))
+        );
+    }
+}

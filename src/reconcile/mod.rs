@@ -307,3 +307,35 @@ impl<E: Engine> Reconciler<E> {
         Ok(outcome)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{reconciler, StubEngine};
+    use super::*;
+    use crate::desired::DesiredState;
+    use crate::store::DesiredUpdate;
+
+    #[tokio::test]
+    async fn a_second_pass_over_a_stopped_user_does_nothing_more() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let row = DesiredUpdate {
+            user_id: "alice".into(),
+            state: Some(DesiredState::Stopped),
+            ..DesiredUpdate::default()
+        };
+        r.store.upsert_desired(&row).await.unwrap();
+        let first = r.reconcile("alice").await.unwrap();
+        assert_eq!(first.phase, Some(Phase::Stopped));
+        assert_eq!(first.desired_state, Some("stopped"));
+        assert!(first.converged);
+        let written = r.store.status("alice").await.unwrap().unwrap();
+        assert_eq!(
+            (written.host_port, written.gateway_token.as_ref()),
+            (None, None)
+        );
+        let second = r.reconcile("alice").await.unwrap();
+        assert_eq!(second, first);
+        assert_eq!(r.store.status("alice").await.unwrap(), Some(written));
+        assert_eq!(r.engine.calls(), Vec::<String>::new());
+    }
+}

@@ -180,3 +180,135 @@ pub(super) fn intent_of(d: &DesiredContainer, now: DateTime<Utc>) -> Intent {
         (DesiredState::Running, false) => Intent::Running,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::InvalidRow;
+    use crate::docker::RunState;
+    use crate::reconcile::memory::Blocked;
+    use crate::reconcile::testing::{
+        container, desired, names, now, pass, reconciler, secs, StubEngine, FIRST_PORT,
+    };
+
+    fn blueprint(target: &Target) -> &Arc<Blueprint> {
+        match target {
+            Target::Present { blueprint, .. } => blueprint,
+            other => panic!("expected a present target, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_running_user_claims_a_port_and_a_token_in_its_status_row() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let mut p = pass(Some(desired(DesiredState::Running, 1)), None);
+        let target = r.target(&mut p, &names(), None).await.unwrap();
+        let b = blueprint(&target);
+        assert_eq!(b.claim.host_port, FIRST_PORT);
+        assert_eq!(b.spec.host_port, Some(FIRST_PORT));
+        assert!(r.keys.open("alice", &b.claim.sealed_token).is_ok());
+        let stored = r.store.status("alice").await.unwrap().expect("claimed");
+        assert_eq!(stored.host_port, Some(FIRST_PORT));
+        assert_eq!(stored.gateway_token.as_ref(), Some(&b.claim.sealed_token));
+        assert_eq!(p.row.host_port, Some(FIRST_PORT));
+    }
+
+    #[tokio::test]
+    async fn a_claimed_port_and_token_are_kept_on_later_passes() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let mut first = pass(Some(desired(DesiredState::Running, 1)), None);
+        let claimed = blueprint(&r.target(&mut first, &names(), None).await.unwrap()).clone();
+        let previous = r.store.status("alice").await.unwrap();
+        let mut again = pass(Some(desired(DesiredState::Running, 2)), previous);
+        let target = r.target(&mut again, &names(), None).await.unwrap();
+        assert_eq!(blueprint(&target).claim, claimed.claim);
+    }
+
+    #[tokio::test]
+    async fn an_existing_container_keeps_the_port_it_publishes() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let mut c = container(RunState::Exited, now());
+        c.host_port = Some(FIRST_PORT + 3);
+        let mut p = pass(Some(desired(DesiredState::Stopped, 1)), None);
+        let target = r.target(&mut p, &names(), Some(&c)).await.unwrap();
+        assert!(matches!(
+            target,
+            Target::Present {
+                intent: Intent::Stopped,
+                ..
+            }
+        ));
+        assert_eq!(blueprint(&target).claim.host_port, FIRST_PORT + 3);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_user_without_a_container_claims_nothing() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let mut p = pass(Some(desired(DesiredState::Stopped, 1)), None);
+        let target = r.target(&mut p, &names(), None).await.unwrap();
+        let Target::Resting { intent, spec } = target else {
+            panic!("expected a resting target, got {target:?}");
+        };
+        assert_eq!(intent, Intent::Stopped);
+        assert_eq!(spec.host_port, None);
+        assert_eq!((p.row.host_port, p.row.gateway_token), (None, None));
+        assert_eq!(r.store.status("alice").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_blocked_revision_fails_without_a_claim_until_the_row_changes() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let blocked = Blocked {
+            revision: 1,
+            until: now() + secs(300),
+            message: "image not found".into(),
+        };
+        r.memory.block("alice", blocked);
+        let mut p = pass(Some(desired(DesiredState::Running, 1)), None);
+        let target = r.target(&mut p, &names(), None).await.unwrap();
+        assert_eq!(
+            target,
+            Target::Failed {
+                message: "image not found".into()
+            }
+        );
+        assert_eq!(p.row.host_port, None);
+        let mut changed = pass(Some(desired(DesiredState::Running, 2)), None);
+        let target = r.target(&mut changed, &names(), None).await.unwrap();
+        assert_eq!(blueprint(&target).claim.host_port, FIRST_PORT);
+    }
+
+    #[tokio::test]
+    async fn an_invalid_row_fails_with_what_is_wrong() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let invalid = InvalidRow {
+            user_id: "alice".into(),
+            field: "state",
+            reason: "\"banana\" is not running or stopped".into(),
+            revision: 4,
+        };
+        let mut p = pass(Some(Err(invalid.clone())), None);
+        let target = r.target(&mut p, &names(), None).await.unwrap();
+        assert_eq!(
+            target,
+            Target::Failed {
+                message: invalid.status_message()
+            }
+        );
+        assert_eq!(p.row.observed_revision, Some(4));
+    }
+
+    #[tokio::test]
+    async fn a_user_without_a_row_or_tombstone_is_removed_after_the_orphan_grace() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let mut p = pass(None, None);
+        let target = r.target(&mut p, &names(), None).await.unwrap();
+        let grace = chrono::Duration::from_std(r.options.orphan_grace).unwrap();
+        assert_eq!(
+            target,
+            Target::Absent {
+                remove_after: Some(now() + grace)
+            }
+        );
+    }
+}

@@ -228,3 +228,38 @@ pub(super) async fn reconciler(engine: StubEngine) -> (Reconciler<StubEngine>, t
     );
     (reconciler, dir)
 }
+
+/// Alice's valid row at `revision`, wanting `state`.
+pub(super) fn desired(
+    state: crate::desired::DesiredState,
+    revision: i64,
+) -> crate::store::DesiredRow {
+    Ok(crate::desired::DesiredContainer {
+        user_id: "alice".into(),
+        state,
+        idle_timeout: None,
+        last_active_at: None,
+        image: None,
+        restart_nonce: 0,
+        revision,
+    })
+}
+
+/// A pass over alice at [`now`] with these rows.
+pub(super) fn pass(
+    desired: Option<crate::store::DesiredRow>,
+    previous: Option<crate::status::ContainerStatus>,
+) -> super::Pass<'static> {
+    super::Pass::begin(
+        "alice",
+        "mosaic-user-alice".into(),
+        desired,
+        previous,
+        now(),
+    )
+}
+
+/// Alice's names today.
+pub(super) fn names() -> crate::naming::UserNames {
+    crate::naming::UserNames::current("mosaic-user-", "alice")
+}
