@@ -636,6 +636,16 @@ mod tests {
         }
     }
 
+    /// The replacement an interrupted recreate left.
+    fn replacement() -> ContainerSummary {
+        ContainerSummary {
+            id: "n1".into(),
+            name: format!("{NAME}-next"),
+            labels: labels(HASH),
+            state: RunState::Created,
+        }
+    }
+
     fn spec() -> DesiredSpec {
         let s = crate::spec::tests::settings();
         let mut spec = DesiredSpec::new(&s, "alice", &s.image, 0, Some(19000));
@@ -980,12 +990,7 @@ mod tests {
 
     #[test]
     fn an_interrupted_recreate_is_finished_by_adopting_the_replacement() {
-        let next = ContainerSummary {
-            id: "n1".into(),
-            name: format!("{NAME}-next"),
-            labels: labels(HASH),
-            state: RunState::Created,
-        };
+        let next = replacement();
         let o = Observed {
             strays: vec![next.clone()],
             ..Default::default()
@@ -1021,14 +1026,8 @@ mod tests {
             let p = run(&resting, &observed(None, None));
             assert!(p.is_converged());
             assert_eq!(phase_of(&p), phase);
-            let next = ContainerSummary {
-                id: "n1".into(),
-                name: format!("{NAME}-next"),
-                labels: labels(HASH),
-                state: RunState::Created,
-            };
             let o = Observed {
-                strays: vec![next],
+                strays: vec![replacement()],
                 ..Default::default()
             };
             let p = run(&resting, &o);

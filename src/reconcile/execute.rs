@@ -244,9 +244,14 @@ mod tests {
         container, desired, names, now, pass, reconciler, StubEngine, FIRST_PORT,
     };
 
-    /// A pass over alice whose target (a running container) has been resolved.
-    async fn present(r: &Reconciler<StubEngine>) -> (Pass<'static>, Arc<Blueprint>) {
+    /// A pass over alice whose target (a running container) has been
+    /// resolved, with her container in `state` if any.
+    async fn present(
+        r: &Reconciler<StubEngine>,
+        state: Option<RunState>,
+    ) -> (Pass<'static>, Arc<Blueprint>) {
         let mut p = pass(Some(desired(DesiredState::Running, 1)), None);
+        p.current = state.map(|s| container(s, now()));
         match r.target(&mut p, &names(), None).await.unwrap() {
             Target::Present {
                 intent: Intent::Running,
@@ -256,11 +261,21 @@ mod tests {
         }
     }
 
+    /// Applies a create-and-start of alice's container, which must fail.
+    async fn create_and_start(r: &Reconciler<StubEngine>) -> (ReconcileError, Pass<'static>) {
+        let (mut p, blueprint) = present(r, None).await;
+        let create = Action::Create {
+            blueprint,
+            start: true,
+        };
+        let err = r.apply(&create, &mut p).await.unwrap_err();
+        (err, p)
+    }
+
     #[tokio::test]
     async fn a_recreate_creates_the_new_container_before_letting_the_old_one_go() {
         let (r, _dir) = reconciler(StubEngine::default()).await;
-        let (mut p, blueprint) = present(&r).await;
-        p.current = Some(container(RunState::Running, now()));
+        let (mut p, blueprint) = present(&r, Some(RunState::Running)).await;
         let recreate = Action::Recreate {
             blueprint,
             reason: RecreateReason::SpecChanged,
@@ -288,12 +303,7 @@ mod tests {
             ..StubEngine::default()
         };
         let (r, _dir) = reconciler(engine).await;
-        let (mut p, blueprint) = present(&r).await;
-        let create = Action::Create {
-            blueprint,
-            start: true,
-        };
-        let err = r.apply(&create, &mut p).await.unwrap_err();
+        let (err, _) = create_and_start(&r).await;
         assert!(
             matches!(&err, ReconcileError::ForeignVolume { holder, .. } if holder.contains("\"bob\"")),
             "{err}"
@@ -309,12 +319,7 @@ mod tests {
             ..StubEngine::default()
         };
         let (r, _dir) = reconciler(engine).await;
-        let (mut p, blueprint) = present(&r).await;
-        let create = Action::Create {
-            blueprint,
-            start: true,
-        };
-        let err = r.apply(&create, &mut p).await.unwrap_err();
+        let (err, p) = create_and_start(&r).await;
         assert!(err.is_transient(), "the next pass moves to another port");
         assert!(!r.ports.usable(FIRST_PORT));
         assert_eq!(p.row.host_port, None);
@@ -326,8 +331,7 @@ mod tests {
     #[tokio::test]
     async fn a_crash_restart_is_counted_in_the_row_and_in_the_streak() {
         let (r, _dir) = reconciler(StubEngine::default()).await;
-        let (mut p, _) = present(&r).await;
-        p.current = Some(container(RunState::Exited, now()));
+        let (mut p, _) = present(&r, Some(RunState::Exited)).await;
         let start = Action::Start {
             reason: StartReason::Crashed { exit_code: Some(1) },
         };

@@ -108,31 +108,24 @@ impl<E: Engine> Reconciler<E> {
     /// before the slow retry unless the row changes.
     pub(super) async fn needs_human(
         &self,
-        pass: Pass<'_>,
+        mut pass: Pass<'_>,
         error: ReconcileError,
         actions: usize,
     ) -> Result<Outcome, ReconcileError> {
-        let Pass {
-            user_id,
-            desired,
-            previous,
-            mut row,
-            now,
-            ..
-        } = pass;
         let message = error.to_string();
-        if let Some(Ok(d)) = desired.as_ref() {
+        if let Some(Ok(d)) = pass.desired.as_ref() {
             let retry = chrono::Duration::from_std(self.options.needs_human_retry);
             let blocked = Blocked {
                 revision: d.revision,
-                until: now + retry.unwrap_or_default(),
+                until: pass.now + retry.unwrap_or_default(),
                 message: message.clone(),
             };
-            self.memory.block(user_id, blocked);
+            self.memory.block(pass.user_id, blocked);
         }
-        row.message = Some(message);
-        set_phase(&mut row, Phase::Failed, now);
-        self.write(&row, previous.as_ref(), now).await?;
+        pass.row.message = Some(message);
+        set_phase(&mut pass.row, Phase::Failed, pass.now);
+        self.write(&pass.row, pass.previous.as_ref(), pass.now)
+            .await?;
         Ok(Outcome {
             requeue_after: Some(self.options.needs_human_retry),
             converged: false,

@@ -81,7 +81,12 @@ impl<E: Engine> Reconciler<E> {
             let spec = spec(port);
             return Ok(Target::Resting { intent, spec });
         }
-        let claim = self.claim(user_id, canonical, &mut pass.row, now).await?;
+        let claim = Claim {
+            sealed_token: self.seal_token(user_id, &mut pass.row)?,
+            host_port: self
+                .claim_port(user_id, canonical, &mut pass.row, now)
+                .await?,
+        };
         let blueprint = Blueprint::new(spec(Some(claim.host_port)), claim);
         Ok(Target::Present {
             intent,
@@ -89,16 +94,12 @@ impl<E: Engine> Reconciler<E> {
         })
     }
 
-    /// The user's token, generated once, and port: the one in the status
-    /// row, else the one the existing container publishes, else a new one;
-    /// both claimed in the status row before they are used.
-    async fn claim(
+    /// The user's sealed token, generated once, as the row to claim holds it.
+    fn seal_token(
         &self,
         user_id: &str,
-        canonical: Option<&ObservedContainer>,
         row: &mut ContainerStatus,
-        now: DateTime<Utc>,
-    ) -> Result<Claim, ReconcileError> {
+    ) -> Result<String, ReconcileError> {
         let sealed_token = match row.gateway_token.as_deref() {
             None => self.keys.seal(user_id, &GatewayToken::generate()?)?,
             // A v1 token, or one sealed before a rotation, is sealed again as
@@ -113,13 +114,12 @@ impl<E: Engine> Reconciler<E> {
             Some(sealed) => sealed.to_owned(),
         };
         row.gateway_token = Some(sealed_token.clone());
-        let host_port = self.claim_port(user_id, canonical, row, now).await?;
-        Ok(Claim {
-            host_port,
-            sealed_token,
-        })
+        Ok(sealed_token)
     }
 
+    /// The user's port: the one in the status row, else the one the
+    /// existing container publishes, else a new one; claimed in the status
+    /// row (with the token) before it is used.
     async fn claim_port(
         &self,
         user_id: &str,

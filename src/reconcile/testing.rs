@@ -67,18 +67,26 @@ impl StubEngine {
         self.calls.lock().unwrap().push(call);
     }
 
+    fn done(&self, call: String) -> impl Future<Output = Answer<()>> + Send {
+        self.record(call);
+        ok(())
+    }
+
     /// The calls made so far.
     pub fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
     }
 }
 
-fn ok<T: Send>(value: T) -> impl Future<Output = Result<T, EngineError>> + Send {
+/// What the engine answers.
+type Answer<T> = Result<T, EngineError>;
+
+fn ok<T: Send>(value: T) -> impl Future<Output = Answer<T>> + Send {
     std::future::ready(Ok(value))
 }
 
 impl Engine for StubEngine {
-    fn version(&self) -> impl Future<Output = Result<EngineVersion, EngineError>> + Send {
+    fn version(&self) -> impl Future<Output = Answer<EngineVersion>> + Send {
         ok(EngineVersion {
             version: "stub".into(),
             api_version: "1.41".into(),
@@ -88,26 +96,26 @@ impl Engine for StubEngine {
     fn list_containers(
         &self,
         _: &ContainerFilter,
-    ) -> impl Future<Output = Result<Vec<ContainerSummary>, EngineError>> + Send {
+    ) -> impl Future<Output = Answer<Vec<ContainerSummary>>> + Send {
         ok(self.labelled.clone())
     }
 
     fn inspect_container(
         &self,
         _: &str,
-    ) -> impl Future<Output = Result<Option<ObservedContainer>, EngineError>> + Send {
+    ) -> impl Future<Output = Answer<Option<ObservedContainer>>> + Send {
         ok(self.inspected.clone())
     }
 
     fn create_container(
         &self,
         spec: &ContainerSpec,
-    ) -> impl Future<Output = Result<String, EngineError>> + Send {
+    ) -> impl Future<Output = Answer<String>> + Send {
         self.record(format!("create {}", spec.name));
         ok(format!("id-{}", spec.name))
     }
 
-    fn start_container(&self, id: &str) -> impl Future<Output = Result<(), EngineError>> + Send {
+    fn start_container(&self, id: &str) -> impl Future<Output = Answer<()>> + Send {
         self.record(format!("start {id}"));
         std::future::ready(match self.port_taken {
             Some(port) => Err(EngineError::PortAllocated {
@@ -118,50 +126,38 @@ impl Engine for StubEngine {
         })
     }
 
-    fn stop_container(
-        &self,
-        id: &str,
-        _: Duration,
-    ) -> impl Future<Output = Result<(), EngineError>> + Send {
-        self.record(format!("stop {id}"));
-        ok(())
+    fn stop_container(&self, id: &str, _: Duration) -> impl Future<Output = Answer<()>> + Send {
+        self.done(format!("stop {id}"))
     }
 
-    fn restart_container(
-        &self,
-        id: &str,
-        _: Duration,
-    ) -> impl Future<Output = Result<(), EngineError>> + Send {
-        self.record(format!("restart {id}"));
-        ok(())
+    fn restart_container(&self, id: &str, _: Duration) -> impl Future<Output = Answer<()>> + Send {
+        self.done(format!("restart {id}"))
     }
 
-    fn remove_container(&self, id: &str) -> impl Future<Output = Result<(), EngineError>> + Send {
-        self.record(format!("remove {id}"));
-        ok(())
+    fn remove_container(&self, id: &str) -> impl Future<Output = Answer<()>> + Send {
+        self.done(format!("remove {id}"))
     }
 
     fn rename_container(
         &self,
         id: &str,
         new_name: &str,
-    ) -> impl Future<Output = Result<(), EngineError>> + Send {
-        self.record(format!("rename {id} {new_name}"));
-        ok(())
+    ) -> impl Future<Output = Answer<()>> + Send {
+        self.done(format!("rename {id} {new_name}"))
     }
 
     fn ensure_volume(
         &self,
         _: &str,
         labels: &BTreeMap<String, String>,
-    ) -> impl Future<Output = Result<BTreeMap<String, String>, EngineError>> + Send {
+    ) -> impl Future<Output = Answer<BTreeMap<String, String>>> + Send {
         ok(self.volume_labels.clone().unwrap_or_else(|| labels.clone()))
     }
 
     fn inspect_volume(
         &self,
         _: &str,
-    ) -> impl Future<Output = Result<Option<BTreeMap<String, String>>, EngineError>> + Send {
+    ) -> impl Future<Output = Answer<Option<BTreeMap<String, String>>>> + Send {
         ok(self.volume_labels.clone())
     }
 
@@ -170,7 +166,7 @@ impl Engine for StubEngine {
         _: &str,
         _: &BTreeMap<String, String>,
         options: &BTreeMap<String, String>,
-    ) -> impl Future<Output = Result<ObservedNetwork, EngineError>> + Send {
+    ) -> impl Future<Output = Answer<ObservedNetwork>> + Send {
         ok(ObservedNetwork {
             id: "net1".into(),
             options: options.clone(),
@@ -180,15 +176,15 @@ impl Engine for StubEngine {
     fn inspect_network(
         &self,
         _: &str,
-    ) -> impl Future<Output = Result<Option<ObservedNetwork>, EngineError>> + Send {
+    ) -> impl Future<Output = Answer<Option<ObservedNetwork>>> + Send {
         ok(None)
     }
 
-    fn image_present(&self, _: &str) -> impl Future<Output = Result<bool, EngineError>> + Send {
+    fn image_present(&self, _: &str) -> impl Future<Output = Answer<bool>> + Send {
         ok(true)
     }
 
-    fn pull_image(&self, _: &str) -> impl Future<Output = Result<(), EngineError>> + Send {
+    fn pull_image(&self, _: &str) -> impl Future<Output = Answer<()>> + Send {
         ok(())
     }
 
