@@ -9,7 +9,9 @@
 //!   a bounded number of rounds reaches a plan with no actions;
 //! - a container clawfleet did not make (no labels) is only touched when a
 //!   desired row claims its exact name; one labelled for another user or
-//!   instance is never touched.
+//!   instance is never touched;
+//! - a create or a recreate carries the [`Blueprint`] of a present target
+//!   (its spec and claimed port and token), so none is planned without them.
 
 use std::sync::Arc;
 use std::time::Duration;
