@@ -9,14 +9,17 @@
 //!   a bounded number of rounds reaches a plan with no actions;
 //! - a container clawfleet did not make (no labels) is only touched when a
 //!   desired row claims its exact name; one labelled for another user or
-//!   instance is never touched.
+//!   instance is never touched;
+//! - a create or a recreate carries the [`Blueprint`] of a present target
+//!   (its spec and claimed port and token), so none is planned without them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
 use crate::docker::{ContainerHealth, ContainerSummary, ObservedContainer, RunState};
-use crate::spec::SpecHash;
+use crate::spec::DesiredSpec;
 use crate::status::Phase;
 
 /// Exit code with which the OpenClaw gateway reports a configuration error.
@@ -37,15 +40,84 @@ pub enum Target {
         /// Why, for `container_status.message`.
         message: String,
     },
-    /// A container with configuration `spec_hash` should exist.
+    /// A container made from `blueprint` should exist, running or not.
     Present {
         /// Whether it should run, and if not, why.
         intent: Intent,
-        /// Hash of the desired configuration.
-        spec_hash: SpecHash,
-        /// The canonical container name.
-        name: String,
+        /// Its spec and the port and token claimed for it.
+        blueprint: Arc<Blueprint>,
     },
+    /// A stopped or idle user that has no container: none is made, so no
+    /// port or token is claimed for it (a user who never ran holds neither).
+    /// The reconciler gives this target only when the engine shows no
+    /// container of `spec.name`; one seen anyway is left alone.
+    Resting {
+        /// [`Intent::Stopped`] or [`Intent::Idle`].
+        intent: Intent,
+        /// The spec the container would have (its port, if the status row
+        /// holds one, for `host_url`).
+        spec: DesiredSpec,
+    },
+}
+
+impl Target {
+    /// The desired spec, for a row that can be acted on.
+    pub fn spec(&self) -> Option<&DesiredSpec> {
+        match self {
+            Self::Present { blueprint, .. } => Some(&blueprint.spec),
+            Self::Resting { spec, .. } => Some(spec),
+            Self::Absent { .. } | Self::Failed { .. } => None,
+        }
+    }
+}
+
+/// What making the user's container takes: its spec, and the host port and
+/// gateway token claimed for it in `container_status` before any container
+/// uses them. A create or recreate carries one, so none is made without them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Blueprint {
+    /// The container; its `host_port` is the claimed one.
+    pub spec: DesiredSpec,
+    /// The claimed port and token.
+    pub claim: Claim,
+}
+
+impl Blueprint {
+    /// A blueprint of `spec` built with `claim`'s port.
+    pub fn new(spec: DesiredSpec, claim: Claim) -> Self {
+        debug_assert_eq!(spec.host_port, Some(claim.host_port));
+        Self { spec, claim }
+    }
+}
+
+/// Names only what tells blueprints apart, never the token.
+impl std::fmt::Debug for Blueprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blueprint")
+            .field("name", &self.spec.name)
+            .field("hash", &self.spec.hash)
+            .field("claim", &self.claim)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A host port and a gateway token held for one user in `container_status`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The host port the gateway is published on.
+    pub host_port: u16,
+    /// The gateway token, sealed as the status row stores it.
+    pub sealed_token: String,
+}
+
+/// Shows the port; the token, even sealed, never reaches a log.
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("host_port", &self.host_port)
+            .field("sealed_token", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Running or not, and why not.
@@ -191,12 +263,16 @@ pub enum Action {
     },
     /// Create the canonical container, and start it if `start`.
     Create {
+        /// What to make it from.
+        blueprint: Arc<Blueprint>,
         /// Start it after creating.
         start: bool,
     },
     /// Replace the canonical container with a fresh one (same volume),
     /// keeping the old one until the new one is created.
     Recreate {
+        /// What to make the new one from.
+        blueprint: Arc<Blueprint>,
         /// Why.
         reason: RecreateReason,
         /// Start the new one.
@@ -308,11 +384,14 @@ pub fn plan(target: &Target, observed: &Observed, now: DateTime<Utc>, policy: &P
     match target {
         Target::Failed { message } => Plan::write(Phase::Failed, Some(message.clone())),
         Target::Absent { remove_after } => plan_absent(*remove_after, observed, now),
-        Target::Present {
-            intent,
-            spec_hash,
-            name,
-        } => plan_present(*intent, spec_hash, name, observed, now, policy),
+        Target::Present { intent, blueprint } => {
+            plan_present(&blueprint.spec.name, observed, || {
+                plan_canonical(*intent, blueprint, observed, now, policy)
+            })
+        }
+        Target::Resting { intent, spec } => plan_present(&spec.name, observed, || {
+            Plan::write(intent.resting_phase(), None)
+        }),
     }
 }
 
@@ -357,14 +436,9 @@ fn plan_absent(
     plan
 }
 
-fn plan_present(
-    intent: Intent,
-    spec_hash: &SpecHash,
-    name: &str,
-    observed: &Observed,
-    now: DateTime<Utc>,
-    policy: &Policy,
-) -> Plan {
+/// The plan for a user with a row: what `canonical` plans for the
+/// container of `name`, after the leftovers are removed.
+fn plan_present(name: &str, observed: &Observed, canonical: impl FnOnce() -> Plan) -> Plan {
     let replacement = crate::naming::replacement_name(name);
     // An interrupted recreate left the new container under its temporary
     // name and removed the old one: finish the job before anything else.
@@ -377,7 +451,7 @@ fn plan_present(
                 .requeue(Duration::ZERO);
         }
     }
-    let mut plan = plan_canonical(intent, spec_hash, observed, now, policy);
+    let mut plan = canonical();
     let strays = observed.strays.iter().map(|s| Action::RemoveStray {
         id: s.id.clone(),
         name: s.name.clone(),
@@ -389,7 +463,7 @@ fn plan_present(
 
 fn plan_canonical(
     intent: Intent,
-    spec_hash: &SpecHash,
+    blueprint: &Arc<Blueprint>,
     observed: &Observed,
     now: DateTime<Utc>,
     policy: &Policy,
@@ -397,9 +471,10 @@ fn plan_canonical(
     let resting = intent.resting_phase();
     let Some(c) = &observed.canonical else {
         return match intent {
-            Intent::Running => {
-                Plan::write(Phase::Running, None).with(Action::Create { start: true })
-            }
+            Intent::Running => Plan::write(Phase::Running, None).with(Action::Create {
+                blueprint: blueprint.clone(),
+                start: true,
+            }),
             _ => Plan::write(resting, None),
         };
     };
@@ -410,18 +485,21 @@ fn plan_canonical(
     let start = intent == Intent::Running;
     if !c.is_managed() {
         return Plan::write(resting, None).with(Action::Recreate {
+            blueprint: blueprint.clone(),
             reason: RecreateReason::Adopted,
             start,
         });
     }
     if c.state == RunState::Dead {
         return Plan::write(resting, None).with(Action::Recreate {
+            blueprint: blueprint.clone(),
             reason: RecreateReason::Dead,
             start,
         });
     }
-    if !spec_hash.is_current(c.spec_hash()) {
+    if !blueprint.spec.hash.is_current(c.spec_hash()) {
         return Plan::write(resting, None).with(Action::Recreate {
+            blueprint: blueprint.clone(),
             reason: RecreateReason::SpecChanged,
             start,
         });
@@ -522,6 +600,7 @@ fn backoff_left(observed: &Observed, now: DateTime<Utc>, policy: &Policy) -> Dur
 mod tests {
     use super::*;
     use crate::docker::{LABEL_INSTANCE, LABEL_MANAGED, LABEL_SPEC_HASH, LABEL_USER_ID};
+    use crate::spec::SpecHash;
     use chrono::TimeZone;
     use std::collections::BTreeMap;
 
@@ -560,11 +639,40 @@ mod tests {
         }
     }
 
+    /// The replacement an interrupted recreate left.
+    fn replacement() -> ContainerSummary {
+        ContainerSummary {
+            id: "n1".into(),
+            name: format!("{NAME}-next"),
+            labels: labels(HASH),
+            state: RunState::Created,
+        }
+    }
+
+    fn spec() -> DesiredSpec {
+        let s = crate::spec::tests::settings();
+        let mut spec = DesiredSpec::new(&s, "alice", &s.image, 0, Some(19000));
+        spec.name = NAME.into();
+        spec.hash = SpecHash::exact(HASH);
+        spec
+    }
+
+    fn blueprint() -> Arc<Blueprint> {
+        blueprint_of(spec())
+    }
+
+    fn blueprint_of(spec: DesiredSpec) -> Arc<Blueprint> {
+        let claim = Claim {
+            host_port: 19000,
+            sealed_token: "v2:sealed".into(),
+        };
+        Arc::new(Blueprint::new(spec, claim))
+    }
+
     fn present(intent: Intent) -> Target {
         Target::Present {
             intent,
-            spec_hash: SpecHash::exact(HASH),
-            name: NAME.into(),
+            blueprint: blueprint(),
         }
     }
 
@@ -597,7 +705,13 @@ mod tests {
     #[test]
     fn a_new_running_user_gets_a_container_created_and_started() {
         let p = run(&present(Intent::Running), &observed(None, None));
-        assert_eq!(p.actions, [Action::Create { start: true }]);
+        assert_eq!(
+            p.actions,
+            [Action::Create {
+                blueprint: blueprint(),
+                start: true
+            }]
+        );
         assert_eq!(phase_of(&p), Phase::Running);
     }
 
@@ -786,10 +900,11 @@ mod tests {
     fn a_container_labelled_with_the_legacy_hash_of_its_spec_is_not_recreated() {
         let mut c = container(RunState::Running);
         c.labels = labels("0123456789abcdef");
+        let mut spec = spec();
+        spec.hash = SpecHash::with_legacy(HASH, "0123456789abcdef");
         let target = Target::Present {
             intent: Intent::Running,
-            spec_hash: SpecHash::with_legacy(HASH, "0123456789abcdef"),
-            name: NAME.into(),
+            blueprint: blueprint_of(spec),
         };
         let p = run(&target, &observed(Some(c), Some(Phase::Running)));
         assert!(p.actions.is_empty(), "{:?}", p.actions);
@@ -806,6 +921,7 @@ mod tests {
         assert_eq!(
             p.actions,
             [Action::Recreate {
+                blueprint: blueprint(),
                 reason: RecreateReason::SpecChanged,
                 start: true
             }]
@@ -817,6 +933,7 @@ mod tests {
         assert_eq!(
             p.actions,
             [Action::Recreate {
+                blueprint: blueprint(),
                 reason: RecreateReason::SpecChanged,
                 start: false
             }]
@@ -831,6 +948,7 @@ mod tests {
         assert_eq!(
             p.actions,
             [Action::Recreate {
+                blueprint: blueprint(),
                 reason: RecreateReason::Adopted,
                 start: true
             }]
@@ -893,12 +1011,7 @@ mod tests {
 
     #[test]
     fn an_interrupted_recreate_is_finished_by_adopting_the_replacement() {
-        let next = ContainerSummary {
-            id: "n1".into(),
-            name: format!("{NAME}-next"),
-            labels: labels(HASH),
-            state: RunState::Created,
-        };
+        let next = replacement();
         let o = Observed {
             strays: vec![next.clone()],
             ..Default::default()
@@ -919,6 +1032,28 @@ mod tests {
                 name: format!("{NAME}-next")
             }]
         );
+    }
+
+    #[test]
+    fn a_resting_user_gets_no_container_but_finishes_an_interrupted_recreate() {
+        for (intent, phase) in [
+            (Intent::Stopped, Phase::Stopped),
+            (Intent::Idle, Phase::Idle),
+        ] {
+            let resting = Target::Resting {
+                intent,
+                spec: spec(),
+            };
+            let p = run(&resting, &observed(None, None));
+            assert!(p.is_converged());
+            assert_eq!(phase_of(&p), phase);
+            let o = Observed {
+                strays: vec![replacement()],
+                ..Default::default()
+            };
+            let p = run(&resting, &o);
+            assert_eq!(p.actions, [Action::AdoptReplacement { id: "n1".into() }]);
+        }
     }
 
     #[test]
@@ -943,6 +1078,7 @@ mod tests {
         assert_eq!(
             p.actions,
             [Action::Recreate {
+                blueprint: blueprint(),
                 reason: RecreateReason::Dead,
                 start: true
             }]

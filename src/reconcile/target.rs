@@ -1,0 +1,315 @@
+//! What the row asks for, and the port and token a container of it needs.
+//!
+//! Invariant: a port and a token are claimed in `container_status` before
+//! any container uses them, so a crash between the two never hands a port
+//! to two users or a user two tokens; a stopped or idle user that has no
+//! container claims neither.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tracing::debug;
+
+use crate::desired::{DesiredContainer, DesiredState};
+use crate::quote::quote_short;
+use crate::docker::{Engine, ObservedContainer};
+use crate::naming::UserNames;
+use crate::plan::{Blueprint, Claim, Intent, Target};
+use crate::secrets::GatewayToken;
+use crate::spec::DesiredSpec;
+use crate::status::ContainerStatus;
+use crate::store::StoreError;
+
+use super::{Pass, ReconcileError, Reconciler};
+
+impl<E: Engine> Reconciler<E> {
+    /// Decides the target of `pass`, whose user's container is `canonical`
+    /// under `names`; claims a port and a token when a container will need them.
+    pub(super) async fn target(
+        &self,
+        pass: &mut Pass<'_>,
+        names: &UserNames,
+        canonical: Option<&ObservedContainer>,
+    ) -> Result<Target, ReconcileError> {
+        let (user_id, now) = (pass.user_id, pass.now);
+        let d = match pass.desired.as_ref() {
+            None => {
+                let remove_after = if self.store.deleted_revision(user_id).await?.is_some() {
+                    None
+                } else {
+                    let grace =
+                        chrono::Duration::from_std(self.options.orphan_grace).unwrap_or_default();
+                    Some(self.memory.orphan_since(user_id, now) + grace)
+                };
+                return Ok(Target::Absent { remove_after });
+            }
+            Some(Err(invalid)) => {
+                return Ok(Target::Failed {
+                    message: invalid.status_message(),
+                });
+            }
+            Some(Ok(d)) => d,
+        };
+        if let Some(b) = self.memory.blocked(user_id, d.revision, now) {
+            return Ok(Target::Failed { message: b.message });
+        }
+        let image = d
+            .image
+            .clone()
+            .unwrap_or_else(|| self.settings.image.clone());
+        if !self.settings.image_allowed(&image) {
+            return Ok(Target::Failed {
+                message: format!(
+                    "image {} is not allowed (--allowed-images: {})",
+                    quote_short(image.as_str()),
+                    self.settings.allowed_images
+                ),
+            });
+        }
+        let intent = intent_of(d, now);
+        let spec = |port| {
+            DesiredSpec::named(
+                &self.settings,
+                names,
+                user_id,
+                &image,
+                d.restart_nonce,
+                port,
+            )
+        };
+        if intent != Intent::Running && canonical.is_none() {
+            let port = pass.row.host_port.filter(|p| self.ports.usable(*p));
+            let spec = spec(port);
+            return Ok(Target::Resting { intent, spec });
+        }
+        let claim = Claim {
+            sealed_token: self.seal_token(user_id, &mut pass.row)?,
+            host_port: self
+                .claim_port(user_id, canonical, &mut pass.row, now)
+                .await?,
+        };
+        let blueprint = Blueprint::new(spec(Some(claim.host_port)), claim);
+        Ok(Target::Present {
+            intent,
+            blueprint: Arc::new(blueprint),
+        })
+    }
+
+    /// The user's sealed token, generated once, as the row to claim holds it.
+    fn seal_token(
+        &self,
+        user_id: &str,
+        row: &mut ContainerStatus,
+    ) -> Result<String, ReconcileError> {
+        let sealed_token = match row.gateway_token.as_deref() {
+            None => self.keys.seal(user_id, &GatewayToken::generate()?)?,
+            // A v1 token, or one sealed before a rotation, is sealed again as
+            // it is: the plaintext, and so the container, stay. One that does
+            // not open is left for `create` and `doctor` to report.
+            Some(sealed) if self.keys.needs_reseal(sealed) => {
+                match self.keys.open(user_id, sealed) {
+                    Ok(token) => self.keys.seal(user_id, &token)?,
+                    Err(_) => sealed.to_owned(),
+                }
+            }
+            Some(sealed) => sealed.to_owned(),
+        };
+        row.gateway_token = Some(sealed_token.clone());
+        Ok(sealed_token)
+    }
+
+    /// The user's port: the one in the status row, else the one the
+    /// existing container publishes, else a new one; claimed in the status
+    /// row (with the token) before it is used.
+    async fn claim_port(
+        &self,
+        user_id: &str,
+        canonical: Option<&ObservedContainer>,
+        row: &mut ContainerStatus,
+        now: DateTime<Utc>,
+    ) -> Result<u16, ReconcileError> {
+        if let Some(port) = row.host_port.filter(|p| self.ports.usable(*p)) {
+            // The user's own port, whatever the probe may have found on it.
+            self.ports.note_claimed(port);
+            return Ok(port);
+        }
+        // A port out of the range or found busy is given up for another.
+        if let Some(old) = row.host_port.take() {
+            self.ports.release(old);
+        }
+        if let Some(port) = canonical
+            .and_then(|c| c.host_port)
+            .filter(|p| self.ports.usable(*p))
+        {
+            row.host_port = Some(port);
+            match self.store.write_status(row, now).await {
+                Ok(()) => {
+                    self.ports.note_claimed(port);
+                    return Ok(port);
+                }
+                Err(StoreError::PortTaken(_)) => {
+                    self.ports.note_claimed(port);
+                    row.host_port = None;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !self.ports.is_loaded() {
+            self.ports.load(self.store.ports_in_use().await?);
+        }
+        let claim_row = row.clone();
+        let port = self
+            .ports
+            .allocate(user_id, |port| {
+                let mut candidate = claim_row.clone();
+                candidate.host_port = Some(port);
+                let store = self.store.clone();
+                async move { store.write_status(&candidate, now).await }
+            })
+            .await?;
+        row.host_port = Some(port);
+        debug!(port, user = %quote_short(user_id), "claimed host port");
+        Ok(port)
+    }
+}
+
+/// Whether the row's container should run at `now`, and if not, why.
+pub(super) fn intent_of(d: &DesiredContainer, now: DateTime<Utc>) -> Intent {
+    match (d.state, d.is_idle(now)) {
+        (DesiredState::Stopped, _) => Intent::Stopped,
+        (DesiredState::Running, true) => Intent::Idle,
+        (DesiredState::Running, false) => Intent::Running,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::InvalidRow;
+    use crate::docker::RunState;
+    use crate::reconcile::memory::Blocked;
+    use crate::reconcile::testing::{
+        container, desired, names, now, pass, reconciler, secs, StubEngine, FIRST_PORT,
+    };
+
+    fn blueprint(target: &Target) -> &Arc<Blueprint> {
+        match target {
+            Target::Present { blueprint, .. } => blueprint,
+            other => panic!("expected a present target, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_running_user_claims_a_port_and_a_token_in_its_status_row() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let mut p = pass(Some(desired(DesiredState::Running, 1)), None);
+        let target = r.target(&mut p, &names(), None).await.unwrap();
+        let b = blueprint(&target);
+        assert_eq!(b.claim.host_port, FIRST_PORT);
+        assert_eq!(b.spec.host_port, Some(FIRST_PORT));
+        assert!(r.keys.open("alice", &b.claim.sealed_token).is_ok());
+        let stored = r.store.status("alice").await.unwrap().expect("claimed");
+        assert_eq!(stored.host_port, Some(FIRST_PORT));
+        assert_eq!(stored.gateway_token.as_ref(), Some(&b.claim.sealed_token));
+        assert_eq!(p.row.host_port, Some(FIRST_PORT));
+    }
+
+    #[tokio::test]
+    async fn a_claimed_port_and_token_are_kept_on_later_passes() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let mut first = pass(Some(desired(DesiredState::Running, 1)), None);
+        let claimed = blueprint(&r.target(&mut first, &names(), None).await.unwrap()).clone();
+        let previous = r.store.status("alice").await.unwrap();
+        let mut again = pass(Some(desired(DesiredState::Running, 2)), previous);
+        let target = r.target(&mut again, &names(), None).await.unwrap();
+        assert_eq!(blueprint(&target).claim, claimed.claim);
+    }
+
+    #[tokio::test]
+    async fn an_existing_container_keeps_the_port_it_publishes() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let mut c = container(RunState::Exited, now());
+        c.host_port = Some(FIRST_PORT + 3);
+        let mut p = pass(Some(desired(DesiredState::Stopped, 1)), None);
+        let target = r.target(&mut p, &names(), Some(&c)).await.unwrap();
+        assert!(matches!(
+            target,
+            Target::Present {
+                intent: Intent::Stopped,
+                ..
+            }
+        ));
+        assert_eq!(blueprint(&target).claim.host_port, FIRST_PORT + 3);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_user_without_a_container_claims_nothing() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let mut p = pass(Some(desired(DesiredState::Stopped, 1)), None);
+        let target = r.target(&mut p, &names(), None).await.unwrap();
+        let Target::Resting { intent, spec } = target else {
+            panic!("expected a resting target, got {target:?}");
+        };
+        assert_eq!(intent, Intent::Stopped);
+        assert_eq!(spec.host_port, None);
+        assert_eq!((p.row.host_port, p.row.gateway_token), (None, None));
+        assert_eq!(r.store.status("alice").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_blocked_revision_fails_without_a_claim_until_the_row_changes() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let blocked = Blocked {
+            revision: 1,
+            until: now() + secs(300),
+            message: "image not found".into(),
+        };
+        r.memory.block("alice", blocked);
+        let mut p = pass(Some(desired(DesiredState::Running, 1)), None);
+        let target = r.target(&mut p, &names(), None).await.unwrap();
+        assert_eq!(
+            target,
+            Target::Failed {
+                message: "image not found".into()
+            }
+        );
+        assert_eq!(p.row.host_port, None);
+        let mut changed = pass(Some(desired(DesiredState::Running, 2)), None);
+        let target = r.target(&mut changed, &names(), None).await.unwrap();
+        assert_eq!(blueprint(&target).claim.host_port, FIRST_PORT);
+    }
+
+    #[tokio::test]
+    async fn an_invalid_row_fails_with_what_is_wrong() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let invalid = InvalidRow {
+            user_id: "alice".into(),
+            field: "state",
+            reason: "\"banana\" is not running or stopped".into(),
+            revision: 4,
+        };
+        let mut p = pass(Some(Err(invalid.clone())), None);
+        let target = r.target(&mut p, &names(), None).await.unwrap();
+        assert_eq!(
+            target,
+            Target::Failed {
+                message: invalid.status_message()
+            }
+        );
+        assert_eq!(p.row.observed_revision, Some(4));
+    }
+
+    #[tokio::test]
+    async fn a_user_without_a_row_or_tombstone_is_removed_after_the_orphan_grace() {
+        let (r, _dir) = reconciler(StubEngine::default()).await;
+        let mut p = pass(None, None);
+        let target = r.target(&mut p, &names(), None).await.unwrap();
+        let grace = chrono::Duration::from_std(r.options.orphan_grace).unwrap();
+        assert_eq!(
+            target,
+            Target::Absent {
+                remove_after: Some(now() + grace)
+            }
+        );
+    }
+}
