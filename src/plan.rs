@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+pub use crate::desired::Intent;
 use crate::docker::{ContainerSummary, ObservedContainer, RunState};
 use crate::status::{Health, Phase};
 
@@ -47,24 +48,12 @@ pub enum Target {
     },
 }
 
-/// Running or not, and why not.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Intent {
-    /// Should run.
-    Running,
-    /// The row says `stopped`.
-    Stopped,
-    /// The row says `running` but its idle deadline has passed.
-    Idle,
-}
-
-impl Intent {
-    fn resting_phase(self) -> Phase {
-        match self {
-            Self::Running => Phase::Running,
-            Self::Stopped => Phase::Stopped,
-            Self::Idle => Phase::Idle,
-        }
+/// The resting phase of a settled intent: where the status ends when nothing is left to do.
+fn resting_phase(intent: Intent) -> Phase {
+    match intent {
+        Intent::Running => Phase::Running,
+        Intent::Stopped => Phase::Stopped,
+        Intent::Idle => Phase::Idle,
     }
 }
 
@@ -393,7 +382,7 @@ fn plan_canonical(
     now: DateTime<Utc>,
     policy: &Policy,
 ) -> Plan {
-    let resting = intent.resting_phase();
+    let resting = resting_phase(intent);
     let Some(c) = &observed.canonical else {
         return match intent {
             Intent::Running => {

@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use tracing::{debug, info, warn};
 
 use crate::config::ContainerSettings;
-use crate::desired::{quote_short, DesiredContainer, DesiredState};
+use crate::desired::{quote_short, DesiredContainer};
 use crate::docker::{
     object_labels, shared_labels, ContainerFilter, Engine, EngineError, ObservedContainer,
     RunState, LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID,
@@ -1029,9 +1029,5 @@ fn set_phase(row: &mut ContainerStatus, phase: Phase, now: DateTime<Utc>) {
 }
 
 fn intent_of(d: &DesiredContainer, now: DateTime<Utc>) -> Intent {
-    match (d.state, d.is_idle(now)) {
-        (DesiredState::Stopped, _) => Intent::Stopped,
-        (DesiredState::Running, true) => Intent::Idle,
-        (DesiredState::Running, false) => Intent::Running,
-    }
+    d.intent(now)
 }
