@@ -21,7 +21,7 @@ use crate::docker::{DockerEngine, Engine, Instrumented};
 use crate::feed::FeedOptions;
 use crate::http::{self, ApiToken, AppState, Readiness, ReadinessReport};
 use crate::image_ref::ImageRef;
-use crate::leader::{default_holder, Elector, Lost, SqliteLock};
+use crate::leader::{default_holder, Elector, SqliteLock};
 use crate::metrics::Metrics;
 use crate::ports::PortAllocator;
 use crate::progress::Progress;
@@ -345,29 +345,9 @@ pub async fn run(
             args.lease_ttl,
         );
         info!(holder = %holder, lease_ttl_s = args.lease_ttl.as_secs(), "PostgreSQL: electing a leader through the lease");
-        loop {
-            let term = tokio::select! {
-                term = elector.acquire() => term,
-                _ = stopping(shutdown.clone()) => break,
-            };
-            info!(holder = %holder, "became leader: reconciling");
-            let mut lead = std::pin::pin!(parts.lead(stopping(shutdown.clone())));
-            tokio::select! {
-                () = &mut lead => {
-                    elector.release().await;
-                    info!("lease released");
-                    break;
-                }
-                lost = elector.hold(term) => {
-                    // Dropping the term aborts every reconcile in flight: a
-                    // standby may take over soon and must find nobody acting.
-                    match lost {
-                        Lost::TakenOver => warn!("lost the lease to another process: standing by"),
-                        Lost::RenewalsFailed => warn!("cannot renew the lease (database unreachable?): stopped reconciling before it can expire; standing by"),
-                    }
-                }
-            }
-        }
+        elector
+            .lead_while_elected(|| stopping(shutdown.clone()), |stop| parts.lead(stop))
+            .await;
     }
 
     status_feed.abort();
