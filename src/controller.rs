@@ -4,8 +4,12 @@
 //! ```text
 //!  desired feed ──┐
 //!  docker events ─┼─▶ work queue (dedup, back-off, timers) ─▶ workers ─▶ Reconciler
-//!  resync timer ──┘
+//!  resync timer ──┤
+//!  API (Nudge) ───┘
 //! ```
+//!
+//! Each source queues its users with its [`Trigger`]; the reconcile span
+//! carries it (field `trigger`) and [`ReconcileObserver::triggered`] counts it.
 //!
 //! Shutting down stops new work, lets in-flight reconciles finish (bounded
 //! by a timeout) and leaves every user's container as it is.
@@ -25,7 +29,7 @@ use crate::docker::Engine;
 use crate::events::{self, EventObserver};
 use crate::feed::{self, FeedOptions};
 use crate::progress::{Progress, ProgressSummary};
-use crate::queue::{run_workers, BackoffPolicy, Outcome, QueueObserver, WorkQueue};
+use crate::queue::{run_workers, BackoffPolicy, Outcome, QueueObserver, Trigger, WorkQueue};
 use crate::reconcile::Reconciler;
 use crate::resync;
 use crate::store::Store;
@@ -88,6 +92,8 @@ pub trait ReconcileObserver: Send + Sync {
     fn reconciled(&self, _result: &'static str, _error_kind: Option<&'static str>, _seconds: f64) {}
     /// A full resync listed `users` users.
     fn resynced(&self, _users: usize) {}
+    /// A reconcile began because of `trigger`.
+    fn triggered(&self, _trigger: Trigger) {}
 }
 
 struct NoObserver;
@@ -177,7 +183,7 @@ impl<E: Engine> Controller<E> {
                 instance.clone(),
                 since,
                 observer,
-                move |user| sink_queue.add(user),
+                move |user| sink_queue.add(user, Trigger::DockerEvent),
             ));
         }
         let Some(start_revision) = until_ok(&mut shutdown, "read the latest revision", || {
@@ -195,9 +201,9 @@ impl<E: Engine> Controller<E> {
                 options.feed,
                 move |user, delay| {
                     if delay.is_zero() {
-                        sink_queue.add(user);
+                        sink_queue.add(user, Trigger::RowChange);
                     } else {
-                        sink_queue.add_after(user, delay);
+                        sink_queue.add_after(user, delay, Trigger::RowChange);
                     }
                 },
             ));
@@ -217,7 +223,7 @@ impl<E: Engine> Controller<E> {
         observers.reconciles.resynced(users.len());
         progress.begin_first_sync(users.iter().cloned());
         for user in users {
-            queue.add(user);
+            queue.add(user, Trigger::Resync);
         }
         tasks.spawn(resync_loop(
             store.clone(),
@@ -237,12 +243,19 @@ impl<E: Engine> Controller<E> {
             let reconciler = reconciler.clone();
             let progress = progress.clone();
             let observer = observers.reconciles.clone();
-            run_workers(queue.clone(), options.concurrency, move |user: String| {
-                let reconciler = reconciler.clone();
-                let progress = progress.clone();
-                let observer = observer.clone();
-                async move { reconcile_one(&reconciler, &progress, observer.as_ref(), user).await }
-            })
+            run_workers(
+                queue.clone(),
+                options.concurrency,
+                move |user: String, trigger| {
+                    let reconciler = reconciler.clone();
+                    let progress = progress.clone();
+                    let observer = observer.clone();
+                    async move {
+                        reconcile_one(&reconciler, &progress, observer.as_ref(), user, trigger)
+                            .await
+                    }
+                },
+            )
         };
         tokio::pin!(workers);
         tokio::select! {
@@ -299,12 +312,15 @@ async fn reconcile_one<E: Engine>(
     progress: &Progress,
     observer: &dyn ReconcileObserver,
     user: String,
+    trigger: Trigger,
 ) -> Outcome {
     let span = tracing::info_span!(
         "reconcile",
         user_id = %crate::desired::quote_short(&user),
+        trigger = trigger.as_str(),
         actions = tracing::field::Empty
     );
+    observer.triggered(trigger);
     let started = std::time::Instant::now();
     // A panic is caught here, not only by the worker pool, so that it is
     // counted as the `panic` error kind.
@@ -390,7 +406,7 @@ async fn resync_loop<E: Engine>(
             Ok(users) => {
                 observer.resynced(users.len());
                 for user in users {
-                    queue.add(user);
+                    queue.add(user, Trigger::Resync);
                 }
             }
             Err(e) => warn!(error = %e, "full resync failed; trying again next period"),
@@ -410,8 +426,9 @@ async fn wake_port_waiters<E: Engine>(
             users = users.len(),
             "a host port was freed: trying the users waiting for one"
         );
+        // A retry of users that failed for want of a port, not a new cause.
         for user in users {
-            queue.add(user);
+            queue.add(user, Trigger::Retry);
         }
     }
 }

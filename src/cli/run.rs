@@ -23,6 +23,7 @@ use crate::http::{self, ApiToken, AppState, Readiness, ReadinessReport};
 use crate::image_ref::ImageRef;
 use crate::leader::{default_holder, Elector, SqliteLock};
 use crate::metrics::Metrics;
+use crate::nudge::Nudge;
 use crate::ports::PortAllocator;
 use crate::progress::Progress;
 use crate::reconcile::{Reconciler, ReconcilerOptions};
@@ -155,6 +156,7 @@ struct Parts<E: Engine> {
     settings: Arc<ContainerSettings>,
     keys: KeyRing,
     metrics: Arc<Metrics>,
+    nudge: Arc<Nudge>,
     role: Arc<Role>,
     reconciler: ReconcilerOptions,
     controller: ControllerOptions,
@@ -185,6 +187,7 @@ impl<E: Engine> Parts<E> {
         );
         let handle = controller.handle();
         self.metrics.attach(handle.clone());
+        self.nudge.attach(handle.queue.clone());
         *self.role.progress.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(handle.progress.clone());
         self.role.leader.store(true, Ordering::SeqCst);
@@ -202,6 +205,7 @@ impl<E: Engine> Drop for StandDown<'_, E> {
         self.0.role.leader.store(false, Ordering::SeqCst);
         self.0.metrics.set_leader(false);
         self.0.metrics.detach();
+        self.0.nudge.detach();
     }
 }
 
@@ -268,6 +272,7 @@ pub async fn run(
     );
 
     let role = Arc::new(Role::default());
+    let nudge = Arc::new(Nudge::new());
     // The API and /readyz read through connections of their own: no number
     // of callers can take the reconcilers' (README "Operations").
     let api_store = store.with_own_pool(crate::store::API_CONNECTIONS);
@@ -284,6 +289,7 @@ pub async fn run(
         }))),
         max_inflight: args.api_max_inflight,
         metrics: metrics.clone(),
+        nudge: nudge.clone(),
     });
     let server = http::Server::bind(runtime.listen)
         .await
@@ -311,6 +317,7 @@ pub async fn run(
         settings: Arc::new(settings),
         keys,
         metrics,
+        nudge,
         role,
         reconciler: ReconcilerOptions {
             orphan_grace: args.orphan_grace,

@@ -28,6 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::image_ref::ImageRef;
 use crate::metrics::Metrics;
+use crate::nudge::Nudge;
 use crate::secrets::KeyRing;
 use crate::store::Store;
 
@@ -73,6 +74,8 @@ pub struct AppState {
     pub max_inflight: usize,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
+    /// Queues the users the API changes, while this process leads.
+    pub nudge: Arc<Nudge>,
 }
 
 /// The router of the whole surface.

@@ -9,6 +9,7 @@
 mod event_watcher;
 mod panics;
 mod transient_errors;
+mod triggers;
 
 use std::time::Duration;
 

@@ -16,6 +16,7 @@ use super::{openapi, PREFIX};
 use crate::http::{router, ApiToken, AppState, Readiness, ReadinessReport};
 use crate::image_ref::ImageRef;
 use crate::metrics::Metrics;
+use crate::nudge::Nudge;
 use crate::secrets::{EncryptionKey, KeyRing};
 use crate::store::Store;
 use crate::view::UserView;
@@ -44,6 +45,7 @@ async fn test_app(api_token: Option<&str>) -> (axum::Router, Store, tempfile::Te
         readiness: Arc::new(AlwaysReady),
         max_inflight: 8,
         metrics: Metrics::new(),
+        nudge: Arc::new(Nudge::new()),
     });
     (router(state), store, dir)
 }
