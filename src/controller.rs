@@ -29,7 +29,9 @@ use crate::docker::Engine;
 use crate::events::{self, EventObserver};
 use crate::feed::{self, FeedOptions};
 use crate::progress::{Progress, ProgressSummary};
-use crate::queue::{run_workers, BackoffPolicy, Outcome, QueueObserver, Trigger, WorkQueue};
+use crate::queue::{
+    run_workers, BackoffPolicy, NoQueueObserver, QueueObserver, Trigger, WorkOutcome, WorkQueue,
+};
 use crate::reconcile::Reconciler;
 use crate::resync;
 use crate::store::Store;
@@ -78,9 +80,9 @@ pub struct Observers {
 impl Default for Observers {
     fn default() -> Self {
         Self {
-            queue: Arc::new(NoObserver),
-            events: Arc::new(events::NoObserver),
-            reconciles: Arc::new(NoObserver),
+            queue: Arc::new(NoQueueObserver),
+            events: Arc::new(events::NoEventObserver),
+            reconciles: Arc::new(NoReconcileObserver),
         }
     }
 }
@@ -96,10 +98,11 @@ pub trait ReconcileObserver: Send + Sync {
     fn triggered(&self, _trigger: Trigger) {}
 }
 
-struct NoObserver;
+/// A reconcile observer that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoReconcileObserver;
 
-impl QueueObserver for NoObserver {}
-impl ReconcileObserver for NoObserver {}
+impl ReconcileObserver for NoReconcileObserver {}
 
 /// The running loop's shared parts, for the HTTP surface.
 #[derive(Clone)]
@@ -313,7 +316,7 @@ async fn reconcile_one<E: Engine>(
     observer: &dyn ReconcileObserver,
     user: String,
     trigger: Trigger,
-) -> Outcome {
+) -> WorkOutcome {
     let span = tracing::info_span!(
         "reconcile",
         user_id = %crate::desired::quote_short(&user),
@@ -337,7 +340,7 @@ async fn reconcile_one<E: Engine>(
             );
             observer.reconciled("error", Some("panic"), seconds);
             progress.record_error(&user);
-            Outcome::Retry
+            WorkOutcome::Retry
         }
         Ok(Ok(outcome)) => {
             progress.record(
@@ -349,15 +352,15 @@ async fn reconcile_one<E: Engine>(
             match outcome.requeue_after {
                 Some(after) if after.is_zero() => {
                     observer.reconciled("requeue", None, seconds);
-                    Outcome::RequeueAfter(after)
+                    WorkOutcome::RequeueAfter(after)
                 }
                 Some(after) => {
                     observer.reconciled("requeue_after", None, seconds);
-                    Outcome::RequeueAfter(after)
+                    WorkOutcome::RequeueAfter(after)
                 }
                 None => {
                     observer.reconciled("success", None, seconds);
-                    Outcome::Done
+                    WorkOutcome::Done
                 }
             }
         }
@@ -365,7 +368,7 @@ async fn reconcile_one<E: Engine>(
             warn!(error = %e, "reconcile failed; retrying with back-off");
             observer.reconciled("error", Some(e.kind()), seconds);
             progress.record_error(&user);
-            Outcome::Retry
+            WorkOutcome::Retry
         }
     }
 }

@@ -48,12 +48,11 @@ use tokio::sync::Notify;
 use tokio::time::{sleep_until, Instant};
 
 pub use backoff::{BackoffPolicy, BackoffPolicyError};
-pub use observer::{QueueObserver, QueueStats};
-pub use runner::{run_workers, Outcome};
+pub use observer::{NoQueueObserver, QueueObserver, QueueStats};
+pub use runner::{run_workers, WorkOutcome};
 pub use trigger::Trigger;
 
 use backoff::Backoffs;
-use observer::Unobserved;
 use state::{Effects, QueueState, Take};
 
 /// Longest delay the queue schedules; longer ones are cut to it so that
@@ -91,7 +90,7 @@ where
 {
     /// An empty queue whose failing keys back off by `policy`.
     pub fn new(policy: BackoffPolicy) -> Self {
-        Self::with_observer(policy, Arc::new(Unobserved))
+        Self::with_observer(policy, Arc::new(NoQueueObserver))
     }
 
     /// An empty queue that reports its events to `observer` (metrics).

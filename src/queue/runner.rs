@@ -1,12 +1,12 @@
 //! The worker pool: runs a handler for each key the [`WorkQueue`] hands out
-//! and turns the handler's [`Outcome`] into the queue call that follows.
+//! and turns the handler's [`WorkOutcome`] into the queue call that follows.
 //!
 //! Invariants (pinned by the tests below):
 //! - at most `concurrency` handlers run at once, and one key's handler never
 //!   runs twice at once (the key's [`Lease`] is held until its handler ends);
-//! - a key's outcome is applied before its lease is done: [`Outcome::Done`]
-//!   forgets its failures, [`Outcome::RequeueAfter`] forgets them and queues
-//!   it after the delay (a [`Trigger::Timer`]), [`Outcome::Retry`] queues it
+//! - a key's outcome is applied before its lease is done: [`WorkOutcome::Done`]
+//!   forgets its failures, [`WorkOutcome::RequeueAfter`] forgets them and queues
+//!   it after the delay (a [`Trigger::Timer`]), [`WorkOutcome::Retry`] queues it
 //!   with backoff (a [`Trigger::Retry`]);
 //! - a handler is told why its key was queued (the lease's [`Trigger`]);
 //! - a handler that panics is logged with its key and counts as a retry; the
@@ -31,7 +31,7 @@ use super::{Lease, Trigger, WorkQueue};
 
 /// What a handler wants done with its key next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum WorkOutcome {
     /// Converged: forget the key's failures; it runs again when next added.
     Done,
     /// Converged for now: forget its failures and look again after this long
@@ -52,7 +52,7 @@ pub async fn run_workers<K, F, Fut>(queue: Arc<WorkQueue<K>>, concurrency: usize
 where
     K: Clone + Eq + Hash + Send + Sync + fmt::Debug + 'static,
     F: Fn(K, Trigger) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
+    Fut: Future<Output = WorkOutcome> + Send + 'static,
 {
     let concurrency = concurrency.max(1);
     let handler = Arc::new(handler);
@@ -83,25 +83,25 @@ where
 fn settle<K>(
     queue: &WorkQueue<K>,
     leases: &mut HashMap<Id, Lease<K>>,
-    joined: Result<(Id, Outcome), JoinError>,
+    joined: Result<(Id, WorkOutcome), JoinError>,
 ) where
     K: Clone + Eq + Hash + Send + Sync + fmt::Debug + 'static,
 {
     let (id, outcome, failure) = match joined {
         Ok((id, outcome)) => (id, outcome, None),
-        Err(error) => (error.id(), Outcome::Retry, Some(error)),
+        Err(error) => (error.id(), WorkOutcome::Retry, Some(error)),
     };
     let Some(lease) = leases.remove(&id) else {
         return;
     };
     let key = lease.key().clone();
     match outcome {
-        Outcome::Done => queue.forget(&key),
-        Outcome::RequeueAfter(delay) => {
+        WorkOutcome::Done => queue.forget(&key),
+        WorkOutcome::RequeueAfter(delay) => {
             queue.forget(&key);
             queue.add_after(key, delay, Trigger::Timer);
         }
-        Outcome::Retry => {
+        WorkOutcome::Retry => {
             let delay = queue.add_rate_limited(key.clone());
             if let Some(error) = failure {
                 tracing::error!(
@@ -182,7 +182,7 @@ mod tests {
                     }
                     all.leave();
                     gauge.leave();
-                    Outcome::Done
+                    WorkOutcome::Done
                 }
             }
         }));
@@ -228,7 +228,7 @@ mod tests {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     gauge.leave();
                     done_tx.send(key).unwrap();
-                    Outcome::Done
+                    WorkOutcome::Done
                 }
             }
         }));
@@ -246,7 +246,7 @@ mod tests {
 
     /// Runs `outcomes` for key "a", one per call, recording when each call
     /// started, the retries the queue counted then and why it was queued.
-    async fn run_script(outcomes: Vec<Outcome>) -> (Vec<(Duration, u32, Trigger)>, u32) {
+    async fn run_script(outcomes: Vec<WorkOutcome>) -> (Vec<(Duration, u32, Trigger)>, u32) {
         let queue = queue::<&'static str>();
         let script = Arc::new(Mutex::new(outcomes.into_iter()));
         let calls = Arc::new(Mutex::new(Vec::new()));
@@ -266,7 +266,7 @@ mod tests {
                         Some(outcome) => outcome,
                         None => {
                             finished_tx.send(()).unwrap();
-                            Outcome::Done
+                            WorkOutcome::Done
                         }
                     }
                 }
@@ -284,8 +284,12 @@ mod tests {
     async fn retry_backs_off_per_failure_and_done_forgets() {
         use Trigger::{Retry, RowChange};
         let secs = Duration::from_secs;
-        let (calls, retries_after) =
-            run_script(vec![Outcome::Retry, Outcome::Retry, Outcome::Retry]).await;
+        let (calls, retries_after) = run_script(vec![
+            WorkOutcome::Retry,
+            WorkOutcome::Retry,
+            WorkOutcome::Retry,
+        ])
+        .await;
         assert_eq!(
             calls,
             [
@@ -303,9 +307,9 @@ mod tests {
         use Trigger::{Retry, RowChange, Timer};
         let secs = Duration::from_secs;
         let (calls, _) = run_script(vec![
-            Outcome::Retry,
-            Outcome::RequeueAfter(secs(10)),
-            Outcome::Retry,
+            WorkOutcome::Retry,
+            WorkOutcome::RequeueAfter(secs(10)),
+            WorkOutcome::Retry,
         ])
         .await;
         assert_eq!(
@@ -364,7 +368,7 @@ mod tests {
                         panic!("reconcile of {key} blew up");
                     }
                     done_tx.send(key).unwrap();
-                    Outcome::Done
+                    WorkOutcome::Done
                 }
             }
         }));
@@ -405,7 +409,7 @@ mod tests {
                     started_tx.send(key).unwrap();
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     finished.lock().unwrap().push(key);
-                    Outcome::Done
+                    WorkOutcome::Done
                 }
             }
         }));
@@ -431,7 +435,7 @@ mod tests {
             let started_tx = started_tx.clone();
             async move {
                 started_tx.send(key).unwrap();
-                std::future::pending::<Outcome>().await
+                std::future::pending::<WorkOutcome>().await
             }
         }));
         queue.add("a", Trigger::RowChange);
