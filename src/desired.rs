@@ -203,12 +203,6 @@ impl Intent {
     }
 }
 
-impl fmt::Display for Intent {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// A desired row that failed validation.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("desired row {}: {field}: {reason}", quote_short(user_id))]
@@ -402,6 +396,16 @@ mod tests {
         parse_timestamp(text).unwrap()
     }
 
+    /// A running row with an idle timeout, last active at `last_active_at`.
+    fn idling(idle_timeout_secs: i64, last_active_at: &str) -> DesiredContainer {
+        validate(RawDesiredRow {
+            idle_timeout_secs: RawValue::Integer(idle_timeout_secs),
+            last_active_at: RawValue::Text(last_active_at.into()),
+            ..row()
+        })
+        .unwrap()
+    }
+
     #[test]
     fn a_minimal_row_is_running_forever_on_the_default_image() {
         let d = validate(row()).unwrap();
@@ -525,12 +529,7 @@ mod tests {
 
     #[test]
     fn idle_container_is_stopped_at_its_deadline() {
-        let d = validate(RawDesiredRow {
-            idle_timeout_secs: RawValue::Integer(1800),
-            last_active_at: RawValue::Text("2026-11-29T10:00:00Z".into()),
-            ..row()
-        })
-        .unwrap();
+        let d = idling(1800, "2026-11-29T10:00:00Z");
         assert_eq!(d.idle_deadline(), Some(at("2026-11-29T10:30:00Z")));
         assert_eq!(d.intent(at("2026-11-29T10:29:59Z")), Intent::Running);
         assert_eq!(d.intent(at("2026-11-29T10:30:00Z")), Intent::Idle);
@@ -544,12 +543,7 @@ mod tests {
     #[test]
     fn a_touch_ahead_of_the_clock_keeps_the_row_running_until_its_later_deadline() {
         // A writer whose clock runs ahead stamps activity in our future.
-        let d = validate(RawDesiredRow {
-            idle_timeout_secs: RawValue::Integer(60),
-            last_active_at: RawValue::Text("2026-11-29T10:05:00Z".into()),
-            ..row()
-        })
-        .unwrap();
+        let d = idling(60, "2026-11-29T10:05:00Z");
         assert_eq!(d.intent(at("2026-11-29T10:00:00Z")), Intent::Running);
         assert_eq!(d.intent(at("2026-11-29T10:05:59Z")), Intent::Running);
         assert_eq!(d.intent(at("2026-11-29T10:06:00Z")), Intent::Idle);
@@ -575,7 +569,7 @@ mod tests {
         ];
         for (intent, state, label) in cases {
             assert_eq!(intent.state(), state, "{intent:?}");
-            assert_eq!(intent.to_string(), label);
+            assert_eq!(intent.as_str(), label);
         }
     }
 

@@ -6,14 +6,12 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
-use clawfleet::controller::{Controller, ControllerOptions, Handle, Observers};
+use clawfleet::controller::{Controller, ControllerOptions, Observers};
 use clawfleet::feed::FeedOptions;
 use clawfleet::http::{router, ApiToken, AppState, Readiness, ReadinessReport};
 use clawfleet::image_ref::ImageRef;
 use clawfleet::metrics::Metrics;
 use clawfleet::nudge::Nudge;
-use clawfleet::ports::PortAllocator;
-use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
 use clawfleet::secrets::{EncryptionKey, KeyRing};
 use clawfleet::status::Phase;
 use clawfleet::store::{DesiredUpdate, Store};
@@ -21,7 +19,7 @@ use clawfleet_engine_sim::MemoryEngine;
 use futures::future::BoxFuture;
 use tower::ServiceExt;
 
-use crate::{settings, IMAGE};
+use crate::{reconciler, sqlite_store, Running, IMAGE};
 
 const TOKEN: &str = "triggers-test-token";
 
@@ -62,26 +60,13 @@ async fn is_running(store: &Store, user: &str) -> bool {
 }
 
 /// A controller over `store` and `engine` reporting to `metrics`, whose
-/// feed polls every `poll_interval`; with its handle and its stop switch.
+/// feed polls every `poll_interval`.
 fn start(
     store: &Store,
     engine: &Arc<MemoryEngine>,
     metrics: &Arc<Metrics>,
     poll_interval: Duration,
-) -> (
-    Handle,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-) {
-    let settings = Arc::new(settings());
-    let reconciler = Reconciler::new(
-        store.clone(),
-        engine.clone(),
-        settings.clone(),
-        KeyRing::new(vec![EncryptionKey::generate("t").unwrap()]).unwrap(),
-        PortAllocator::new(settings.port_range, settings.publish_ip).without_probe(),
-        ReconcilerOptions::default(),
-    );
+) -> Running {
     let observers = Observers {
         queue: metrics.clone(),
         events: metrics.clone(),
@@ -94,21 +79,18 @@ fn start(
         },
         ..ControllerOptions::default()
     };
-    let controller = Controller::new(store.clone(), reconciler, options, observers);
-    let handle = controller.handle();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(controller.run(async {
-        let _ = stopped.await;
-    }));
-    (handle, stop, running)
+    let reconciler = reconciler(store, engine);
+    Running::spawn(Controller::new(
+        store.clone(),
+        reconciler,
+        options,
+        observers,
+    ))
 }
 
 #[tokio::test]
 async fn a_row_change_an_event_a_resync_and_an_api_call_each_count_under_their_trigger() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/cf.db?mode=rwc", dir.path().display());
-    let store = Store::connect(&url).await.unwrap();
-    store.migrate().await.unwrap();
+    let (store, _dir) = sqlite_store().await;
     let engine = Arc::new(MemoryEngine::new());
     engine.add_image(IMAGE);
     let metrics = Metrics::new();
@@ -133,8 +115,11 @@ async fn a_row_change_an_event_a_resync_and_an_api_call_each_count_under_their_t
 
     // A row written before the controller starts is found by the first full sync.
     store.upsert_desired(&user("synced")).await.unwrap();
-    let (handle, stop, running) = start(&store, &engine, &metrics, Duration::from_millis(20));
-    eventually("the first full sync", async || handle.progress.synced()).await;
+    let running = start(&store, &engine, &metrics, Duration::from_millis(20));
+    eventually("the first full sync", async || {
+        running.handle.progress.synced()
+    })
+    .await;
     eventually("synced running", async || {
         is_running(&store, "synced").await
     })
@@ -158,15 +143,17 @@ async fn a_row_change_an_event_a_resync_and_an_api_call_each_count_under_their_t
         triggered(&metrics, "docker_event") > events
     })
     .await;
-    let _ = stop.send(());
-    running.await.unwrap();
+    running.stop().await;
 
     // An API call reaches the leader's queue at once: with the feed asleep,
     // the user it creates still runs, queued by the API alone.
-    let (handle, stop, running) = start(&store, &engine, &metrics, Duration::from_secs(3600));
-    eventually("the first full sync", async || handle.progress.synced()).await;
+    let running = start(&store, &engine, &metrics, Duration::from_secs(3600));
+    eventually("the first full sync", async || {
+        running.handle.progress.synced()
+    })
+    .await;
     let nudge = Arc::new(Nudge::new());
-    nudge.attach(handle.queue.clone());
+    nudge.attach(running.handle.queue.clone());
     let app = router(Arc::new(AppState {
         store: store.clone(),
         keys: KeyRing::new(vec![EncryptionKey::generate("t").unwrap()]).unwrap(),
@@ -189,6 +176,5 @@ async fn a_row_change_an_event_a_resync_and_an_api_call_each_count_under_their_t
     assert_eq!(answer.status(), StatusCode::OK);
     eventually("carol running", async || is_running(&store, "carol").await).await;
     assert_eq!(triggered(&metrics, "api"), api_calls + 1.0);
-    let _ = stop.send(());
-    running.await.unwrap();
+    running.stop().await;
 }
