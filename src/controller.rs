@@ -4,8 +4,12 @@
 //! ```text
 //!  desired feed ──┐
 //!  docker events ─┼─▶ work queue (dedup, back-off, timers) ─▶ workers ─▶ Reconciler
-//!  resync timer ──┘
+//!  resync timer ──┤
+//!  API (Nudge) ───┘
 //! ```
+//!
+//! Each source queues its users with its [`Trigger`]; the reconcile span
+//! carries it (field `trigger`) and [`ReconcileObserver::triggered`] counts it.
 //!
 //! Shutting down stops new work, lets in-flight reconciles finish (bounded
 //! by a timeout) and leaves every user's container as it is.
@@ -25,7 +29,9 @@ use crate::docker::Engine;
 use crate::events::{self, EventObserver};
 use crate::feed::{self, FeedOptions};
 use crate::progress::{Progress, ProgressSummary};
-use crate::queue::{run_workers, BackoffPolicy, Outcome, QueueObserver, WorkQueue};
+use crate::queue::{
+    run_workers, BackoffPolicy, NoQueueObserver, QueueObserver, Trigger, WorkOutcome, WorkQueue,
+};
 use crate::reconcile::Reconciler;
 use crate::resync;
 use crate::store::Store;
@@ -79,9 +85,9 @@ pub struct Observers {
 impl Default for Observers {
     fn default() -> Self {
         Self {
-            queue: Arc::new(NoObserver),
-            events: Arc::new(events::NoObserver),
-            reconciles: Arc::new(NoObserver),
+            queue: Arc::new(NoQueueObserver),
+            events: Arc::new(events::NoEventObserver),
+            reconciles: Arc::new(NoReconcileObserver),
         }
     }
 }
@@ -93,12 +99,15 @@ pub trait ReconcileObserver: Send + Sync {
     fn reconciled(&self, _result: &'static str, _error_kind: Option<&'static str>, _seconds: f64) {}
     /// A full resync listed `users` users.
     fn resynced(&self, _users: usize) {}
+    /// A reconcile began because of `trigger`.
+    fn triggered(&self, _trigger: Trigger) {}
 }
 
-struct NoObserver;
+/// A reconcile observer that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoReconcileObserver;
 
-impl QueueObserver for NoObserver {}
-impl ReconcileObserver for NoObserver {}
+impl ReconcileObserver for NoReconcileObserver {}
 
 /// The running loop's shared parts, for the HTTP surface.
 #[derive(Clone)]
@@ -187,7 +196,7 @@ impl<E: Engine> Controller<E> {
                 instance.clone(),
                 since,
                 observer,
-                move |user| sink_queue.add(user),
+                move |user| sink_queue.add(user, Trigger::DockerEvent),
             ));
         }
         let Some(start_revision) = until_ok(&mut shutdown, "read the latest revision", || {
@@ -206,9 +215,9 @@ impl<E: Engine> Controller<E> {
                 options.clock,
                 move |user, delay| {
                     if delay.is_zero() {
-                        sink_queue.add(user);
+                        sink_queue.add(user, Trigger::RowChange);
                     } else {
-                        sink_queue.add_after(user, delay);
+                        sink_queue.add_after(user, delay, Trigger::RowChange);
                     }
                 },
             ));
@@ -228,7 +237,7 @@ impl<E: Engine> Controller<E> {
         observers.reconciles.resynced(users.len());
         progress.begin_first_sync(users.iter().cloned());
         for user in users {
-            queue.add(user);
+            queue.add(user, Trigger::Resync);
         }
         tasks.spawn(resync_loop(
             store.clone(),
@@ -248,12 +257,19 @@ impl<E: Engine> Controller<E> {
             let reconciler = reconciler.clone();
             let progress = progress.clone();
             let observer = observers.reconciles.clone();
-            run_workers(queue.clone(), options.concurrency, move |user: String| {
-                let reconciler = reconciler.clone();
-                let progress = progress.clone();
-                let observer = observer.clone();
-                async move { reconcile_one(&reconciler, &progress, observer.as_ref(), user).await }
-            })
+            run_workers(
+                queue.clone(),
+                options.concurrency,
+                move |user: String, trigger| {
+                    let reconciler = reconciler.clone();
+                    let progress = progress.clone();
+                    let observer = observer.clone();
+                    async move {
+                        reconcile_one(&reconciler, &progress, observer.as_ref(), user, trigger)
+                            .await
+                    }
+                },
+            )
         };
         tokio::pin!(workers);
         tokio::select! {
@@ -310,12 +326,15 @@ async fn reconcile_one<E: Engine>(
     progress: &Progress,
     observer: &dyn ReconcileObserver,
     user: String,
-) -> Outcome {
+    trigger: Trigger,
+) -> WorkOutcome {
     let span = tracing::info_span!(
         "reconcile",
         user_id = %crate::quote::quote_short(&user),
+        trigger = trigger.as_str(),
         actions = tracing::field::Empty
     );
+    observer.triggered(trigger);
     let started = std::time::Instant::now();
     // A panic is caught here, not only by the worker pool, so that it is
     // counted as the `panic` error kind.
@@ -332,7 +351,7 @@ async fn reconcile_one<E: Engine>(
             );
             observer.reconciled("error", Some("panic"), seconds);
             progress.record_error(&user);
-            Outcome::Retry
+            WorkOutcome::Retry
         }
         Ok(Ok(outcome)) => {
             progress.record(
@@ -344,15 +363,15 @@ async fn reconcile_one<E: Engine>(
             match outcome.requeue_after {
                 Some(after) if after.is_zero() => {
                     observer.reconciled("requeue", None, seconds);
-                    Outcome::RequeueAfter(after)
+                    WorkOutcome::RequeueAfter(after)
                 }
                 Some(after) => {
                     observer.reconciled("requeue_after", None, seconds);
-                    Outcome::RequeueAfter(after)
+                    WorkOutcome::RequeueAfter(after)
                 }
                 None => {
                     observer.reconciled("success", None, seconds);
-                    Outcome::Done
+                    WorkOutcome::Done
                 }
             }
         }
@@ -360,7 +379,7 @@ async fn reconcile_one<E: Engine>(
             warn!(error = %e, "reconcile failed; retrying with back-off");
             observer.reconciled("error", Some(e.kind()), seconds);
             progress.record_error(&user);
-            Outcome::Retry
+            WorkOutcome::Retry
         }
     }
 }
@@ -401,7 +420,7 @@ async fn resync_loop<E: Engine>(
             Ok(users) => {
                 observer.resynced(users.len());
                 for user in users {
-                    queue.add(user);
+                    queue.add(user, Trigger::Resync);
                 }
             }
             Err(e) => warn!(error = %e, "full resync failed; trying again next period"),
@@ -421,8 +440,9 @@ async fn wake_port_waiters<E: Engine>(
             users = users.len(),
             "a host port was freed: trying the users waiting for one"
         );
+        // A retry of users that failed for want of a port, not a new cause.
         for user in users {
-            queue.add(user);
+            queue.add(user, Trigger::Retry);
         }
     }
 }

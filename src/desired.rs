@@ -159,18 +159,48 @@ impl DesiredContainer {
                 .is_none_or(|deadline| now.checked_add_signed(margin).is_some_and(|t| deadline > t))
     }
 
-    /// The state to converge to at `now`: running when `state = running` and
-    /// the idle deadline (if any) is still ahead; otherwise stopped.
-    pub fn effective_state(&self, now: DateTime<Utc>) -> DesiredState {
+    /// What the row asks of its container at `now`: the one place a row's
+    /// effective state is decided. `running` until the idle deadline (if any),
+    /// [`Intent::Idle`] from the deadline on; `stopped` is always stopped. A
+    /// `last_active_at` ahead of `now` (a writer's clock ahead of ours) only
+    /// moves the deadline later.
+    pub fn intent(&self, now: DateTime<Utc>) -> Intent {
         match (self.state, self.idle_deadline()) {
-            (DesiredState::Running, Some(deadline)) if deadline <= now => DesiredState::Stopped,
-            (state, _) => state,
+            (DesiredState::Stopped, _) => Intent::Stopped,
+            (DesiredState::Running, Some(deadline)) if deadline <= now => Intent::Idle,
+            (DesiredState::Running, _) => Intent::Running,
+        }
+    }
+}
+
+/// A valid row's effective state at a moment: its `state` with idleness
+/// applied (see [`DesiredContainer::intent`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Intent {
+    /// Should run.
+    Running,
+    /// The row says `stopped`.
+    Stopped,
+    /// The row says `running` but its idle deadline has passed.
+    Idle,
+}
+
+impl Intent {
+    /// The state to converge to, as the `state` column spells it: idle is stopped.
+    pub fn state(self) -> DesiredState {
+        match self {
+            Self::Running => DesiredState::Running,
+            Self::Stopped | Self::Idle => DesiredState::Stopped,
         }
     }
 
-    /// True when the row wants the container running but idleness stops it.
-    pub fn is_idle(&self, now: DateTime<Utc>) -> bool {
-        self.state == DesiredState::Running && self.effective_state(now) == DesiredState::Stopped
+    /// `running`, `stopped` or `idle`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::Idle => "idle",
+        }
     }
 }
 
@@ -355,6 +385,16 @@ mod tests {
         parse_timestamp(text).unwrap()
     }
 
+    /// A running row with an idle timeout, last active at `last_active_at`.
+    fn idling(idle_timeout_secs: i64, last_active_at: &str) -> DesiredContainer {
+        validate(RawDesiredRow {
+            idle_timeout_secs: RawValue::Integer(idle_timeout_secs),
+            last_active_at: RawValue::Text(last_active_at.into()),
+            ..row()
+        })
+        .unwrap()
+    }
+
     #[test]
     fn a_minimal_row_is_running_forever_on_the_default_image() {
         let d = validate(row()).unwrap();
@@ -362,7 +402,7 @@ mod tests {
         assert_eq!(d.idle_timeout, None);
         assert_eq!(d.image, None);
         assert_eq!(d.idle_deadline(), None);
-        assert_eq!(d.effective_state(Utc::now()), DesiredState::Running);
+        assert_eq!(d.intent(Utc::now()), Intent::Running);
     }
 
     #[test]
@@ -410,7 +450,7 @@ mod tests {
                 ..row()
             })
             .unwrap();
-            assert_eq!(d.effective_state(Utc::now()), DesiredState::Running);
+            assert_eq!(d.intent(Utc::now()), Intent::Running);
         }
     }
 
@@ -478,22 +518,48 @@ mod tests {
 
     #[test]
     fn idle_container_is_stopped_at_its_deadline() {
-        let d = validate(RawDesiredRow {
-            idle_timeout_secs: RawValue::Integer(1800),
-            last_active_at: RawValue::Text("2026-11-29T10:00:00Z".into()),
-            ..row()
-        })
-        .unwrap();
+        let d = idling(1800, "2026-11-29T10:00:00Z");
         assert_eq!(d.idle_deadline(), Some(at("2026-11-29T10:30:00Z")));
+        assert_eq!(d.intent(at("2026-11-29T10:29:59Z")), Intent::Running);
+        assert_eq!(d.intent(at("2026-11-29T10:30:00Z")), Intent::Idle);
         assert_eq!(
-            d.effective_state(at("2026-11-29T10:29:59Z")),
-            DesiredState::Running
-        );
-        assert_eq!(
-            d.effective_state(at("2026-11-29T10:30:00Z")),
+            d.intent(at("2026-11-29T10:30:00Z")).state(),
             DesiredState::Stopped
         );
-        assert!(d.is_idle(at("2026-11-29T11:00:00Z")));
+        assert_eq!(d.intent(at("2026-11-29T11:00:00Z")), Intent::Idle);
+    }
+
+    #[test]
+    fn a_touch_ahead_of_the_clock_keeps_the_row_running_until_its_later_deadline() {
+        // A writer whose clock runs ahead stamps activity in our future.
+        let d = idling(60, "2026-11-29T10:05:00Z");
+        assert_eq!(d.intent(at("2026-11-29T10:00:00Z")), Intent::Running);
+        assert_eq!(d.intent(at("2026-11-29T10:05:59Z")), Intent::Running);
+        assert_eq!(d.intent(at("2026-11-29T10:06:00Z")), Intent::Idle);
+    }
+
+    #[test]
+    fn a_deadline_beyond_the_calendar_never_idles() {
+        let d = DesiredContainer {
+            idle_timeout: Some(Duration::from_secs(MAX_IDLE_TIMEOUT_SECS as u64)),
+            last_active_at: Some(DateTime::<Utc>::MAX_UTC),
+            ..validate(row()).unwrap()
+        };
+        assert_eq!(d.idle_deadline(), None);
+        assert_eq!(d.intent(DateTime::<Utc>::MAX_UTC), Intent::Running);
+    }
+
+    #[test]
+    fn idle_converges_to_stopped_and_each_intent_has_its_label() {
+        let cases = [
+            (Intent::Running, DesiredState::Running, "running"),
+            (Intent::Stopped, DesiredState::Stopped, "stopped"),
+            (Intent::Idle, DesiredState::Stopped, "idle"),
+        ];
+        for (intent, state, label) in cases {
+            assert_eq!(intent.state(), state, "{intent:?}");
+            assert_eq!(intent.as_str(), label);
+        }
     }
 
     #[test]
@@ -504,7 +570,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(d.idle_deadline(), None);
-        assert_eq!(d.effective_state(Utc::now()), DesiredState::Running);
+        assert_eq!(d.intent(Utc::now()), Intent::Running);
     }
 
     #[test]
@@ -517,11 +583,8 @@ mod tests {
         })
         .unwrap();
         assert_eq!(d.idle_deadline(), None);
-        assert!(!d.is_idle(at("2030-01-01T00:00:00Z")));
-        assert_eq!(
-            d.effective_state(at("2000-01-01T00:00:00Z")),
-            DesiredState::Stopped
-        );
+        assert_eq!(d.intent(at("2030-01-01T00:00:00Z")), Intent::Stopped);
+        assert_eq!(d.intent(at("2000-01-01T00:00:00Z")), Intent::Stopped);
     }
 
     #[test]

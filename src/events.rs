@@ -34,10 +34,10 @@ pub trait EventObserver: Send + Sync {
     fn reconnected(&self) {}
 }
 
-/// An observer that ignores everything.
-pub struct NoObserver;
+/// An event observer that ignores everything.
+pub struct NoEventObserver;
 
-impl EventObserver for NoObserver {}
+impl EventObserver for NoEventObserver {}
 
 /// Watches managed containers of `instance` from `since_nanos` on, forever,
 /// handing each event's user id to `sink`.

@@ -15,6 +15,7 @@
 //! file next to the database refuses a second `run` with a clear message.
 
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -122,6 +123,42 @@ impl Elector {
         }
     }
 
+    /// The election loop, as controller-runtime's Manager runs it: waits for
+    /// the lease, then runs `lead(stopping())` for as long as the term holds.
+    /// When `lead` returns (graceful stop) the lease is released and the loop
+    /// ends; when the term is lost, `lead`'s future is dropped at once (every
+    /// reconcile in flight is aborted, since a standby may take over soon and
+    /// must find nobody acting) and the process stands by for the next term.
+    /// A standby returns as soon as `stopping()` resolves.
+    pub async fn lead_while_elected<S, L>(
+        &self,
+        stopping: impl Fn() -> S,
+        mut lead: impl FnMut(S) -> L,
+    ) where
+        S: Future<Output = ()>,
+        L: Future<Output = ()>,
+    {
+        loop {
+            let term = tokio::select! {
+                term = self.acquire() => term,
+                () = stopping() => return,
+            };
+            info!(holder = %self.holder, "became leader: reconciling");
+            let mut term_work = std::pin::pin!(lead(stopping()));
+            tokio::select! {
+                () = &mut term_work => {
+                    self.release().await;
+                    info!("lease released");
+                    return;
+                }
+                lost = self.hold(term) => match lost {
+                    Lost::TakenOver => warn!("lost the lease to another process: standing by"),
+                    Lost::RenewalsFailed => warn!("cannot renew the lease (database unreachable?): stopped reconciling before it can expire; standing by"),
+                },
+            }
+        }
+    }
+
     /// Gives the lease up at once (graceful shutdown), so a standby need not wait for it to expire.
     pub async fn release(&self) {
         if let Err(e) = self.store.release_lease(&self.instance, &self.holder).await {
@@ -199,6 +236,35 @@ mod tests {
             SqliteLock::acquire(&db).is_ok(),
             "released with the process"
         );
+    }
+
+    #[tokio::test]
+    async fn a_standby_that_never_gets_the_lease_stops_at_shutdown_without_leading() {
+        // SQLite keeps no lease: every attempt fails, as with an unreachable database.
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/l.db?mode=rwc", dir.path().display());
+        let store = Store::connect(&url).await.unwrap();
+        // Virtual time from here: the standby's retries and the shutdown timer.
+        tokio::time::pause();
+        let elector = Elector::new(store, "test", "standby", Duration::from_secs(3));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stopping = || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }
+        };
+        let mut terms = 0;
+        let election = elector.lead_while_elected(stopping, |_stop| {
+            terms += 1;
+            std::future::ready(())
+        });
+        let shutdown = async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            stop.send(true).unwrap();
+        };
+        tokio::join!(election, shutdown);
+        assert_eq!(terms, 0, "led without the lease");
     }
 
     #[test]

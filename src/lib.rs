@@ -31,6 +31,7 @@ pub mod isolation;
 pub mod leader;
 pub mod metrics;
 pub mod naming;
+pub mod nudge;
 pub mod plan;
 pub mod ports;
 pub mod probe;

@@ -18,7 +18,7 @@ use prometheus::{
 use crate::controller::{Handle, ReconcileObserver};
 use crate::docker::{EngineEvent, EngineObserver, Op};
 use crate::events::EventObserver;
-use crate::queue::QueueObserver;
+use crate::queue::{QueueObserver, Trigger};
 use crate::reconcile::{Telemetry, DESIRED_STATES, RESTART_REASONS};
 use crate::status::Phase;
 
@@ -76,6 +76,7 @@ pub struct Metrics {
     registry: Registry,
     reconcile_total: IntCounterVec,
     reconcile_errors_total: IntCounterVec,
+    reconcile_triggers_total: IntCounterVec,
     reconcile_duration: Histogram,
     workqueue_depth: IntGauge,
     workqueue_delayed: IntGauge,
@@ -124,6 +125,13 @@ impl Metrics {
             reconcile_errors_total: IntCounterVec::new(
                 opts("clawfleet_reconcile_errors_total", "Failed reconciles by kind of error."),
                 &["kind"],
+            )?,
+            reconcile_triggers_total: IntCounterVec::new(
+                opts(
+                    "clawfleet_reconcile_triggers_total",
+                    "Reconciles by what made them run (row_change, docker_event, timer, retry, resync, api).",
+                ),
+                &["trigger"],
             )?,
             reconcile_duration: Histogram::with_opts(histogram(
                 "clawfleet_reconcile_duration_seconds",
@@ -238,6 +246,7 @@ impl Metrics {
         for c in [
             &m.reconcile_total,
             &m.reconcile_errors_total,
+            &m.reconcile_triggers_total,
             &m.docker_events_total,
             &m.docker_requests_total,
             &m.container_restarts_total,
@@ -286,6 +295,9 @@ impl Metrics {
         }
         for k in ERROR_KINDS {
             m.reconcile_errors_total.with_label_values(&[k]);
+        }
+        for t in Trigger::ALL {
+            m.reconcile_triggers_total.with_label_values(&[t.as_str()]);
         }
         for a in EVENT_ACTIONS {
             m.docker_events_total.with_label_values(&[a]);
@@ -420,6 +432,11 @@ impl ReconcileObserver for Metrics {
         self.last_full_resync
             .set(now.timestamp() as f64 + f64::from(now.timestamp_subsec_millis()) / 1e3);
     }
+    fn triggered(&self, trigger: Trigger) {
+        self.reconcile_triggers_total
+            .with_label_values(&[trigger.as_str()])
+            .inc();
+    }
 }
 
 impl Telemetry for Metrics {
@@ -458,6 +475,8 @@ mod tests {
         for line in [
             "clawfleet_reconcile_total{result=\"success\"} 0",
             "clawfleet_reconcile_errors_total{kind=\"database\"} 0",
+            "clawfleet_reconcile_triggers_total{trigger=\"row_change\"} 0",
+            "clawfleet_reconcile_triggers_total{trigger=\"api\"} 0",
             "clawfleet_docker_events_total{action=\"die\"} 0",
             "clawfleet_docker_requests_total{op=\"create\",result=\"error\"} 0",
             "clawfleet_container_restarts_total{reason=\"crash\"} 0",
@@ -488,11 +507,13 @@ mod tests {
     fn observations_move_the_counters() {
         let m = Metrics::new();
         m.reconciled("error", Some("database"), 0.01);
+        m.triggered(Trigger::DockerEvent);
         m.restarted("crash");
         m.request(Op::Create, true, 0.02);
         let text = m.render();
         assert!(text.contains("clawfleet_reconcile_total{result=\"error\"} 1"));
         assert!(text.contains("clawfleet_reconcile_errors_total{kind=\"database\"} 1"));
+        assert!(text.contains("clawfleet_reconcile_triggers_total{trigger=\"docker_event\"} 1"));
         assert!(text.contains("clawfleet_container_restarts_total{reason=\"crash\"} 1"));
         assert!(text.contains("clawfleet_docker_requests_total{op=\"create\",result=\"ok\"} 1"));
     }

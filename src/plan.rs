@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+pub use crate::desired::Intent;
 use crate::docker::{ContainerHealth, ContainerSummary, ObservedContainer, RunState};
 use crate::spec::DesiredSpec;
 use crate::status::Phase;
@@ -120,24 +121,12 @@ impl std::fmt::Debug for Claim {
     }
 }
 
-/// Running or not, and why not.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Intent {
-    /// Should run.
-    Running,
-    /// The row says `stopped`.
-    Stopped,
-    /// The row says `running` but its idle deadline has passed.
-    Idle,
-}
-
-impl Intent {
-    fn resting_phase(self) -> Phase {
-        match self {
-            Self::Running => Phase::Running,
-            Self::Stopped => Phase::Stopped,
-            Self::Idle => Phase::Idle,
-        }
+/// The resting phase of a settled intent: where the status ends when nothing is left to do.
+fn resting_phase(intent: Intent) -> Phase {
+    match intent {
+        Intent::Running => Phase::Running,
+        Intent::Stopped => Phase::Stopped,
+        Intent::Idle => Phase::Idle,
     }
 }
 
@@ -390,7 +379,7 @@ pub fn plan(target: &Target, observed: &Observed, now: DateTime<Utc>, policy: &P
             })
         }
         Target::Resting { intent, spec } => plan_present(&spec.name, observed, || {
-            Plan::write(intent.resting_phase(), None)
+            Plan::write(resting_phase(*intent), None)
         }),
     }
 }
@@ -468,7 +457,7 @@ fn plan_canonical(
     now: DateTime<Utc>,
     policy: &Policy,
 ) -> Plan {
-    let resting = intent.resting_phase();
+    let resting = resting_phase(intent);
     let Some(c) = &observed.canonical else {
         return match intent {
             Intent::Running => Plan::write(Phase::Running, None).with(Action::Create {

@@ -173,7 +173,7 @@ impl DesiredView {
         match row {
             Ok(d) => Self::Valid(ValidDesiredView {
                 state: d.state,
-                effective_state: d.effective_state(now),
+                effective_state: d.intent(now).state(),
                 idle_timeout_secs: d.idle_timeout.map(|t| t.as_secs()),
                 idle_deadline: d.idle_deadline(),
                 last_active_at: d.last_active_at,

@@ -22,8 +22,9 @@ use crate::docker::{DockerEngine, Engine, Instrumented};
 use crate::feed::FeedOptions;
 use crate::http::{self, ApiToken, AppState, Readiness, ReadinessReport};
 use crate::image_ref::ImageRef;
-use crate::leader::{default_holder, Elector, Lost, SqliteLock};
+use crate::leader::{default_holder, Elector, SqliteLock};
 use crate::metrics::Metrics;
+use crate::nudge::Nudge;
 use crate::ports::PortAllocator;
 use crate::probe::{GatewayProbe, ProbeKind, ProbeMode, ProbePath};
 use crate::progress::Progress;
@@ -176,6 +177,7 @@ struct Parts<E: Engine> {
     settings: Arc<ContainerSettings>,
     keys: KeyRing,
     metrics: Arc<Metrics>,
+    nudge: Arc<Nudge>,
     role: Arc<Role>,
     reconciler: ReconcilerOptions,
     controller: ControllerOptions,
@@ -210,6 +212,7 @@ impl<E: Engine> Parts<E> {
         );
         let handle = controller.handle();
         self.metrics.attach(handle.clone());
+        self.nudge.attach(handle.queue.clone());
         *self.role.progress.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(handle.progress.clone());
         self.role.leader.store(true, Ordering::SeqCst);
@@ -227,6 +230,7 @@ impl<E: Engine> Drop for StandDown<'_, E> {
         self.0.role.leader.store(false, Ordering::SeqCst);
         self.0.metrics.set_leader(false);
         self.0.metrics.detach();
+        self.0.nudge.detach();
     }
 }
 
@@ -293,6 +297,7 @@ pub async fn run(
     );
 
     let role = Arc::new(Role::default());
+    let nudge = Arc::new(Nudge::new());
     // The API and /readyz read through connections of their own: no number
     // of callers can take the reconcilers' (README "Operations").
     let api_store = store.with_own_pool(crate::store::API_CONNECTIONS);
@@ -313,6 +318,7 @@ pub async fn run(
             ProbeKind::new(args.readiness_probe, &args.readiness_path),
             settings.publish_ip,
         ),
+        nudge: nudge.clone(),
     });
     let server = http::Server::bind(runtime.listen)
         .await
@@ -340,6 +346,7 @@ pub async fn run(
         settings: Arc::new(settings),
         keys,
         metrics,
+        nudge,
         role,
         reconciler: ReconcilerOptions {
             orphan_grace: args.orphan_grace,
@@ -375,29 +382,9 @@ pub async fn run(
             args.lease_ttl,
         );
         info!(holder = %holder, lease_ttl_s = args.lease_ttl.as_secs(), "PostgreSQL: electing a leader through the lease");
-        loop {
-            let term = tokio::select! {
-                term = elector.acquire() => term,
-                _ = stopping(shutdown.clone()) => break,
-            };
-            info!(holder = %holder, "became leader: reconciling");
-            let mut lead = std::pin::pin!(parts.lead(stopping(shutdown.clone())));
-            tokio::select! {
-                () = &mut lead => {
-                    elector.release().await;
-                    info!("lease released");
-                    break;
-                }
-                lost = elector.hold(term) => {
-                    // Dropping the term aborts every reconcile in flight: a
-                    // standby may take over soon and must find nobody acting.
-                    match lost {
-                        Lost::TakenOver => warn!("lost the lease to another process: standing by"),
-                        Lost::RenewalsFailed => warn!("cannot renew the lease (database unreachable?): stopped reconciling before it can expire; standing by"),
-                    }
-                }
-            }
-        }
+        elector
+            .lead_while_elected(|| stopping(shutdown.clone()), |stop| parts.lead(stop))
+            .await;
     }
 
     status_feed.abort();

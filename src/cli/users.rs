@@ -9,7 +9,7 @@ use std::io::Write;
 use super::table::{display_id, Table};
 use super::{CliError, GlobalArgs};
 use crate::config::{parse_idle_timeout, parse_image, IdleTimeout};
-use crate::desired::{DesiredContainer, DesiredState};
+use crate::desired::{DesiredContainer, DesiredState, Intent};
 use crate::image_ref::ImageRef;
 use crate::quote::quote_short;
 use crate::status::ContainerStatus;
@@ -191,7 +191,7 @@ async fn show(global: &GlobalArgs, store: &Store, args: &ShowArgs) -> Result<(),
     match desired {
         Some(Ok(d)) => {
             writeln!(out, "desired state:     {}", d.state)?;
-            writeln!(out, "effective state:   {}", d.effective_state(now))?;
+            writeln!(out, "effective state:   {}", d.intent(now).state())?;
             writeln!(out, "idle timeout:      {}", idle_text(d))?;
             if let Some(deadline) = d.idle_deadline() {
                 writeln!(out, "idle deadline:     {}", deadline.to_rfc3339())?;
@@ -291,8 +291,10 @@ async fn list(store: &Store, args: &ListArgs) -> Result<(), CliError> {
     } in &users
     {
         let desired = match d {
-            Some(Ok(d)) if d.is_idle(now) => "running (idle)".to_owned(),
-            Some(Ok(d)) => d.state.to_string(),
+            Some(Ok(d)) => match d.intent(now) {
+                Intent::Idle => "running (idle)".to_owned(),
+                intent => intent.state().to_string(),
+            },
             Some(Err(_)) => "invalid".to_owned(),
             None => "deleted".to_owned(),
         };

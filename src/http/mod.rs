@@ -28,6 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::image_ref::ImageRef;
 use crate::metrics::Metrics;
+use crate::nudge::Nudge;
 use crate::secrets::KeyRing;
 use crate::store::Store;
 
@@ -75,6 +76,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// How `ensure-running` asks a started gateway whether it answers.
     pub gateway_probe: crate::probe::GatewayProbe,
+    /// Queues the users the API changes, while this process leads.
+    pub nudge: Arc<Nudge>,
 }
 
 /// The router of the whole surface.

@@ -24,7 +24,9 @@
 //!   that becomes ready always wakes a waiting caller, even if callers are
 //!   cancelled mid-wait;
 //! - after [`WorkQueue::shutdown`], `next` returns `None`, queued keys are
-//!   dropped and adds are ignored; leases already out still finish.
+//!   dropped and adds are ignored; leases already out still finish;
+//! - every add says why ([`Trigger`]); a queued key keeps the trigger of the
+//!   add that makes it due first, and its [`Lease`] hands that trigger out.
 //!
 //! The lock is a `std::sync::Mutex` held for a few map operations and never
 //! across an `.await`; wakeups and observer callbacks happen after it is
@@ -35,6 +37,7 @@ mod backoff;
 mod observer;
 pub mod runner;
 mod state;
+mod trigger;
 
 use std::fmt;
 use std::hash::Hash;
@@ -47,11 +50,11 @@ use tokio::time::{sleep_until, Instant};
 use crate::clock::Clock;
 
 pub use backoff::{BackoffPolicy, BackoffPolicyError};
-pub use observer::{QueueObserver, QueueStats};
-pub use runner::{run_workers, Outcome};
+pub use observer::{NoQueueObserver, QueueObserver, QueueStats};
+pub use runner::{run_workers, WorkOutcome};
+pub use trigger::Trigger;
 
 use backoff::Backoffs;
-use observer::Unobserved;
 use state::{Effects, QueueState, Take};
 
 /// Longest delay the queue schedules; longer ones are cut to it so that
@@ -81,6 +84,7 @@ struct Shared<K> {
 /// so a handler that panics or is cancelled cannot wedge its key.
 pub struct Lease<K: Clone + Eq + Hash> {
     key: K,
+    trigger: Trigger,
     shared: Arc<Shared<K>>,
 }
 
@@ -90,7 +94,7 @@ where
 {
     /// An empty queue whose failing keys back off by `policy`.
     pub fn new(policy: BackoffPolicy) -> Self {
-        Self::with_observer(policy, Arc::new(Unobserved))
+        Self::with_observer(policy, Arc::new(NoQueueObserver))
     }
 
     /// An empty queue that reports its events to `observer` (metrics).
@@ -116,26 +120,28 @@ where
         }
     }
 
-    /// Queues `key` now. Does nothing if it is already due; cancels its
-    /// pending delay if it has one; marks it dirty if it is being processed.
-    pub fn add(&self, key: K) {
+    /// Queues `key` now because of `trigger`. Does nothing if it is already
+    /// due; cancels its pending delay if it has one; marks it dirty if it is
+    /// being processed. See [`Trigger`] for which trigger an entry keeps.
+    pub fn add(&self, key: K, trigger: Trigger) {
         self.shared
-            .with_state(|state, now, fx| state.add(key, now, fx));
+            .with_state(|state, now, fx| state.add(key, trigger, now, fx));
     }
 
-    /// Queues `key` after `delay`, unless it is already due or due sooner.
-    pub fn add_after(&self, key: K, delay: Duration) {
+    /// Queues `key` after `delay` because of `trigger`, unless it is already
+    /// due or due sooner.
+    pub fn add_after(&self, key: K, delay: Duration, trigger: Trigger) {
         self.shared.with_state(|state, now, fx| {
-            state.add_at(key, now + delay.min(FAR_FUTURE), now, fx);
+            state.add_at(key, now + delay.min(FAR_FUTURE), trigger, now, fx);
         });
     }
 
-    /// Records a failure of `key` and queues it after its next backoff delay,
-    /// which it returns (for logs and status messages).
+    /// Records a failure of `key` and queues it after its next backoff delay
+    /// (as a [`Trigger::Retry`]), which it returns (for logs and status messages).
     pub fn add_rate_limited(&self, key: K) -> Duration {
         let delay = lock(&self.shared.backoffs).next_delay(key.clone());
         self.shared.observer.retried();
-        self.add_after(key, delay);
+        self.add_after(key, delay, Trigger::Retry);
         delay
     }
 
@@ -163,15 +169,19 @@ where
             let taken = self
                 .shared
                 .with_state(|state, now, fx| match state.take(now, fx) {
-                    Take::Ready(key) => Take::Ready(Lease {
-                        key,
-                        shared: Arc::clone(&self.shared),
-                    }),
+                    Take::Ready(key, trigger) => Take::Ready(
+                        Lease {
+                            key,
+                            trigger,
+                            shared: Arc::clone(&self.shared),
+                        },
+                        trigger,
+                    ),
                     Take::Wait(deadline) => Take::Wait(deadline),
                     Take::ShutDown => Take::ShutDown,
                 });
             match taken {
-                Take::Ready(lease) => return Some(lease),
+                Take::Ready(lease, _) => return Some(lease),
                 Take::ShutDown => return None,
                 Take::Wait(None) => notified.await,
                 Take::Wait(Some(deadline)) => {
@@ -251,6 +261,11 @@ impl<K: Clone + Eq + Hash> Lease<K> {
         &self.key
     }
 
+    /// Why the key was queued (the trigger that made it due first).
+    pub fn trigger(&self) -> Trigger {
+        self.trigger
+    }
+
     /// Marks the key done: it may be handed out again, right away if it was
     /// added while it was being processed. Same as dropping the lease.
     pub fn done(self) {}
@@ -266,7 +281,10 @@ impl<K: Clone + Eq + Hash> Drop for Lease<K> {
 
 impl<K: Clone + Eq + Hash + fmt::Debug> fmt::Debug for Lease<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Lease").field("key", &self.key).finish()
+        f.debug_struct("Lease")
+            .field("key", &self.key)
+            .field("trigger", &self.trigger)
+            .finish()
     }
 }
 
@@ -287,6 +305,9 @@ mod tests {
     use super::*;
 
     type Queue = WorkQueue<&'static str>;
+
+    const ROW: Trigger = Trigger::RowChange;
+    const TIMER: Trigger = Trigger::Timer;
 
     fn steady_policy() -> BackoffPolicy {
         BackoffPolicy {
@@ -316,9 +337,9 @@ mod tests {
     #[tokio::test]
     async fn a_key_queued_twice_is_handed_out_once() {
         let queue = queue();
-        queue.add("a");
-        queue.add("a");
-        queue.add("b");
+        queue.add("a", ROW);
+        queue.add("a", ROW);
+        queue.add("b", ROW);
         assert_eq!(queue.stats().ready, 2);
         assert_eq!(key_now(&queue), Some("a"));
         assert_eq!(key_now(&queue), Some("b"));
@@ -328,10 +349,10 @@ mod tests {
     #[tokio::test]
     async fn an_add_during_processing_requeues_after_done() {
         let queue = queue();
-        queue.add("a");
+        queue.add("a", ROW);
         let lease = ready_now(&queue).expect("a is ready");
-        queue.add("a");
-        queue.add("a");
+        queue.add("a", ROW);
+        queue.add("a", ROW);
         assert!(ready_now(&queue).is_none(), "a is still being processed");
         lease.done();
         let again = ready_now(&queue).expect("the mid-run add is not lost");
@@ -343,9 +364,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_delayed_key_falling_due_during_processing_waits_for_done() {
         let queue = queue();
-        queue.add("a");
+        queue.add("a", ROW);
         let lease = ready_now(&queue).expect("a is ready");
-        queue.add_after("a", Duration::from_secs(1));
+        queue.add_after("a", Duration::from_secs(1), TIMER);
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(ready_now(&queue).is_none());
         drop(lease);
@@ -356,16 +377,16 @@ mod tests {
     async fn ready_keys_are_handed_out_in_fifo_order() {
         let queue = queue();
         for key in ["c", "a", "b", "a", "c"] {
-            queue.add(key);
+            queue.add(key, ROW);
         }
         let order: Vec<_> = std::iter::from_fn(|| key_now(&queue)).collect();
         assert_eq!(order, ["c", "a", "b"]);
 
         // A key added while processed goes behind the keys added before its done.
-        queue.add("x");
+        queue.add("x", ROW);
         let x = ready_now(&queue).expect("x is ready");
-        queue.add("x");
-        queue.add("y");
+        queue.add("x", ROW);
+        queue.add("y", ROW);
         x.done();
         let order: Vec<_> = std::iter::from_fn(|| key_now(&queue)).collect();
         assert_eq!(order, ["y", "x"]);
@@ -375,9 +396,9 @@ mod tests {
     async fn delayed_add_keeps_the_earliest_deadline() {
         let queue = queue();
         let start = Instant::now();
-        queue.add_after("a", Duration::from_secs(10));
-        queue.add_after("a", Duration::from_secs(5));
-        queue.add_after("a", Duration::from_secs(20));
+        queue.add_after("a", Duration::from_secs(10), TIMER);
+        queue.add_after("a", Duration::from_secs(5), TIMER);
+        queue.add_after("a", Duration::from_secs(20), TIMER);
         assert_eq!(queue.stats().delayed, 1);
 
         let lease = queue.next().await.expect("a falls due");
@@ -393,7 +414,7 @@ mod tests {
     async fn delayed_key_is_not_handed_out_before_its_deadline() {
         let queue = queue();
         let start = Instant::now();
-        queue.add_after("a", Duration::from_secs(10));
+        queue.add_after("a", Duration::from_secs(10), TIMER);
         tokio::time::advance(Duration::from_millis(9_999)).await;
         assert_eq!(key_now(&queue), None);
         assert_eq!(queue.stats().delayed, 1);
@@ -407,13 +428,13 @@ mod tests {
     async fn a_waiting_worker_wakes_for_a_new_earlier_deadline() {
         let queue = Arc::new(queue());
         let start = Instant::now();
-        queue.add_after("late", Duration::from_secs(60));
+        queue.add_after("late", Duration::from_secs(60), TIMER);
         let worker = tokio::spawn({
             let queue = Arc::clone(&queue);
             async move { queue.next().await.map(|lease| *lease.key()) }
         });
         tokio::task::yield_now().await; // the worker now sleeps until 60 s
-        queue.add_after("soon", Duration::from_secs(1));
+        queue.add_after("soon", Duration::from_secs(1), TIMER);
         assert_eq!(worker.await.unwrap(), Some("soon"));
         assert_eq!(start.elapsed(), Duration::from_secs(1));
     }
@@ -421,8 +442,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_immediate_add_cancels_a_pending_delay() {
         let queue = queue();
-        queue.add_after("a", Duration::from_secs(10));
-        queue.add("a");
+        queue.add_after("a", Duration::from_secs(10), TIMER);
+        queue.add("a", ROW);
         let stats = queue.stats();
         assert_eq!((stats.ready, stats.delayed), (1, 0));
         assert_eq!(key_now(&queue), Some("a"));
@@ -433,8 +454,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_delayed_add_of_a_ready_key_does_nothing() {
         let queue = queue();
-        queue.add("a");
-        queue.add_after("a", Duration::from_secs(10));
+        queue.add("a", ROW);
+        queue.add_after("a", Duration::from_secs(10), TIMER);
         let stats = queue.stats();
         assert_eq!((stats.ready, stats.delayed), (1, 0));
         assert_eq!(key_now(&queue), Some("a"));
@@ -445,8 +466,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_zero_or_huge_delay_is_handled() {
         let queue = queue();
-        queue.add_after("now", Duration::ZERO);
-        queue.add_after("never", Duration::MAX);
+        queue.add_after("now", Duration::ZERO, TIMER);
+        queue.add_after("never", Duration::MAX, TIMER);
         assert_eq!(key_now(&queue), Some("now"));
         assert_eq!(queue.stats().delayed, 1);
     }
@@ -515,16 +536,16 @@ mod tests {
     #[tokio::test]
     async fn dropping_a_lease_marks_the_key_done() {
         let queue = Arc::new(queue());
-        queue.add("a");
+        queue.add("a", ROW);
         let lease = ready_now(&queue).expect("a is ready");
         assert_eq!(queue.stats().processing, 1);
         drop(lease);
         assert_eq!(queue.stats().processing, 0);
-        queue.add("a");
+        queue.add("a", ROW);
         assert_eq!(key_now(&queue), Some("a"));
 
         // A handler that panics holding its lease releases the key.
-        queue.add("b");
+        queue.add("b", ROW);
         let panicking = tokio::spawn({
             let queue = Arc::clone(&queue);
             async move {
@@ -533,11 +554,11 @@ mod tests {
             }
         });
         assert!(panicking.await.unwrap_err().is_panic());
-        queue.add("b");
+        queue.add("b", ROW);
         assert_eq!(key_now(&queue), Some("b"));
 
         // So does one that is cancelled.
-        queue.add("c");
+        queue.add("c", ROW);
         let lease = ready_now(&queue).expect("c is ready");
         let stuck = tokio::spawn(async move {
             let _lease = lease;
@@ -545,23 +566,23 @@ mod tests {
         });
         stuck.abort();
         assert!(stuck.await.unwrap_err().is_cancelled());
-        queue.add("c");
+        queue.add("c", ROW);
         assert_eq!(key_now(&queue), Some("c"));
     }
 
     #[tokio::test(start_paused = true)]
     async fn shutdown_wakes_waiters_drops_queued_keys_and_lets_leases_finish() {
         let queue = Arc::new(queue());
-        queue.add("busy");
+        queue.add("busy", ROW);
         let busy = ready_now(&queue).expect("busy is ready");
-        queue.add_after("later", Duration::from_secs(10));
+        queue.add_after("later", Duration::from_secs(10), TIMER);
         let start = Instant::now();
         let waiter = tokio::spawn({
             let queue = Arc::clone(&queue);
             async move { queue.next().await.map(|lease| *lease.key()) }
         });
         tokio::task::yield_now().await; // the waiter sleeps until 10 s
-        queue.add("dropped"); // wakes the waiter, which has not run yet
+        queue.add("dropped", ROW); // wakes the waiter, which has not run yet
         queue.shutdown();
         assert_eq!(waiter.await.unwrap(), None);
         assert_eq!(start.elapsed(), Duration::ZERO, "no waiting for deadlines");
@@ -569,8 +590,8 @@ mod tests {
         let stats = queue.stats();
         assert_eq!((stats.ready, stats.delayed, stats.processing), (0, 0, 1));
 
-        queue.add("busy");
-        queue.add("new");
+        queue.add("busy", ROW);
+        queue.add("new", ROW);
         busy.done();
         assert_eq!(queue.stats(), QueueStats::default());
         assert!(queue.next().await.is_none());
@@ -579,10 +600,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stats_count_ready_delayed_and_processing_keys_and_the_longest_run() {
         let queue = queue();
-        queue.add("a");
-        queue.add("b");
-        queue.add("c");
-        queue.add_after("d", Duration::from_secs(60));
+        queue.add("a", ROW);
+        queue.add("b", ROW);
+        queue.add("c", ROW);
+        queue.add_after("d", Duration::from_secs(60), TIMER);
         let a = ready_now(&queue).expect("a");
         tokio::time::advance(Duration::from_secs(3)).await;
         let b = ready_now(&queue).expect("b");
@@ -632,9 +653,9 @@ mod tests {
         let queue = WorkQueue::with_observer(steady_policy(), observer.clone());
         let secs = Duration::from_secs;
 
-        queue.add("a");
-        queue.add("a"); // already due: not an add
-        queue.add_after("b", secs(2));
+        queue.add("a", ROW);
+        queue.add("a", ROW); // already due: not an add
+        queue.add_after("b", secs(2), TIMER);
         assert_eq!(observer.added.load(Ordering::SeqCst), 1);
         tokio::time::advance(secs(3)).await;
 
@@ -642,7 +663,7 @@ mod tests {
         let b = ready_now(&queue).expect("b"); // due at 2 s: waited 1 s
         assert_eq!(observer.added.load(Ordering::SeqCst), 2);
         tokio::time::advance(secs(4)).await;
-        queue.add("a"); // dirty: an add
+        queue.add("a", ROW); // dirty: an add
         a.done(); // worked 4 s, queued again
         assert_eq!(queue.add_rate_limited("b"), secs(1));
         tokio::time::advance(secs(1)).await;
@@ -697,9 +718,9 @@ mod tests {
             tokio::spawn(async move {
                 for key in (producer..KEYS).step_by(PRODUCERS) {
                     if key % 3 == 0 {
-                        queue.add_after(key, Duration::from_micros(key as u64 % 500));
+                        queue.add_after(key, Duration::from_micros(key as u64 % 500), TIMER);
                     } else {
-                        queue.add(key);
+                        queue.add(key, ROW);
                     }
                     if key % 7 == 0 {
                         tokio::task::yield_now().await;
@@ -773,7 +794,7 @@ mod tests {
                 tokio::task::yield_now().await;
                 let batch = 1 + round % 6;
                 for _ in 0..batch {
-                    queue.add(next_key);
+                    queue.add(next_key, ROW);
                     next_key += 1;
                 }
                 cancel.send_replace(true);
@@ -800,8 +821,8 @@ mod tests {
     /// One step of the property test.
     #[derive(Debug, Clone)]
     enum Step {
-        Add(u8),
-        AddAfter(u8, u64),
+        Add(u8, Trigger),
+        AddAfter(u8, u64, Trigger),
         Next,
         Done(usize),
         Advance(u64),
@@ -809,22 +830,29 @@ mod tests {
 
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
-            3 => (0..5u8).prop_map(Step::Add),
-            3 => (0..5u8, 0..40u64).prop_map(|(k, ms)| Step::AddAfter(k, ms)),
+            3 => (0..5u8, trigger()).prop_map(|(k, t)| Step::Add(k, t)),
+            3 => (0..5u8, 0..40u64, trigger()).prop_map(|(k, ms, t)| Step::AddAfter(k, ms, t)),
             3 => Just(Step::Next),
             2 => any::<usize>().prop_map(Step::Done),
             2 => (0..25u64).prop_map(Step::Advance),
         ]
     }
 
+    fn trigger() -> impl Strategy<Value = Trigger> {
+        prop::sample::select(Trigger::ALL.to_vec())
+    }
+
     /// The queue's contract written as plainly as possible: time in
-    /// milliseconds, a linear scan for due keys.
+    /// milliseconds, a linear scan for due keys, and a pending key's trigger
+    /// kept beside it (set by the add that makes it due first).
     #[derive(Default)]
     struct Model {
         now: u64,
         seq: u64,
         /// Key → its deadline and the order its deadline was set in.
         delayed: HashMap<u8, (u64, u64)>,
+        /// Pending key (ready, dirty or delayed) → why it is queued.
+        triggers: HashMap<u8, Trigger>,
         /// Keys due while being processed.
         dirty: HashSet<u8>,
         ready: VecDeque<u8>,
@@ -843,14 +871,19 @@ mod tests {
             due.sort();
             for (_, _, key) in due {
                 self.delayed.remove(&key);
-                self.make_due(key);
+                let trigger = self.triggers[&key];
+                self.make_due(key, trigger);
             }
         }
 
-        fn make_due(&mut self, key: u8) {
+        fn make_due(&mut self, key: u8, trigger: Trigger) {
+            if self.is_due(key) {
+                return;
+            }
+            self.triggers.insert(key, trigger);
             if self.processing.contains(&key) {
                 self.dirty.insert(key);
-            } else if !self.ready.contains(&key) {
+            } else {
                 self.ready.push_back(key);
             }
         }
@@ -859,15 +892,15 @@ mod tests {
             self.ready.contains(&key) || self.dirty.contains(&key)
         }
 
-        fn add(&mut self, key: u8) {
+        fn add(&mut self, key: u8, trigger: Trigger) {
             self.promote();
             self.delayed.remove(&key);
-            self.make_due(key);
+            self.make_due(key, trigger);
         }
 
-        fn add_after(&mut self, key: u8, ms: u64) {
+        fn add_after(&mut self, key: u8, ms: u64, trigger: Trigger) {
             if ms == 0 {
-                return self.add(key);
+                return self.add(key, trigger);
             }
             self.promote();
             let deadline = self.now + ms;
@@ -875,19 +908,25 @@ mod tests {
             if !self.is_due(key) && !later {
                 self.seq += 1;
                 self.delayed.insert(key, (deadline, self.seq));
+                self.triggers.insert(key, trigger);
             }
         }
 
-        fn next(&mut self) -> Option<u8> {
+        fn next(&mut self) -> Option<(u8, Trigger)> {
             self.promote();
             let key = self.ready.pop_front()?;
             self.processing.push(key);
-            Some(key)
+            let trigger = self
+                .triggers
+                .remove(&key)
+                .expect("a ready key has a trigger");
+            Some((key, trigger))
         }
 
         fn done(&mut self, index: usize) {
             self.promote();
             let key = self.processing.remove(index);
+            // A dirty key keeps its trigger in `triggers` as it moves to ready.
             if self.dirty.remove(&key) {
                 self.ready.push_back(key);
             }
@@ -906,17 +945,20 @@ mod tests {
             let mut leases: Vec<Lease<u8>> = Vec::new();
             for step in steps {
                 match step {
-                    Step::Add(key) => {
-                        queue.add(key);
-                        model.add(key);
+                    Step::Add(key, trigger) => {
+                        queue.add(key, trigger);
+                        model.add(key, trigger);
                     }
-                    Step::AddAfter(key, ms) => {
-                        queue.add_after(key, Duration::from_millis(ms));
-                        model.add_after(key, ms);
+                    Step::AddAfter(key, ms, trigger) => {
+                        queue.add_after(key, Duration::from_millis(ms), trigger);
+                        model.add_after(key, ms, trigger);
                     }
                     Step::Next => {
                         let lease = ready_now(&queue);
-                        assert_eq!(lease.as_ref().map(|l| *l.key()), model.next());
+                        assert_eq!(
+                            lease.as_ref().map(|l| (*l.key(), l.trigger())),
+                            model.next()
+                        );
                         leases.extend(lease);
                     }
                     Step::Done(i) if !leases.is_empty() => {

@@ -37,10 +37,11 @@ pub trait QueueObserver: Send + Sync {
     }
 }
 
-/// An observer that ignores everything.
-pub(super) struct Unobserved;
+/// A queue observer that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoQueueObserver;
 
-impl QueueObserver for Unobserved {}
+impl QueueObserver for NoQueueObserver {}
 
 /// A snapshot of the queue, computed on demand.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

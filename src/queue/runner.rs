@@ -1,12 +1,14 @@
 //! The worker pool: runs a handler for each key the [`WorkQueue`] hands out
-//! and turns the handler's [`Outcome`] into the queue call that follows.
+//! and turns the handler's [`WorkOutcome`] into the queue call that follows.
 //!
 //! Invariants (pinned by the tests below):
 //! - at most `concurrency` handlers run at once, and one key's handler never
 //!   runs twice at once (the key's [`Lease`] is held until its handler ends);
-//! - a key's outcome is applied before its lease is done: [`Outcome::Done`]
-//!   forgets its failures, [`Outcome::RequeueAfter`] forgets them and queues
-//!   it after the delay, [`Outcome::Retry`] queues it with backoff;
+//! - a key's outcome is applied before its lease is done: [`WorkOutcome::Done`]
+//!   forgets its failures, [`WorkOutcome::RequeueAfter`] forgets them and queues
+//!   it after the delay (a [`Trigger::Timer`]), [`WorkOutcome::Retry`] queues it
+//!   with backoff (a [`Trigger::Retry`]);
+//! - a handler is told why its key was queued (the lease's [`Trigger`]);
 //! - a handler that panics is logged with its key and counts as a retry; the
 //!   pool carries on;
 //! - after [`WorkQueue::shutdown`], nothing new starts and [`run_workers`]
@@ -25,11 +27,11 @@ use std::time::Duration;
 
 use tokio::task::{Id, JoinError, JoinSet};
 
-use super::{Lease, WorkQueue};
+use super::{Lease, Trigger, WorkQueue};
 
 /// What a handler wants done with its key next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum WorkOutcome {
     /// Converged: forget the key's failures; it runs again when next added.
     Done,
     /// Converged for now: forget its failures and look again after this long
@@ -39,17 +41,18 @@ pub enum Outcome {
     Retry,
 }
 
-/// Runs `handler` on the keys `queue` hands out, at most `concurrency` at a
-/// time (a `concurrency` of 0 counts as 1), until the queue is shut down and
-/// the handlers in flight have finished.
+/// Runs `handler` on the keys `queue` hands out, with the trigger each was
+/// queued for, at most `concurrency` at a time (a `concurrency` of 0 counts
+/// as 1), until the queue is shut down and the handlers in flight have
+/// finished.
 ///
 /// Each handler runs as its own tokio task, so a panic is caught at its join
 /// handle instead of unwinding through the pool.
 pub async fn run_workers<K, F, Fut>(queue: Arc<WorkQueue<K>>, concurrency: usize, handler: F)
 where
     K: Clone + Eq + Hash + Send + Sync + fmt::Debug + 'static,
-    F: Fn(K) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
+    F: Fn(K, Trigger) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = WorkOutcome> + Send + 'static,
 {
     let concurrency = concurrency.max(1);
     let handler = Arc::new(handler);
@@ -65,8 +68,8 @@ where
             lease = queue.next(), if running.len() < concurrency => {
                 let Some(lease) = lease else { break };
                 let handler = Arc::clone(&handler);
-                let key = lease.key().clone();
-                let id = running.spawn(async move { handler(key).await }).id();
+                let (key, trigger) = (lease.key().clone(), lease.trigger());
+                let id = running.spawn(async move { handler(key, trigger).await }).id();
                 leases.insert(id, lease);
             }
         }
@@ -80,25 +83,25 @@ where
 fn settle<K>(
     queue: &WorkQueue<K>,
     leases: &mut HashMap<Id, Lease<K>>,
-    joined: Result<(Id, Outcome), JoinError>,
+    joined: Result<(Id, WorkOutcome), JoinError>,
 ) where
     K: Clone + Eq + Hash + Send + Sync + fmt::Debug + 'static,
 {
     let (id, outcome, failure) = match joined {
         Ok((id, outcome)) => (id, outcome, None),
-        Err(error) => (error.id(), Outcome::Retry, Some(error)),
+        Err(error) => (error.id(), WorkOutcome::Retry, Some(error)),
     };
     let Some(lease) = leases.remove(&id) else {
         return;
     };
     let key = lease.key().clone();
     match outcome {
-        Outcome::Done => queue.forget(&key),
-        Outcome::RequeueAfter(delay) => {
+        WorkOutcome::Done => queue.forget(&key),
+        WorkOutcome::RequeueAfter(delay) => {
             queue.forget(&key);
-            queue.add_after(key, delay);
+            queue.add_after(key, delay, Trigger::Timer);
         }
-        Outcome::Retry => {
+        WorkOutcome::Retry => {
             let delay = queue.add_rate_limited(key.clone());
             if let Some(error) = failure {
                 tracing::error!(
@@ -165,7 +168,7 @@ mod tests {
         let hot_runs = Arc::new(AtomicUsize::new(0));
         let pool = tokio::spawn(run_workers(Arc::clone(&queue), 8, {
             let (per_key, all, hot_runs) = (per_key.clone(), all.clone(), hot_runs.clone());
-            move |key: u32| {
+            move |key: u32, _: Trigger| {
                 let (per_key, all, hot_runs) = (per_key.clone(), all.clone(), hot_runs.clone());
                 async move {
                     let gauge = &per_key[key as usize];
@@ -179,7 +182,7 @@ mod tests {
                     }
                     all.leave();
                     gauge.leave();
-                    Outcome::Done
+                    WorkOutcome::Done
                 }
             }
         }));
@@ -187,9 +190,9 @@ mod tests {
         let producer = async {
             let mut i = 0u32;
             while hot_runs.load(Ordering::SeqCst) < 500 {
-                queue.add(0);
+                queue.add(0, Trigger::RowChange);
                 if i.is_multiple_of(4) {
-                    queue.add(1 + i % 7);
+                    queue.add(1 + i % 7, Trigger::RowChange);
                 }
                 i += 1;
                 tokio::task::yield_now().await;
@@ -218,19 +221,19 @@ mod tests {
         let start = Instant::now();
         let pool = tokio::spawn(run_workers(Arc::clone(&queue), 3, {
             let gauge = gauge.clone();
-            move |key: u32| {
+            move |key: u32, _: Trigger| {
                 let (gauge, done_tx) = (gauge.clone(), done_tx.clone());
                 async move {
                     gauge.enter();
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     gauge.leave();
                     done_tx.send(key).unwrap();
-                    Outcome::Done
+                    WorkOutcome::Done
                 }
             }
         }));
         for key in 0..10 {
-            queue.add(key);
+            queue.add(key, Trigger::RowChange);
         }
         for _ in 0..10 {
             done_rx.recv().await.unwrap();
@@ -242,8 +245,8 @@ mod tests {
     }
 
     /// Runs `outcomes` for key "a", one per call, recording when each call
-    /// started and the retries the queue counted then.
-    async fn run_script(outcomes: Vec<Outcome>) -> (Vec<(Duration, u32)>, u32) {
+    /// started, the retries the queue counted then and why it was queued.
+    async fn run_script(outcomes: Vec<WorkOutcome>) -> (Vec<(Duration, u32, Trigger)>, u32) {
         let queue = queue::<&'static str>();
         let script = Arc::new(Mutex::new(outcomes.into_iter()));
         let calls = Arc::new(Mutex::new(Vec::new()));
@@ -251,11 +254,11 @@ mod tests {
         let start = Instant::now();
         let pool = tokio::spawn(run_workers(Arc::clone(&queue), 2, {
             let (queue, calls) = (Arc::clone(&queue), Arc::clone(&calls));
-            move |key| {
+            move |key, trigger| {
                 calls
                     .lock()
                     .unwrap()
-                    .push((start.elapsed(), queue.retries(&key)));
+                    .push((start.elapsed(), queue.retries(&key), trigger));
                 let outcome = script.lock().unwrap().next();
                 let finished_tx = finished_tx.clone();
                 async move {
@@ -263,13 +266,13 @@ mod tests {
                         Some(outcome) => outcome,
                         None => {
                             finished_tx.send(()).unwrap();
-                            Outcome::Done
+                            WorkOutcome::Done
                         }
                     }
                 }
             }
         }));
-        queue.add("a");
+        queue.add("a", Trigger::RowChange);
         finished_rx.recv().await.unwrap();
         queue.shutdown();
         pool.await.unwrap();
@@ -279,28 +282,44 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn retry_backs_off_per_failure_and_done_forgets() {
+        use Trigger::{Retry, RowChange};
         let secs = Duration::from_secs;
-        let (calls, retries_after) =
-            run_script(vec![Outcome::Retry, Outcome::Retry, Outcome::Retry]).await;
+        let (calls, retries_after) = run_script(vec![
+            WorkOutcome::Retry,
+            WorkOutcome::Retry,
+            WorkOutcome::Retry,
+        ])
+        .await;
         assert_eq!(
             calls,
-            [(secs(0), 0), (secs(1), 1), (secs(3), 2), (secs(7), 3)]
+            [
+                (secs(0), 0, RowChange),
+                (secs(1), 1, Retry),
+                (secs(3), 2, Retry),
+                (secs(7), 3, Retry)
+            ]
         );
         assert_eq!(retries_after, 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn requeue_after_forgets_failures_and_runs_the_key_again_after_the_delay() {
+        use Trigger::{Retry, RowChange, Timer};
         let secs = Duration::from_secs;
         let (calls, _) = run_script(vec![
-            Outcome::Retry,
-            Outcome::RequeueAfter(secs(10)),
-            Outcome::Retry,
+            WorkOutcome::Retry,
+            WorkOutcome::RequeueAfter(secs(10)),
+            WorkOutcome::Retry,
         ])
         .await;
         assert_eq!(
             calls,
-            [(secs(0), 0), (secs(1), 1), (secs(11), 0), (secs(12), 1)]
+            [
+                (secs(0), 0, RowChange),
+                (secs(1), 1, Retry),
+                (secs(11), 0, Timer),
+                (secs(12), 1, Retry)
+            ]
         );
     }
 
@@ -336,7 +355,7 @@ mod tests {
         let start = Instant::now();
         let pool = tokio::spawn(run_workers(Arc::clone(&queue), 1, {
             let calls = Arc::clone(&calls);
-            move |key: &'static str| {
+            move |key: &'static str, _: Trigger| {
                 let runs = {
                     let mut calls = calls.lock().unwrap();
                     let runs = calls.entry(key).or_default();
@@ -349,17 +368,17 @@ mod tests {
                         panic!("reconcile of {key} blew up");
                     }
                     done_tx.send(key).unwrap();
-                    Outcome::Done
+                    WorkOutcome::Done
                 }
             }
         }));
-        queue.add("boom");
-        queue.add("fine");
+        queue.add("boom", Trigger::RowChange);
+        queue.add("fine", Trigger::RowChange);
         assert_eq!(done_rx.recv().await, Some("fine"));
         assert_eq!(queue.retries(&"boom"), 1, "the panic counted as a failure");
         assert_eq!(done_rx.recv().await, Some("boom"));
         assert_eq!(queue.retries(&"boom"), 0);
-        queue.add("after");
+        queue.add("after", Trigger::RowChange);
         assert_eq!(done_rx.recv().await, Some("after"), "the pool survived");
 
         queue.shutdown();
@@ -384,18 +403,18 @@ mod tests {
         let start = Instant::now();
         let pool = tokio::spawn(run_workers(Arc::clone(&queue), 2, {
             let finished = Arc::clone(&finished);
-            move |key: &'static str| {
+            move |key: &'static str, _: Trigger| {
                 let (started_tx, finished) = (started_tx.clone(), Arc::clone(&finished));
                 async move {
                     started_tx.send(key).unwrap();
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     finished.lock().unwrap().push(key);
-                    Outcome::Done
+                    WorkOutcome::Done
                 }
             }
         }));
         for key in ["a", "b", "c", "d"] {
-            queue.add(key);
+            queue.add(key, Trigger::RowChange);
         }
         assert_eq!(started_rx.recv().await, Some("a"));
         assert_eq!(started_rx.recv().await, Some("b"));
@@ -412,14 +431,14 @@ mod tests {
     async fn dropping_the_pool_aborts_its_handlers_and_releases_their_keys() {
         let queue = queue::<&'static str>();
         let (started_tx, mut started_rx) = mpsc::unbounded_channel();
-        let pool = tokio::spawn(run_workers(Arc::clone(&queue), 2, move |key| {
+        let pool = tokio::spawn(run_workers(Arc::clone(&queue), 2, move |key, _| {
             let started_tx = started_tx.clone();
             async move {
                 started_tx.send(key).unwrap();
-                std::future::pending::<Outcome>().await
+                std::future::pending::<WorkOutcome>().await
             }
         }));
-        queue.add("a");
+        queue.add("a", Trigger::RowChange);
         assert_eq!(started_rx.recv().await, Some("a"));
         assert_eq!(queue.stats().processing, 1);
         pool.abort();

@@ -14,7 +14,9 @@
 //!   stays pending-ready in its slot ("dirty") and enters `ready` on `done`;
 //! - before any operation, the keys whose deadline has passed are moved to
 //!   ready in deadline order, so FIFO order is the order keys became due,
-//!   however late the queue was looked at.
+//!   however late the queue was looked at;
+//! - a pending key carries the [`Trigger`] of the add that makes it due
+//!   first (the merge rule of [`Trigger`]'s module).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
@@ -22,17 +24,22 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::QueueStats;
+use super::{QueueStats, Trigger};
 
 /// How a key waits to be handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
     /// Not waiting.
     No,
-    /// Due since `since`: in `ready`, or dirty while it is processed.
-    Ready { since: Instant },
-    /// Waiting for `deadline`; `seq` makes its timer entry unique.
-    Delayed { deadline: Instant, seq: u64 },
+    /// Due since `since` because of `trigger`: in `ready`, or dirty while it
+    /// is processed.
+    Ready { since: Instant, trigger: Trigger },
+    /// Waiting for `deadline`, set by `trigger`; `seq` makes its timer entry unique.
+    Delayed {
+        deadline: Instant,
+        seq: u64,
+        trigger: Trigger,
+    },
 }
 
 /// Everything the queue knows about one key.
@@ -68,8 +75,8 @@ pub(super) struct Effects {
 /// The answer to "give me a key".
 #[derive(Debug)]
 pub(super) enum Take<K> {
-    /// This is now being processed.
-    Ready(K),
+    /// This is now being processed; it was queued because of the trigger.
+    Ready(K, Trigger),
     /// Nothing is ready; wake at this deadline (if any) or when notified.
     Wait(Option<Instant>),
     /// The queue is shut down.
@@ -97,8 +104,9 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
         }
     }
 
-    /// Makes `key` due now, unless it already is. Cancels a pending delay.
-    pub(super) fn add(&mut self, key: K, now: Instant, fx: &mut Effects) {
+    /// Makes `key` due now because of `trigger`, unless it already is (then
+    /// it keeps its trigger). Cancels a pending delay (and takes its place).
+    pub(super) fn add(&mut self, key: K, trigger: Trigger, now: Instant, fx: &mut Effects) {
         if self.shut_down {
             return;
         }
@@ -109,18 +117,26 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
         });
         match slot.pending {
             Pending::Ready { .. } => {}
-            Pending::Delayed { deadline, seq } => {
+            Pending::Delayed { deadline, seq, .. } => {
                 self.timers.remove(&(deadline, seq));
-                make_ready(&mut self.ready, slot, key, now, fx);
+                make_ready(&mut self.ready, slot, key, now, trigger, fx);
             }
-            Pending::No => make_ready(&mut self.ready, slot, key, now, fx),
+            Pending::No => make_ready(&mut self.ready, slot, key, now, trigger, fx),
         }
     }
 
-    /// Makes `key` due at `deadline`, unless it is already due or due sooner.
-    pub(super) fn add_at(&mut self, key: K, deadline: Instant, now: Instant, fx: &mut Effects) {
+    /// Makes `key` due at `deadline` because of `trigger`, unless it is
+    /// already due or due as soon (then it keeps its trigger).
+    pub(super) fn add_at(
+        &mut self,
+        key: K,
+        deadline: Instant,
+        trigger: Trigger,
+        now: Instant,
+        fx: &mut Effects,
+    ) {
         if deadline <= now {
-            return self.add(key, now, fx);
+            return self.add(key, trigger, now, fx);
         }
         if self.shut_down {
             return;
@@ -133,14 +149,20 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
         match slot.pending {
             Pending::Ready { .. } => return,
             Pending::Delayed { deadline: old, .. } if old <= deadline => return,
-            Pending::Delayed { deadline: old, seq } => {
+            Pending::Delayed {
+                deadline: old, seq, ..
+            } => {
                 self.timers.remove(&(old, seq));
             }
             Pending::No => {}
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        slot.pending = Pending::Delayed { deadline, seq };
+        slot.pending = Pending::Delayed {
+            deadline,
+            seq,
+            trigger,
+        };
         self.timers.insert((deadline, seq), key);
         if self.timers.keys().next() == Some(&(deadline, seq)) {
             fx.earlier_deadline = true;
@@ -158,14 +180,14 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
                 debug_assert!(false, "a ready key has no slot");
                 continue;
             };
-            let Pending::Ready { since } = slot.pending else {
+            let Pending::Ready { since, trigger } = slot.pending else {
                 debug_assert!(false, "a key in `ready` is not pending-ready");
                 continue;
             };
             slot.pending = Pending::No;
             slot.processing_since = Some(now);
             fx.handed_out = Some(now.saturating_duration_since(since));
-            return Take::Ready(key);
+            return Take::Ready(key, trigger);
         }
         Take::Wait(self.timers.keys().next().map(|&(deadline, _)| deadline))
     }
@@ -181,10 +203,13 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
         };
         fx.finished = Some(now.saturating_duration_since(started));
         match slot.pending {
-            Pending::Ready { .. } => {
+            Pending::Ready { trigger, .. } => {
                 // The wait that counts is the one behind other ready keys,
                 // not the one behind this key's own previous run.
-                slot.pending = Pending::Ready { since: now };
+                slot.pending = Pending::Ready {
+                    since: now,
+                    trigger,
+                };
                 self.ready.push_back(key.clone());
                 fx.became_ready += 1;
             }
@@ -242,7 +267,11 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
                 debug_assert!(false, "a delayed key has no slot");
                 continue;
             };
-            make_ready(&mut self.ready, slot, key, deadline, fx);
+            let Pending::Delayed { trigger, .. } = slot.pending else {
+                debug_assert!(false, "a timer's key is not delayed");
+                continue;
+            };
+            make_ready(&mut self.ready, slot, key, deadline, trigger, fx);
         }
     }
 
@@ -259,7 +288,7 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
                 Pending::Ready { .. } => {
                     assert_eq!(in_ready, slot.processing_since.is_none())
                 }
-                Pending::Delayed { deadline, seq } => {
+                Pending::Delayed { deadline, seq, .. } => {
                     assert!(!in_ready);
                     assert!(self.timers.get(&(deadline, seq)) == Some(key));
                 }
@@ -271,15 +300,17 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
     }
 }
 
-/// Marks `slot` due since `since`; queues it unless it is being processed.
+/// Marks `slot` due since `since` because of `trigger`; queues it unless it
+/// is being processed.
 fn make_ready<K>(
     ready: &mut VecDeque<K>,
     slot: &mut Slot,
     key: K,
     since: Instant,
+    trigger: Trigger,
     fx: &mut Effects,
 ) {
-    slot.pending = Pending::Ready { since };
+    slot.pending = Pending::Ready { since, trigger };
     fx.added += 1;
     if slot.processing_since.is_none() {
         ready.push_back(key);
@@ -291,13 +322,16 @@ fn make_ready<K>(
 mod tests {
     use super::*;
 
+    const ROW: Trigger = Trigger::RowChange;
+    const TIMER: Trigger = Trigger::Timer;
+
     fn at(start: Instant, ms: u64) -> Instant {
         start + Duration::from_millis(ms)
     }
 
     fn take(state: &mut QueueState<&'static str>, now: Instant) -> Option<&'static str> {
         match state.take(now, &mut Effects::default()) {
-            Take::Ready(key) => Some(key),
+            Take::Ready(key, _) => Some(key),
             Take::Wait(_) | Take::ShutDown => None,
         }
     }
@@ -307,9 +341,9 @@ mod tests {
         let t0 = Instant::now();
         let mut state = QueueState::new();
         let mut fx = Effects::default();
-        state.add_at("late", at(t0, 20), t0, &mut fx);
-        state.add_at("early", at(t0, 10), t0, &mut fx);
-        state.add("now", at(t0, 30), &mut fx);
+        state.add_at("late", at(t0, 20), TIMER, t0, &mut fx);
+        state.add_at("early", at(t0, 10), TIMER, t0, &mut fx);
+        state.add("now", ROW, at(t0, 30), &mut fx);
         state.check_invariants();
         assert_eq!(take(&mut state, at(t0, 30)), Some("early"));
         assert_eq!(take(&mut state, at(t0, 30)), Some("late"));
@@ -320,9 +354,12 @@ mod tests {
     fn a_promoted_key_has_waited_since_its_deadline() {
         let t0 = Instant::now();
         let mut state = QueueState::new();
-        state.add_at("a", at(t0, 10), t0, &mut Effects::default());
+        state.add_at("a", at(t0, 10), TIMER, t0, &mut Effects::default());
         let mut fx = Effects::default();
-        assert!(matches!(state.take(at(t0, 25), &mut fx), Take::Ready("a")));
+        assert!(matches!(
+            state.take(at(t0, 25), &mut fx),
+            Take::Ready("a", TIMER)
+        ));
         assert_eq!(fx.handed_out, Some(Duration::from_millis(15)));
         assert_eq!(fx.added, 1);
     }
@@ -332,21 +369,78 @@ mod tests {
         let t0 = Instant::now();
         let mut state = QueueState::new();
         let mut fx = Effects::default();
-        state.add_at("a", at(t0, 10), t0, &mut fx);
+        state.add_at("a", at(t0, 10), TIMER, t0, &mut fx);
         assert!(fx.earlier_deadline);
         let mut fx = Effects::default();
-        state.add_at("b", at(t0, 20), t0, &mut fx);
+        state.add_at("b", at(t0, 20), TIMER, t0, &mut fx);
         assert!(!fx.earlier_deadline);
-        state.add_at("b", at(t0, 5), t0, &mut fx);
+        state.add_at("b", at(t0, 5), TIMER, t0, &mut fx);
         assert!(fx.earlier_deadline);
         state.check_invariants();
+    }
+
+    fn take_with_trigger(
+        state: &mut QueueState<&'static str>,
+        now: Instant,
+    ) -> Option<(&'static str, Trigger)> {
+        match state.take(now, &mut Effects::default()) {
+            Take::Ready(key, trigger) => Some((key, trigger)),
+            Take::Wait(_) | Take::ShutDown => None,
+        }
+    }
+
+    #[test]
+    fn an_entry_keeps_the_trigger_that_makes_it_due_first() {
+        use Trigger::{Api, DockerEvent, Resync, Retry, Timer};
+        let t0 = Instant::now();
+        let mut state = QueueState::new();
+        let fx = &mut Effects::default();
+        // Already due: later adds, immediate or delayed, keep its reason.
+        state.add("due", DockerEvent, t0, fx);
+        state.add("due", Resync, t0, fx);
+        state.add_at("due", at(t0, 5), Timer, t0, fx);
+        // Delayed: an earlier deadline takes over; a later or equal one does not.
+        state.add_at("soon", at(t0, 20), Timer, t0, fx);
+        state.add_at("soon", at(t0, 10), Retry, t0, fx);
+        state.add_at("soon", at(t0, 15), Timer, t0, fx);
+        state.add_at("soon", at(t0, 10), Timer, t0, fx);
+        // Delayed, then added now: the immediate add makes it due first.
+        state.add_at("now", at(t0, 30), Timer, t0, fx);
+        state.add("now", Api, at(t0, 1), fx);
+        state.check_invariants();
+        assert_eq!(
+            take_with_trigger(&mut state, at(t0, 1)),
+            Some(("due", DockerEvent))
+        );
+        assert_eq!(take_with_trigger(&mut state, at(t0, 1)), Some(("now", Api)));
+        assert_eq!(take_with_trigger(&mut state, at(t0, 9)), None);
+        assert_eq!(
+            take_with_trigger(&mut state, at(t0, 10)),
+            Some(("soon", Retry))
+        );
+
+        // While a key is processed, the add that makes it dirty names the rerun.
+        state.add("busy", DockerEvent, at(t0, 40), fx);
+        assert_eq!(
+            take_with_trigger(&mut state, at(t0, 40)),
+            Some(("busy", DockerEvent))
+        );
+        state.add_at("busy", at(t0, 50), Timer, at(t0, 40), fx);
+        state.add("busy", Api, at(t0, 41), fx);
+        state.add("busy", Resync, at(t0, 42), fx);
+        state.done(&"busy", at(t0, 43), fx);
+        state.check_invariants();
+        assert_eq!(
+            take_with_trigger(&mut state, at(t0, 60)),
+            Some(("busy", Api))
+        );
     }
 
     #[test]
     fn a_finished_key_with_nothing_pending_leaves_no_trace() {
         let t0 = Instant::now();
         let mut state = QueueState::new();
-        state.add("a", t0, &mut Effects::default());
+        state.add("a", ROW, t0, &mut Effects::default());
         assert_eq!(take(&mut state, t0), Some("a"));
         state.done(&"a", t0, &mut Effects::default());
         assert!(state.slots.is_empty());

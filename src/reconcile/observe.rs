@@ -6,12 +6,12 @@
 
 use std::collections::BTreeMap;
 
-use crate::quote::quote_short;
 use crate::docker::{
     ContainerFilter, ContainerSummary, Engine, ObservedContainer, LABEL_INSTANCE, LABEL_MANAGED,
     LABEL_USER_ID,
 };
 use crate::naming::UserNames;
+use crate::quote::quote_short;
 use crate::status::ContainerStatus;
 
 use super::{ReconcileError, Reconciler};

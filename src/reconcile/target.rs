@@ -10,11 +10,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use tracing::debug;
 
-use crate::desired::{DesiredContainer, DesiredState};
-use crate::quote::quote_short;
+use crate::desired::DesiredContainer;
 use crate::docker::{Engine, ObservedContainer};
 use crate::naming::UserNames;
 use crate::plan::{Blueprint, Claim, Intent, Target};
+use crate::quote::quote_short;
 use crate::secrets::GatewayToken;
 use crate::spec::DesiredSpec;
 use crate::status::ContainerStatus;
@@ -175,16 +175,13 @@ impl<E: Engine> Reconciler<E> {
 
 /// Whether the row's container should run at `now`, and if not, why.
 pub(super) fn intent_of(d: &DesiredContainer, now: DateTime<Utc>) -> Intent {
-    match (d.state, d.is_idle(now)) {
-        (DesiredState::Stopped, _) => Intent::Stopped,
-        (DesiredState::Running, true) => Intent::Idle,
-        (DesiredState::Running, false) => Intent::Running,
-    }
+    d.intent(now)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::DesiredState;
     use crate::desired::InvalidRow;
     use crate::docker::RunState;
     use crate::reconcile::memory::Blocked;

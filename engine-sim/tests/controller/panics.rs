@@ -5,15 +5,12 @@ use std::time::Duration;
 
 use clawfleet::controller::{Controller, ControllerOptions, Observers, ReconcileObserver};
 use clawfleet::docker::Op;
-use clawfleet::ports::PortAllocator;
 use clawfleet::queue::BackoffPolicy;
-use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
-use clawfleet::secrets::{EncryptionKey, KeyRing};
 use clawfleet::status::Phase;
-use clawfleet::store::{DesiredUpdate, Store};
+use clawfleet::store::DesiredUpdate;
 use clawfleet_engine_sim::MemoryEngine;
 
-use crate::{settings, IMAGE};
+use crate::{reconciler, sqlite_store, Running, IMAGE};
 
 /// Every reconcile result, in order.
 #[derive(Default)]
@@ -40,21 +37,10 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 /// declared but never counted, because only the worker pool saw panics.
 #[tokio::test]
 async fn a_reconcile_that_panics_is_counted_as_a_panic_error_and_retried() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/cf.db?mode=rwc", dir.path().display());
-    let store = Store::connect(&url).await.unwrap();
-    store.migrate().await.unwrap();
+    let (store, _dir) = sqlite_store().await;
     let engine = Arc::new(MemoryEngine::new());
     engine.add_image(IMAGE);
-    let settings = Arc::new(settings());
-    let reconciler = Reconciler::new(
-        store.clone(),
-        engine.clone(),
-        settings.clone(),
-        KeyRing::new(vec![EncryptionKey::generate("t").unwrap()]).unwrap(),
-        PortAllocator::new(settings.port_range, settings.publish_ip).without_probe(),
-        ReconcilerOptions::default(),
-    );
+    let reconciler = reconciler(&store, &engine);
     let recorded = Arc::new(Recorded::default());
     let observers = Observers {
         reconciles: recorded.clone(),
@@ -69,13 +55,13 @@ async fn a_reconcile_that_panics_is_counted_as_a_panic_error_and_retried() {
         },
         ..ControllerOptions::default()
     };
-    let controller = Controller::new(store.clone(), reconciler, options, observers);
-    let handle = controller.handle();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(controller.run(async {
-        let _ = stopped.await;
-    }));
-    eventually("the first full sync", || handle.progress.synced()).await;
+    let running = Running::spawn(Controller::new(
+        store.clone(),
+        reconciler,
+        options,
+        observers,
+    ));
+    eventually("the first full sync", || running.handle.progress.synced()).await;
 
     engine.panic_next(Op::Create);
     store
@@ -106,6 +92,5 @@ async fn a_reconcile_that_panics_is_counted_as_a_panic_error_and_retried() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = stop.send(());
-    running.await.unwrap();
+    running.stop().await;
 }

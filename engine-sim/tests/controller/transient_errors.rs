@@ -6,35 +6,20 @@ use std::sync::Arc;
 use chrono::Utc;
 use clawfleet::desired::DesiredState;
 use clawfleet::docker::{EngineError, Op};
-use clawfleet::ports::PortAllocator;
-use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
-use clawfleet::secrets::{EncryptionKey, KeyRing};
 use clawfleet::status::Phase;
-use clawfleet::store::{DesiredUpdate, Store};
+use clawfleet::store::DesiredUpdate;
 use clawfleet_engine_sim::MemoryEngine;
 
-use crate::settings;
+use crate::{reconciler, sqlite_store, IMAGE};
 
 const USER: &str = "alice";
 
 #[tokio::test]
 async fn a_transient_error_does_not_record_the_revision_it_did_not_act_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/r.db?mode=rwc", dir.path().display());
-    let store = Store::connect(&url).await.unwrap();
-    store.migrate().await.unwrap();
+    let (store, _dir) = sqlite_store().await;
     let engine = Arc::new(MemoryEngine::new());
-    let settings = Arc::new(settings());
-    engine.add_image(settings.image.as_str());
-    let keys = KeyRing::new(vec![EncryptionKey::generate("unit").unwrap()]).unwrap();
-    let reconciler = Reconciler::new(
-        store.clone(),
-        engine.clone(),
-        settings.clone(),
-        keys,
-        PortAllocator::new(settings.port_range, settings.publish_ip).without_probe(),
-        ReconcilerOptions::default(),
-    );
+    engine.add_image(IMAGE);
+    let reconciler = reconciler(&store, &engine);
     store
         .upsert_desired(&DesiredUpdate {
             user_id: USER.into(),

@@ -109,6 +109,7 @@ pub(super) async fn ensure_running(
     // Joined before the write, so no status change after it is missed.
     let mut watch = state.store.watch_status(&id);
     let before = state.store.desired(&id).await?.and_then(Result::ok);
+    let revision_before = before.as_ref().map(|b| b.revision);
     state
         .store
         .upsert_desired(&DesiredUpdate {
@@ -131,6 +132,10 @@ pub(super) async fn ensure_running(
         // Deleted by someone else in between.
         None => return Err(ApiError::NoSuchUser(quote_short(&id))),
     };
+    // A mere touch is left to the feed, which spaces activity storms.
+    if revision_before != Some(revision) {
+        state.nudge.user(&id);
+    }
     loop {
         let status = match watch.latest() {
             StatusSnapshot::NotRead => None,

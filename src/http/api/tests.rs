@@ -16,6 +16,7 @@ use super::{openapi, PREFIX};
 use crate::http::{router, ApiToken, AppState, Readiness, ReadinessReport};
 use crate::image_ref::ImageRef;
 use crate::metrics::Metrics;
+use crate::nudge::Nudge;
 use crate::probe::{GatewayProbe, ProbeKind};
 use crate::secrets::{EncryptionKey, KeyRing};
 use crate::store::Store;
@@ -46,6 +47,7 @@ async fn test_app(api_token: Option<&str>) -> (axum::Router, Store, tempfile::Te
         max_inflight: 8,
         metrics: Metrics::new(),
         gateway_probe: GatewayProbe::new(ProbeKind::Tcp, "127.0.0.1".parse().unwrap()),
+        nudge: Arc::new(Nudge::new()),
     });
     (router(state), store, dir)
 }

@@ -66,6 +66,7 @@ pub(super) async fn put_user(
     let body = body.map_err(|e| ApiError::bad_request("body", e.body_text()))?;
     let update = PutBody::parse(&body)?.into_update(id.clone())?;
     state.store.upsert_desired(&update).await?;
+    state.nudge.user(&id);
     tracing::info!(user_id = %quote_short(&id), "desired row written through the api");
     view_of(&state, &id).await.map(Json)
 }

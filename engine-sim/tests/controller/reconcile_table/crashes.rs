@@ -132,7 +132,11 @@ async fn an_unhealthy_container_is_restarted_in_place_with_the_same_back_off() {
 
     let first = fleet.now();
     fleet
-        .behind_its_back(|engine| engine.set_health(&name, ContainerHealth::Unhealthy).unwrap())
+        .behind_its_back(|engine| {
+            engine
+                .set_health(&name, ContainerHealth::Unhealthy)
+                .unwrap()
+        })
         .await;
     let c = fleet.container("alice").unwrap();
     assert_eq!(c.id, id, "restarted in place, not recreated");
@@ -144,7 +148,11 @@ async fn an_unhealthy_container_is_restarted_in_place_with_the_same_back_off() {
     for (restarts, delay) in [(2, 1), (3, 2)] {
         let at = fleet.now();
         fleet
-            .behind_its_back(|engine| engine.set_health(&name, ContainerHealth::Unhealthy).unwrap())
+            .behind_its_back(|engine| {
+                engine
+                    .set_health(&name, ContainerHealth::Unhealthy)
+                    .unwrap()
+            })
             .await;
         fleet.advance(secs(delay) - MS).await;
         assert_eq!(

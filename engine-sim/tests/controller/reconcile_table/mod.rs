@@ -260,7 +260,9 @@ impl Fleet {
     /// row, and waits until the reconcile and all it caused are done.
     pub async fn changed(&self, user: &str) {
         let before = self.reconciles.total.load(Ordering::SeqCst);
-        self.handle.queue.add(user.to_owned());
+        self.handle
+            .queue
+            .add(user.to_owned(), clawfleet::queue::Trigger::RowChange);
         self.reconciled_since(before).await;
     }
 
