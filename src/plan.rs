@@ -40,6 +40,9 @@ pub enum Target {
     Failed {
         /// Why, for `container_status.message`.
         message: String,
+        /// When to look again without a change of the row (a failure that
+        /// needs a human is retried slowly); `None`: only when the row changes.
+        retry_at: Option<DateTime<Utc>>,
     },
     /// A container made from `blueprint` should exist, running or not.
     Present {
@@ -371,7 +374,13 @@ pub fn plan(target: &Target, observed: &Observed, now: DateTime<Utc>, policy: &P
         .requeue(policy.slow_retry);
     }
     match target {
-        Target::Failed { message } => Plan::write(Phase::Failed, Some(message.clone())),
+        Target::Failed { message, retry_at } => {
+            let plan = Plan::write(Phase::Failed, Some(message.clone()));
+            match retry_at {
+                Some(at) => plan.requeue((*at - now).to_std().unwrap_or_default()),
+                None => plan,
+            }
+        }
         Target::Absent { remove_after } => plan_absent(*remove_after, observed, now),
         Target::Present { intent, blueprint } => {
             plan_present(&blueprint.spec.name, observed, || {
@@ -1049,6 +1058,7 @@ mod tests {
     fn a_failed_row_leaves_the_container_alone() {
         let t = Target::Failed {
             message: "invalid desired row: state: \"banana\"".into(),
+            retry_at: None,
         };
         let p = run(
             &t,
@@ -1056,6 +1066,21 @@ mod tests {
         );
         assert!(p.actions.is_empty());
         assert_eq!(phase_of(&p), Phase::Failed);
+        assert_eq!(p.requeue_after, None, "only a change of the row helps");
+    }
+
+    /// Regression: a second reconcile of a user blocked for a failure that
+    /// needs a human (a duplicate trigger) dropped its slow retry, and the
+    /// user waited for the next full resync.
+    #[test]
+    fn a_failure_held_until_a_retry_is_looked_at_again_then() {
+        let t = Target::Failed {
+            message: "image x is not available".into(),
+            retry_at: Some(now() + secs(240)),
+        };
+        let p = run(&t, &observed(None, Some(Phase::Failed)));
+        assert!(p.actions.is_empty());
+        assert_eq!(p.requeue_after, Some(Duration::from_secs(240)));
     }
 
     #[test]

@@ -211,6 +211,7 @@ mod tests {
     fn failed() -> Target {
         Target::Failed {
             message: "boom".into(),
+            retry_at: None,
         }
     }
 

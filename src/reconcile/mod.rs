@@ -254,6 +254,7 @@ impl<E: Engine> Reconciler<E> {
             Ok(t) => t,
             Err(e) if !e.is_transient() => Target::Failed {
                 message: e.to_string(),
+                retry_at: None,
             },
             Err(e) => return Err(self.record_error(pass, e).await),
         };

@@ -46,12 +46,18 @@ impl<E: Engine> Reconciler<E> {
             Some(Err(invalid)) => {
                 return Ok(Target::Failed {
                     message: invalid.status_message(),
+                    retry_at: None,
                 });
             }
             Some(Ok(d)) => d,
         };
         if let Some(b) = self.memory.blocked(user_id, d.revision, now) {
-            return Ok(Target::Failed { message: b.message });
+            // Looked at again when the hold ends, however often this
+            // user is reconciled meanwhile (README "What a reconcile does").
+            return Ok(Target::Failed {
+                message: b.message,
+                retry_at: Some(b.until),
+            });
         }
         let image = d
             .image
@@ -64,6 +70,7 @@ impl<E: Engine> Reconciler<E> {
                     quote_short(image.as_str()),
                     self.settings.allowed_images
                 ),
+                retry_at: None,
             });
         }
         let intent = intent_of(d, now);
@@ -267,7 +274,8 @@ mod tests {
         assert_eq!(
             target,
             Target::Failed {
-                message: "image not found".into()
+                message: "image not found".into(),
+                retry_at: Some(now() + secs(300)),
             }
         );
         assert_eq!(p.row.host_port, None);
@@ -290,7 +298,8 @@ mod tests {
         assert_eq!(
             target,
             Target::Failed {
-                message: invalid.status_message()
+                message: invalid.status_message(),
+                retry_at: None,
             }
         );
         assert_eq!(p.row.observed_revision, Some(4));
