@@ -634,6 +634,7 @@ mod tests {
             started_at: (state != RunState::Created).then(|| now() - secs(60)),
             finished_at: (state == RunState::Exited).then(|| now() - secs(5)),
             host_port: Some(19000),
+            env: BTreeMap::new(),
         }
     }
 

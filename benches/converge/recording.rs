@@ -99,6 +99,13 @@ impl<E: Engine> Engine for Recording<E> {
         self.inner.list_containers(filter).await
     }
 
+    async fn list_by_name_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<ContainerSummary>, EngineError> {
+        self.inner.list_by_name_prefix(prefix).await
+    }
+
     async fn inspect_container(
         &self,
         name_or_id: &str,

@@ -13,7 +13,7 @@ use super::names::{check_container_name, check_volume_name};
 use super::record::Record;
 use super::state::{text_hash, Container, State};
 use super::volumes::Volume;
-use clawfleet::docker::{ContainerHealth, ContainerSpec, EngineError, RunState};
+use clawfleet::docker::{ContainerHealth, ContainerSpec, EngineError, RunState, SecretString};
 
 /// Docker's exit code of a container whose start failed.
 const EXIT_START_FAILED: i64 = 128;
@@ -91,6 +91,14 @@ impl State {
             state: RunState::Created,
             health: ContainerHealth::None,
             has_healthcheck: flags.healthcheck,
+            env: (!checked && !spec.env.is_empty()).then(|| {
+                Box::new(
+                    spec.env
+                        .iter()
+                        .map(|(key, value)| (key.clone(), SecretString::new(value.expose())))
+                        .collect(),
+                )
+            }),
         };
         let slot = match self.free_slots.pop() {
             Some(slot) => {

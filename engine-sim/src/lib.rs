@@ -197,6 +197,13 @@ impl Engine for MemoryEngine {
         self.call(Op::List, |state, _| Ok(state.list(filter)))
     }
 
+    async fn list_by_name_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<ContainerSummary>, EngineError> {
+        self.call(Op::List, |state, _| Ok(state.list_by_name_prefix(prefix)))
+    }
+
     async fn inspect_container(
         &self,
         name_or_id: &str,

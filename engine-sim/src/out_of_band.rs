@@ -3,12 +3,15 @@
 //! it. These calls neither count nor fail like trait calls.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use super::containers::EXIT_KILLED;
 use super::ids::render_id;
 use super::MemoryEngine;
-use clawfleet::docker::{Confinement, ContainerHealth, ContainerSpec, EngineError, ResourceLimits};
+use clawfleet::docker::{
+    Confinement, ContainerHealth, ContainerSpec, EngineError, EnvValue, ResourceLimits,
+};
 
 impl MemoryEngine {
     /// Creates a container as `docker create` (and `docker start` when
@@ -38,16 +41,30 @@ impl MemoryEngine {
         image: &str,
         running: bool,
     ) -> Result<String, EngineError> {
+        self.insert_unlabelled_with(name, image, running, Vec::new(), None)
+    }
+
+    /// Like [`insert_unlabelled`](Self::insert_unlabelled), with the
+    /// original service's environment (its `AGENT_TOKEN`) and published
+    /// host port.
+    pub fn insert_unlabelled_with(
+        &self,
+        name: &str,
+        image: &str,
+        running: bool,
+        env: Vec<(String, EnvValue)>,
+        publish: Option<(IpAddr, u16)>,
+    ) -> Result<String, EngineError> {
         let spec = ContainerSpec {
             name: name.to_owned(),
             image: image.to_owned(),
-            env: Vec::new(),
+            env,
             labels: BTreeMap::new(),
             volume: String::new(),
             mount_path: String::new(),
             network: String::new(),
-            port: 0,
-            publish: None,
+            port: 18789,
+            publish,
             stop_timeout: Duration::from_secs(10),
             limits: ResourceLimits::default(),
             confinement: Confinement::unconfined(),

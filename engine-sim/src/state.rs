@@ -22,7 +22,7 @@ use super::volumes::Volume;
 use clawfleet::docker::Op;
 use clawfleet::docker::{
     Confinement, ContainerFilter, ContainerHealth, ContainerSummary, EngineVersion,
-    ObservedContainer, RunState, LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID,
+    ObservedContainer, RunState, SecretString, LABEL_INSTANCE, LABEL_MANAGED, LABEL_USER_ID,
 };
 
 /// A stable 64-bit hash of a string, for ordered indexes that must not store it.
@@ -54,6 +54,10 @@ pub(super) struct Container {
     pub(super) has_healthcheck: bool,
     /// Index into [`State::confinements`]: few distinct values are shared by every container.
     pub(super) confinement: u16,
+    /// The environment of a container made out of band (the only ones the
+    /// controller reads it from, to take them over); `None` for the rest,
+    /// so a large simulation does not keep a token per container.
+    pub(super) env: Option<Box<BTreeMap<String, SecretString>>>,
 }
 
 impl Container {
@@ -172,6 +176,25 @@ impl State {
             started_at: container.started_at,
             finished_at: container.finished_at,
             host_port: container.publish.map(|(_, port)| port),
+            env: container.env.as_deref().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Every container whose name starts with `prefix`, labelled or not.
+    pub(super) fn list_by_name_prefix(&self, prefix: &str) -> Vec<ContainerSummary> {
+        self.live_slots()
+            .map(|slot| self.container(slot))
+            .filter(|container| container.name().starts_with(prefix))
+            .map(|container| self.summary(container))
+            .collect()
+    }
+
+    fn summary(&self, container: &Container) -> ContainerSummary {
+        ContainerSummary {
+            id: render_id(container.key),
+            name: container.name().to_owned(),
+            labels: container.record.label_map(&self.interner),
+            state: container.state,
         }
     }
 
@@ -197,12 +220,7 @@ impl State {
                         .as_deref()
                         .is_none_or(|user| record.label(known.user_id) == Some(user))
             })
-            .map(|container| ContainerSummary {
-                id: render_id(container.key),
-                name: container.name().to_owned(),
-                labels: container.record.label_map(&self.interner),
-                state: container.state,
-            })
+            .map(|container| self.summary(container))
             .collect()
     }
 }

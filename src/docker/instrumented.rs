@@ -63,6 +63,14 @@ impl<E: Engine> Engine for Instrumented<E> {
             .await
     }
 
+    async fn list_by_name_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<ContainerSummary>, EngineError> {
+        self.timed(Op::List, self.inner.list_by_name_prefix(prefix))
+            .await
+    }
+
     async fn inspect_container(
         &self,
         name_or_id: &str,

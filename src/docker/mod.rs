@@ -14,7 +14,9 @@
 //!   not present locally, [`EngineError::ImageNotFound`] (the caller pulls);
 //! - `start` refused because the host port is taken is [`EngineError::PortAllocated`];
 //! - lists and events only ever show containers labelled
-//!   `io.clawfleet.managed=true` and `io.clawfleet.instance=<instance>`.
+//!   `io.clawfleet.managed=true` and `io.clawfleet.instance=<instance>`,
+//!   but for [`Engine::list_by_name_prefix`], which shows any container
+//!   whose name starts with the prefix (a fleet to take over has no labels).
 
 mod bollard;
 mod instrumented;
@@ -123,6 +125,9 @@ pub struct ObservedContainer {
     /// one [`ContainerSpec::publish`] bound; should several be bound, the one
     /// of the lowest container port.
     pub host_port: Option<u16>,
+    /// The environment of its configuration. Every value is a
+    /// [`SecretString`]: the engine does not say which one is a token.
+    pub env: BTreeMap<String, SecretString>,
 }
 
 impl ObservedContainer {
@@ -498,6 +503,14 @@ pub trait Engine: Send + Sync + 'static {
     fn list_containers(
         &self,
         filter: &ContainerFilter,
+    ) -> impl Future<Output = Result<Vec<ContainerSummary>, EngineError>> + Send;
+
+    /// Every container whose name starts with `prefix`, labelled or not,
+    /// running or not: the fleet a takeover finds (README "Taking over from
+    /// the original service").
+    fn list_by_name_prefix(
+        &self,
+        prefix: &str,
     ) -> impl Future<Output = Result<Vec<ContainerSummary>, EngineError>> + Send;
 
     /// One container by exact name or id; `None` when there is none.

@@ -44,6 +44,7 @@ pub(super) fn container(state: RunState, started_at: DateTime<Utc>) -> ObservedC
         started_at: Some(started_at),
         finished_at: None,
         host_port: None,
+        env: BTreeMap::new(),
     }
 }
 
@@ -96,6 +97,13 @@ impl Engine for StubEngine {
     fn list_containers(
         &self,
         _: &ContainerFilter,
+    ) -> impl Future<Output = Answer<Vec<ContainerSummary>>> + Send {
+        ok(self.labelled.clone())
+    }
+
+    fn list_by_name_prefix(
+        &self,
+        _: &str,
     ) -> impl Future<Output = Answer<Vec<ContainerSummary>>> + Send {
         ok(self.labelled.clone())
     }

@@ -1,7 +1,7 @@
 //! Containers: the create request a spec becomes, and what a list or an
 //! inspect answer becomes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bollard::models::{
@@ -12,7 +12,7 @@ use chrono::{DateTime, Datelike, Utc};
 
 use super::{to_hash_map, REQUEST_TIMEOUT};
 use crate::docker::{
-    ContainerHealth, ContainerSpec, ContainerSummary, ObservedContainer, RunState,
+    ContainerHealth, ContainerSpec, ContainerSummary, ObservedContainer, RunState, SecretString,
 };
 
 /// Our summary of a listed container.
@@ -59,7 +59,20 @@ pub(super) fn observed_from(inspect: ContainerInspectResponse) -> ObservedContai
         started_at: state.started_at.as_deref().and_then(docker_time),
         finished_at: state.finished_at.as_deref().and_then(docker_time),
         host_port: inspect.host_config.and_then(|hc| published_host_port(&hc)),
+        env: env_map(config.env.unwrap_or_default()),
     }
+}
+
+/// `KEY=value` entries as a map, every value kept secret; an entry without
+/// `=` is a variable without a value, and a later entry wins, as in Docker.
+pub(super) fn env_map(entries: Vec<String>) -> BTreeMap<String, SecretString> {
+    entries
+        .into_iter()
+        .map(|entry| match entry.split_once('=') {
+            Some((key, value)) => (key.to_owned(), SecretString::new(value)),
+            None => (entry, SecretString::new("")),
+        })
+        .collect()
 }
 
 /// The host port published in the container's configuration: a spec
@@ -253,7 +266,7 @@ mod tests {
                 "FinishedAt": "0001-01-01T00:00:00Z",
                 "Health": { "Status": "none" }
             },
-            "Config": { "Image": "img:1", "Labels": { "io.clawfleet.user-id": "1" } },
+            "Config": { "Image": "img:1", "Labels": { "io.clawfleet.user-id": "1" }, "Env": ["AGENT_TOKEN=t0k=en", "EMPTY"] },
             "HostConfig": { "PortBindings": { "18789/tcp": [ { "HostIp": "127.0.0.1", "HostPort": "19000" } ] } }
         }))
         .expect("inspect json");
@@ -271,6 +284,9 @@ mod tests {
         assert_eq!(observed.host_port, Some(19000));
         assert_eq!(observed.user_id(), Some("1"));
         assert_eq!(observed.image, "img:1");
+        assert_eq!(observed.env["AGENT_TOKEN"].expose(), "t0k=en");
+        assert_eq!(observed.env["EMPTY"].expose(), "");
+        assert!(!format!("{observed:?}").contains("t0k"), "never shown");
     }
 
     #[test]

@@ -38,6 +38,20 @@ pub(super) fn label_filters(filter: &ContainerFilter) -> HashMap<String, Vec<Str
     HashMap::from([("label".to_owned(), labels)])
 }
 
+/// The engine-side `name` filter for names containing `prefix`: the engine
+/// reads it as a regular expression, so anything but a plain name character
+/// is escaped. Unanchored, as engines differ on the leading `/`.
+pub(super) fn name_pattern(prefix: &str) -> String {
+    let mut pattern = String::new();
+    for c in prefix.chars() {
+        if !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-')) {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern
+}
+
 /// True when `labels` match `filter` exactly: the check that does not depend
 /// on how the engine parses its filter syntax.
 pub(super) fn filter_matches<'a>(
@@ -67,6 +81,12 @@ mod tests {
         for bad in ["", "../images/json", "a/b", "a b", "-a", "a?b", "é"] {
             assert!(!is_object_ref(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_name_prefix_filter_escapes_what_a_regular_expression_would_read() {
+        assert_eq!(name_pattern("mosaic-user-"), "mosaic-user-");
+        assert_eq!(name_pattern("a.b+"), "a\\.b\\+");
     }
 
     #[test]

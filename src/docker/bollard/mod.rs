@@ -53,7 +53,7 @@ use containers::{
 };
 use errors::{classify, create_failed};
 use events::{docker_timestamp, event_from};
-use filters::{check_object_ref, filter_matches, is_object_ref, label_filters};
+use filters::{check_object_ref, filter_matches, is_object_ref, label_filters, name_pattern};
 use images::pull_failed;
 use networks::NETWORK_SETTLE_QUIET;
 
@@ -111,6 +111,29 @@ impl Engine for DockerEngine {
             .into_iter()
             .map(summary_from)
             .filter(|c| filter_matches(filter, |key| c.labels.get(key).map(String::as_str)))
+            .collect())
+    }
+
+    async fn list_by_name_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<ContainerSummary>, EngineError> {
+        // The engine's `name` filter matches anywhere in the name, as a
+        // pattern: it only narrows the answer, which is checked here exactly.
+        let filters = HashMap::from([("name".to_owned(), vec![name_pattern(prefix)])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|err| self.fail("list", prefix, err))?;
+        Ok(containers
+            .into_iter()
+            .map(summary_from)
+            .filter(|c| c.name.starts_with(prefix))
             .collect())
     }
 
