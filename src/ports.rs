@@ -183,6 +183,18 @@ impl PortAllocator {
             .is_none_or(|until| *until <= self.clock.now())
     }
 
+    /// True when the bind probe finds another process listening on `port`,
+    /// which no user of this instance is known to hold (a claimed port is
+    /// never probed). Always false without the probe.
+    pub fn held_elsewhere(&self, port: u16) -> bool {
+        let claimed = self
+            .lock()
+            .claimed
+            .as_ref()
+            .is_some_and(|claimed| claimed.contains(&port));
+        self.probe && !claimed && !self.bindable(port)
+    }
+
     /// Picks a free port for `user` and claims it with `claim`, which writes
     /// it to the user's status row. Tries each port of the range at most
     /// once; when none is left, `user` is remembered until one is released

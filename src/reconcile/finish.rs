@@ -60,7 +60,10 @@ impl<E: Engine> Reconciler<E> {
                     (phase, _) => phase,
                 };
                 set_phase(&mut row, phase, now);
-                row.message = message.clone();
+                let revision = desired.as_ref().and_then(|d| d.as_ref().ok());
+                row.message = message
+                    .clone()
+                    .or_else(|| revision.and_then(|d| self.memory.note_for(user_id, d.revision)));
                 phase
             }
         };

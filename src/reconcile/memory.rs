@@ -27,6 +27,9 @@ struct Memory {
     /// The restart count to report, when a restart happened but the status
     /// write that would have recorded it failed (database locked or away).
     unrecorded_restarts: Option<i64>,
+    /// Why the container taken over for this revision of the row moved to
+    /// another host port: reported until the row changes.
+    moved: Option<(i64, String)>,
 }
 
 impl Memory {
@@ -36,6 +39,7 @@ impl Memory {
             && self.blocked.is_none()
             && self.waiting_since.is_none()
             && self.unrecorded_restarts.is_none()
+            && self.moved.is_none()
     }
 }
 
@@ -100,6 +104,22 @@ impl Memories {
                 m.blocked = None;
             }
             m.blocked.clone()
+        })
+    }
+
+    /// Reports `message` for `revision` of the user's row while no other
+    /// message is due (see [`note_for`](Self::note_for)).
+    pub(super) fn note(&self, user_id: &str, revision: i64, message: String) {
+        self.remember(user_id, |m| m.moved = Some((revision, message)));
+    }
+
+    /// The note held for `revision` of the user's row; a changed row drops it.
+    pub(super) fn note_for(&self, user_id: &str, revision: i64) -> Option<String> {
+        self.remember(user_id, |m| {
+            if m.moved.as_ref().is_some_and(|(r, _)| *r != revision) {
+                m.moved = None;
+            }
+            m.moved.as_ref().map(|(_, message)| message.clone())
         })
     }
 
