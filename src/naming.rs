@@ -87,6 +87,56 @@ pub fn replacement_name(container: &str) -> String {
     format!("{container}{REPLACEMENT_SUFFIX}")
 }
 
+/// True for the name a replacement container has while a recreate is under way.
+pub fn is_replacement_name(container: &str) -> bool {
+    container.ends_with(REPLACEMENT_SUFFIX)
+}
+
+/// Why a container name does not give back a user id.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UnnamedError {
+    /// The name does not start with the prefix.
+    #[error("{name:?} does not start with the name prefix {prefix:?}")]
+    OtherPrefix {
+        /// The name.
+        name: String,
+        /// The prefix.
+        prefix: String,
+    },
+    /// An escaped name: lowercased and hashed, the id is lost.
+    #[error("{0:?} is an escaped name: the user id cannot be recovered from it")]
+    Escaped(String),
+    /// A name clawfleet never gives: the id in it (if it is one) would get another name.
+    #[error("{0:?} is not a name clawfleet gives (ids of a-z and 0-9 only are used as they are), so the container would not be taken over")]
+    Foreign(String),
+}
+
+/// The user id whose container is called `container` under `prefix`: the
+/// inverse of [`container_name`] where it has one (a raw id). An escaped
+/// name does not give its id back.
+pub fn user_id_of(prefix: &str, container: &str) -> Result<String, UnnamedError> {
+    let Some(body) = container.strip_prefix(prefix) else {
+        return Err(UnnamedError::OtherPrefix {
+            name: container.to_owned(),
+            prefix: prefix.to_owned(),
+        });
+    };
+    if is_raw_id(body) {
+        return Ok(body.to_owned());
+    }
+    let escaped = body.rsplit_once('-').is_some_and(|(_, hash)| {
+        matches!(hash.len(), HASH_SUFFIX_HEX | LEGACY_HASH_SUFFIX_HEX)
+            && hash
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    });
+    if escaped {
+        Err(UnnamedError::Escaped(container.to_owned()))
+    } else {
+        Err(UnnamedError::Foreign(container.to_owned()))
+    }
+}
+
 /// A user's container and state volume names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UserNames {
@@ -174,6 +224,36 @@ pub fn validate_prefix(prefix: &str) -> Result<(), PrefixError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_raw_name_gives_its_user_id_back_and_an_escaped_one_says_it_cannot() {
+        let prefix = "mosaic-user-";
+        for id in ["1", "alice", "a1b2"] {
+            assert_eq!(
+                user_id_of(prefix, &container_name(prefix, id)).as_deref(),
+                Ok(id)
+            );
+        }
+        for id in ["Alice B", "user@example.com"] {
+            let name = container_name(prefix, id);
+            assert_eq!(user_id_of(prefix, &name), Err(UnnamedError::Escaped(name)));
+            let legacy = UserNames::legacy(prefix, id).unwrap().container;
+            assert_eq!(
+                user_id_of(prefix, &legacy),
+                Err(UnnamedError::Escaped(legacy))
+            );
+        }
+        assert!(matches!(
+            user_id_of(prefix, "mosaic-user-Alice"),
+            Err(UnnamedError::Foreign(_))
+        ));
+        assert!(matches!(
+            user_id_of(prefix, "other-1"),
+            Err(UnnamedError::OtherPrefix { .. })
+        ));
+        assert!(is_replacement_name(&replacement_name("mosaic-user-1")));
+        assert!(!is_replacement_name("mosaic-user-1"));
+    }
+
     use super::*;
     use proptest::prelude::*;
     use std::collections::HashSet;

@@ -2,10 +2,11 @@
 //! (README "Taking over from the original service").
 //!
 //! `import table` reads the original service's `UserContainer` table and
-//! writes one desired row per user. It never replaces a row that exists
-//! unless asked (`--overwrite`), writes nothing with `--dry-run`, and prints
-//! what it did (or would do) per user; run twice, the second run changes
-//! nothing.
+//! writes one desired row per user; `import engine` writes one for each
+//! unlabelled `<prefix><id>` container on the engine. Neither replaces a row
+//! that exists (`import table` does with `--overwrite`), both write nothing
+//! with `--dry-run`, and print what they did (or would do) per user; run
+//! twice, the second run changes nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -18,7 +19,10 @@ use sqlx::{ConnectOptions, Row};
 
 use super::table::{display_id, Table};
 use super::{CliError, GlobalArgs};
+use crate::config::{parse_idle_timeout, IdleTimeout};
 use crate::desired::{validate_user_id, DesiredState, MAX_IDLE_TIMEOUT_SECS};
+use crate::docker::{ContainerSummary, DockerEngine, Engine, RunState, LABEL_MANAGED};
+use crate::naming::{is_replacement_name, user_id_of};
 use crate::store::{redact_url, DesiredUpdate, Store};
 
 /// How many users' existing rows are read per query.
@@ -32,6 +36,19 @@ const PROGRESS_EVERY: usize = 1000;
 pub enum ImportCommand {
     /// Write desired rows from the original service's `UserContainer` table (PostgreSQL)
     Table(ImportTableArgs),
+    /// Write desired rows for the unlabelled <prefix><id> containers on the engine
+    Engine(ImportEngineArgs),
+}
+
+/// Flags of `import engine`.
+#[derive(Debug, Args)]
+pub struct ImportEngineArgs {
+    /// Idle timeout of every user written (e.g. 30m), or `off`
+    #[arg(long, default_value = "off", value_parser = parse_idle_timeout)]
+    pub idle_timeout: IdleTimeout,
+    /// Print what would be written, write nothing
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Flags of `import table`.
@@ -202,6 +219,47 @@ pub fn plan(
         .collect()
 }
 
+/// The rows `import engine` reads from the containers listed under
+/// `prefix`: one per unlabelled container whose name gives a user id back,
+/// running or stopped as the container is, active `now`; and the lines of
+/// the containers it skips, with why. Containers of clawfleet (labelled)
+/// and replacements left by a recreate are not the original service's.
+pub fn engine_rows(
+    prefix: &str,
+    mut containers: Vec<ContainerSummary>,
+    now: DateTime<Utc>,
+) -> (Vec<OriginalRow>, Vec<Line>) {
+    containers.retain(|c| !c.labels.contains_key(LABEL_MANAGED) && !is_replacement_name(&c.name));
+    containers.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut rows = Vec::new();
+    let mut skipped = Vec::new();
+    for c in containers {
+        let running = matches!(
+            c.state,
+            RunState::Running | RunState::Restarting | RunState::Paused
+        );
+        let mut row = OriginalRow {
+            user_id: c.name.clone(),
+            status: if running { "running" } else { "stopped" }.to_owned(),
+            idle_timeout_min: None,
+            last_active_at: Some(now),
+        };
+        match user_id_of(prefix, &c.name) {
+            Ok(user_id) => {
+                row.user_id = user_id;
+                rows.push(row);
+            }
+            Err(why) => skipped.push(Line {
+                row,
+                update: None,
+                action: Action::Skip(why.to_string()),
+                note: None,
+            }),
+        }
+    }
+    (rows, skipped)
+}
+
 /// True when `have` already says what the import would write; a missing
 /// `lastActiveAt` is not written, so it never differs.
 fn same(have: &Existing, wanted: &Existing) -> bool {
@@ -220,7 +278,35 @@ fn to_millis(at: DateTime<Utc>) -> DateTime<Utc> {
 pub async fn import(global: &GlobalArgs, command: &ImportCommand) -> Result<(), CliError> {
     match command {
         ImportCommand::Table(args) => import_table(global, args).await,
+        ImportCommand::Engine(args) => import_engine(global, args).await,
     }
+}
+
+async fn import_engine(global: &GlobalArgs, args: &ImportEngineArgs) -> Result<(), CliError> {
+    let engine = DockerEngine::connect(&global.docker_host)
+        .await
+        .map_err(|e| CliError::Config(e.to_string()))?;
+    let containers = engine
+        .list_by_name_prefix(&global.name_prefix)
+        .await
+        .map_err(|e| CliError::Config(e.to_string()))?;
+    let (rows, skipped) = engine_rows(&global.name_prefix, containers, Utc::now());
+    eprintln!(
+        "found {} unlabelled container(s) named {}* on {}",
+        rows.len() + skipped.len(),
+        global.name_prefix,
+        global.docker_host
+    );
+    let idle_secs = args.idle_timeout.0.map_or(0, |d| d.as_secs());
+    let store = Store::connect(&global.database_url).await?;
+    store.migrate().await?;
+    let existing = existing_rows(&store, &rows).await?;
+    let mut lines = plan(rows, &existing, false);
+    for update in lines.iter_mut().filter_map(|l| l.update.as_mut()) {
+        update.idle_timeout_secs = Some(Some(idle_secs));
+    }
+    lines.extend(skipped);
+    write_and_print(&store, &mut lines, args.dry_run).await
 }
 
 async fn import_table(global: &GlobalArgs, args: &ImportTableArgs) -> Result<(), CliError> {
@@ -235,11 +321,15 @@ async fn import_table(global: &GlobalArgs, args: &ImportTableArgs) -> Result<(),
     store.migrate().await?;
     let existing = existing_rows(&store, &rows).await?;
     let mut lines = plan(rows, &existing, args.overwrite);
-    if !args.dry_run {
-        write(&store, &mut lines).await?;
+    write_and_print(&store, &mut lines, args.dry_run).await
+}
+
+/// Writes the lines' rows (unless `dry_run`) and prints what was done.
+async fn write_and_print(store: &Store, lines: &mut [Line], dry_run: bool) -> Result<(), CliError> {
+    if !dry_run {
+        write(store, lines).await?;
     }
-    print(&lines, args.dry_run)?;
-    Ok(())
+    print(lines, dry_run)
 }
 
 /// Reads the original table: `userId`, `status`, `idleTimeoutMin`,
@@ -336,6 +426,19 @@ async fn write(store: &Store, lines: &mut [Line]) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The idle timeout shown for a line: the original's minutes, else what is
+/// written.
+fn idle_text(line: &Line) -> String {
+    let written = line.update.as_ref().and_then(|u| u.idle_timeout_secs);
+    match (line.row.idle_timeout_min, written) {
+        (Some(m), _) => format!("{m}m"),
+        (None, Some(Some(secs))) if secs > 0 => {
+            humantime::format_duration(Duration::from_secs(secs)).to_string()
+        }
+        _ => "-".into(),
+    }
+}
+
 /// Prints one line per user and a summary.
 fn print(lines: &[Line], dry_run: bool) -> Result<(), CliError> {
     let would = if dry_run { "would " } else { "" };
@@ -357,9 +460,7 @@ fn print(lines: &[Line], dry_run: bool) -> Result<(), CliError> {
         table.row([
             display_id(&line.row.user_id),
             line.row.status.clone(),
-            line.row
-                .idle_timeout_min
-                .map_or("-".into(), |m| format!("{m}m")),
+            idle_text(line),
             line.row.last_active_at.map_or("-".into(), |t| {
                 t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
             }),
@@ -487,6 +588,54 @@ mod tests {
         assert_eq!(actions(&replaced), [Action::Unchanged, Action::Update]);
         assert!(replaced[0].update.is_none());
         assert!(replaced[1].update.is_some());
+    }
+
+    fn listed(name: &str, state: RunState, managed: bool) -> ContainerSummary {
+        let labels = if managed {
+            crate::docker::object_labels("default", name)
+        } else {
+            // An image label: not one of clawfleet's.
+            [("maintainer".to_owned(), "x".to_owned())].into()
+        };
+        ContainerSummary {
+            id: format!("id-{name}"),
+            name: name.into(),
+            labels,
+            state,
+        }
+    }
+
+    #[test]
+    fn the_engine_gives_one_row_per_unlabelled_container_and_skips_escaped_names() {
+        let now: DateTime<Utc> = "2026-11-30T12:00:00Z".parse().unwrap();
+        let escaped = crate::naming::container_name("mosaic-user-", "Alice B");
+        let containers = vec![
+            listed("mosaic-user-2", RunState::Exited, false),
+            listed("mosaic-user-1", RunState::Running, false),
+            listed("mosaic-user-3", RunState::Running, true),
+            listed("mosaic-user-4-next", RunState::Created, false),
+            listed(&escaped, RunState::Running, false),
+        ];
+        let (rows, skipped) = engine_rows("mosaic-user-", containers, now);
+        let got: Vec<(&str, &str)> = rows
+            .iter()
+            .map(|r| (r.user_id.as_str(), r.status.as_str()))
+            .collect();
+        assert_eq!(got, [("1", "running"), ("2", "stopped")]);
+        assert!(rows.iter().all(|r| r.last_active_at == Some(now)));
+        assert_eq!(skipped.len(), 1);
+        assert!(
+            matches!(&skipped[0].action, Action::Skip(why) if why.contains("cannot be recovered")),
+            "{:?}",
+            skipped[0].action
+        );
+        let existing = HashMap::from([("2".to_owned(), None)]);
+        let lines = plan(rows, &existing, false);
+        assert_eq!(
+            actions(&lines),
+            [Action::Create, Action::Keep],
+            "never replaced"
+        );
     }
 
     #[test]
