@@ -130,6 +130,49 @@ async fn within<T>(future: impl std::future::Future<Output = T>) -> Option<T> {
     tokio::time::timeout(CHECK_TIMEOUT, future).await.ok()
 }
 
+/// Before a takeover (README "Taking over from the original service"): the
+/// unlabelled `<prefix>*` containers and their volumes, and how many of
+/// their users have a desired row; `None` when there is no such container
+/// (or the engine did not list them: its own check says why).
+async fn takeover_check(
+    engine: &DockerEngine,
+    prefix: &str,
+    store: Option<&Store>,
+) -> Option<Check> {
+    let listed = within(engine.list_by_name_prefix(prefix)).await?.ok()?;
+    let (rows, skipped) = super::import::engine_rows(prefix, listed, chrono::Utc::now());
+    let containers = rows.len() + skipped.len();
+    if containers == 0 {
+        return None;
+    }
+    let mut volumes = 0;
+    for row in &rows {
+        let volume = crate::naming::volume_name(prefix, &row.user_id);
+        if let Some(Ok(Some(labels))) = within(engine.inspect_volume(&volume)).await {
+            volumes += usize::from(!labels.contains_key(crate::docker::LABEL_MANAGED));
+        }
+    }
+    let ids: Vec<String> = rows.iter().map(|r| r.user_id.clone()).collect();
+    let mut with_row = 0;
+    if let Some(store) = store {
+        for chunk in ids.chunks(500) {
+            with_row += store.desired_of(chunk).await.map_or(0, |rows| rows.len());
+        }
+    }
+    let mut what = format!(
+        "{containers} unlabelled {prefix}* container(s) and {volumes} unlabelled volume(s) of theirs to take over; {with_row} of {} user(s) have a desired row",
+        ids.len()
+    );
+    if !skipped.is_empty() {
+        what.push_str(&format!("; {} name(s) give no user id back", skipped.len()));
+    }
+    Some(if with_row == ids.len() && skipped.is_empty() {
+        Check::pass(what)
+    } else {
+        Check::warn(what, "write their rows with `clawfleet import engine` (or `clawfleet import table` from the original service's table) before `clawfleet run`")
+    })
+}
+
 /// Runs every check, prints one line each, and fails when any fails (with
 /// `strict`, also when any warns).
 pub async fn doctor(
@@ -286,6 +329,9 @@ pub async fn doctor(
                 format!("network {}: no answer within 10s", settings.network),
                 "check the engine",
             )),
+        }
+        if let Some(check) = takeover_check(engine, &global.name_prefix, store.as_ref()).await {
+            checks.push(check);
         }
     } else {
         checks.push(Check::fail(
