@@ -91,14 +91,14 @@ impl State {
             state: RunState::Created,
             health: ContainerHealth::None,
             has_healthcheck: flags.healthcheck,
-            env: (!checked && !spec.env.is_empty()).then(|| {
-                Box::new(
-                    spec.env
-                        .iter()
-                        .map(|(key, value)| (key.clone(), SecretString::new(value.expose())))
-                        .collect(),
-                )
-            }),
+            env: if checked {
+                BTreeMap::new()
+            } else {
+                spec.env
+                    .iter()
+                    .map(|(key, value)| (key.clone(), SecretString::new(value.expose())))
+                    .collect()
+            },
         };
         let slot = match self.free_slots.pop() {
             Some(slot) => {

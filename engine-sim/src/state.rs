@@ -55,9 +55,9 @@ pub(super) struct Container {
     /// Index into [`State::confinements`]: few distinct values are shared by every container.
     pub(super) confinement: u16,
     /// The environment of a container made out of band (the only ones the
-    /// controller reads it from, to take them over); `None` for the rest,
-    /// so a large simulation does not keep a token per container.
-    pub(super) env: Option<Box<BTreeMap<String, SecretString>>>,
+    /// controller reads it from, to take them over); empty for the rest, so
+    /// a large simulation does not keep a token per container.
+    pub(super) env: BTreeMap<String, SecretString>,
 }
 
 impl Container {
@@ -176,7 +176,7 @@ impl State {
             started_at: container.started_at,
             finished_at: container.finished_at,
             host_port: container.publish.map(|(_, port)| port),
-            env: container.env.as_deref().cloned().unwrap_or_default(),
+            env: container.env.clone(),
         }
     }
 
@@ -230,7 +230,46 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use crate::fixtures::*;
-    use clawfleet::docker::{ContainerSummary, Engine, RunState, LABEL_MANAGED};
+    use clawfleet::docker::{
+        ContainerSummary, Engine, EnvValue, RunState, SecretString, LABEL_MANAGED,
+    };
+
+    #[tokio::test]
+    async fn a_name_prefix_lists_labelled_and_unlabelled_containers_and_out_of_band_ones_show_their_env(
+    ) {
+        let engine = engine().await;
+        running(&engine, &spec("alice")).await;
+        let token = EnvValue::Secret(SecretString::new("old-token"));
+        engine
+            .insert_unlabelled_with(
+                "mosaic-user-dave",
+                IMAGE,
+                false,
+                vec![("AGENT_TOKEN".to_owned(), token)],
+                Some((LOCALHOST, 19005)),
+            )
+            .unwrap();
+        engine.insert_unlabelled("other-erin", IMAGE, true).unwrap();
+
+        let mut listed = engine.list_by_name_prefix("mosaic-user-").await.unwrap();
+        listed.sort_by(|a, b| a.name.cmp(&b.name));
+        let shown: Vec<(&str, bool, RunState)> = listed
+            .iter()
+            .map(|c| (c.name.as_str(), c.user_id().is_some(), c.state))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("mosaic-user-alice", true, RunState::Running),
+                ("mosaic-user-dave", false, RunState::Created),
+            ]
+        );
+        let dave = inspect(&engine, "mosaic-user-dave").await;
+        assert_eq!(dave.env["AGENT_TOKEN"].expose(), "old-token");
+        assert_eq!(dave.host_port, Some(19005));
+        let alice = inspect(&engine, "mosaic-user-alice").await;
+        assert!(alice.env.is_empty(), "kept for out-of-band containers only");
+    }
 
     #[tokio::test]
     async fn list_shows_only_managed_containers_of_the_instance() {

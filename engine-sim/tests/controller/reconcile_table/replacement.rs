@@ -103,3 +103,30 @@ async fn a_container_of_the_right_name_without_labels_is_adopted_by_a_recreate_w
     assert_eq!(fleet.status("alice").await.unwrap().phase, Phase::Running);
     fleet.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stopped_container_taken_over_keeps_its_port_and_stays_stopped() {
+    let settings = crate::settings();
+    let mut by_hand = made_by_hand(&settings, "alice", BTreeMap::new());
+    by_hand.publish = Some((settings.publish_ip, 19004));
+    let fleet = Fleet::start_with(settings, |engine| {
+        engine.insert_container(&by_hand, false).unwrap();
+    })
+    .await;
+
+    fleet
+        .write(clawfleet::store::DesiredUpdate {
+            state: Some(clawfleet::desired::DesiredState::Stopped),
+            ..running("alice")
+        })
+        .await;
+    let c = fleet.container("alice").unwrap();
+    assert_eq!(c.user_id(), Some("alice"), "taken over");
+    assert_eq!(c.state, RunState::Created, "recreated, never started");
+    assert_eq!(c.host_port, Some(19004), "on its old port");
+    let status = fleet.status("alice").await.unwrap();
+    assert_eq!(status.phase, Phase::Stopped);
+    assert_eq!(status.host_port, Some(19004));
+    assert_eq!(status.message, None, "nothing moved");
+    fleet.stop().await;
+}
