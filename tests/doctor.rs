@@ -335,3 +335,41 @@ async fn doctor_warns_when_the_image_runs_as_root_with_every_capability_dropped(
     assert!(ok, "{text}");
     assert!(!text.contains("runs as root"), "{text}");
 }
+
+#[tokio::test]
+async fn before_a_takeover_doctor_counts_unlabelled_containers_and_warns_while_users_lack_a_row() {
+    ensure_agent_image();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let fx = DockerFixture::new("doctor-takeover");
+    let prefix = [("CLAWFLEET_NAME_PREFIX", fx.prefix.as_str())];
+    let (_, text) = doctor(&db.url, &prefix);
+    assert!(
+        !text.contains("to take over"),
+        "no line without a fleet: {text}"
+    );
+
+    let name = fx.name("1");
+    let volume = format!("{name}-state:/data");
+    docker(&["create", "--name", &name, "-v", &volume, AGENT_IMAGE]).expect("docker create");
+    let (ok, text) = doctor(&db.url, &prefix);
+    assert!(ok, "a warning does not fail: {text}");
+    let line = line_of(&text, '⚠', "to take over");
+    assert!(
+        line.contains(&format!(
+            "1 unlabelled {}* container(s) and 1 unlabelled volume(s) of theirs to take over; 0 of 1 user(s) have a desired row",
+            fx.prefix
+        )),
+        "{line}"
+    );
+    assert!(line.contains("clawfleet import engine"), "{line}");
+
+    let row = clawfleet::store::DesiredUpdate {
+        user_id: "1".into(),
+        ..Default::default()
+    };
+    store.upsert_desired(&row).await.unwrap();
+    let (_, text) = doctor(&db.url, &prefix);
+    let line = line_of(&text, '✓', "to take over");
+    assert!(line.contains("1 of 1 user(s) have a desired row"), "{line}");
+}
