@@ -306,6 +306,26 @@ impl PortAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_another_process_listens_on_is_held_elsewhere_unless_a_user_claimed_it() {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let range = PortRange::new(port, port).unwrap();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let ports = PortAllocator::new(range, ip);
+        assert!(ports.held_elsewhere(port));
+        ports.load([port]);
+        assert!(
+            !ports.held_elsewhere(port),
+            "a claimed port is never probed"
+        );
+        assert!(!PortAllocator::new(range, ip)
+            .without_probe()
+            .held_elsewhere(port));
+        drop(listener);
+        assert!(!PortAllocator::new(range, ip).held_elsewhere(port));
+    }
     use futures::FutureExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;

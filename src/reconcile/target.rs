@@ -4,6 +4,12 @@
 //! any container uses them, so a crash between the two never hands a port
 //! to two users or a user two tokens; a stopped or idle user that has no
 //! container claims neither.
+//!
+//! A container taken over from the original service (no clawfleet labels)
+//! lends the claim what it can: its gateway token when the user has none
+//! sealed, its host port when that is in range, unclaimed and (stopped) not
+//! held by another process; a port it cannot keep is replaced and the move
+//! reported in `message` (README "Taking over from the original service").
 
 use std::sync::Arc;
 
