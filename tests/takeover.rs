@@ -178,6 +178,7 @@ async fn a_fleet_taken_over_keeps_its_tokens_ports_volumes_and_stopped_users() {
     assert!(again.contains("0 created, 0 updated, 3 kept"), "{again}");
 
     let store = db.store().await;
+    let started = std::time::Instant::now();
     let controller = ControllerProcess::start(&config);
     for o in fleet.iter().filter(|o| o.running) {
         let status = wait_running(&store, o.user).await;
@@ -200,6 +201,11 @@ async fn a_fleet_taken_over_keeps_its_tokens_ports_volumes_and_stopped_users() {
     );
     let names: Vec<String> = fleet.iter().map(|o| fx.name(o.user)).collect();
     assert_eq!(containers_named(&fx), names, "one container per user");
+    eprintln!(
+        "taken over: {} users in {:?} from the controller's start",
+        fleet.len(),
+        started.elapsed()
+    );
     drop(controller);
 }
 
