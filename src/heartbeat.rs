@@ -95,6 +95,9 @@ mod tests {
             .await;
         assert!(!seen_while_running.stale, "{seen_while_running:?}");
         let after = store.controller_seen("default").await.unwrap().unwrap();
-        assert!(after.stale, "a stopped controller is stale at once: {after:?}");
+        assert!(
+            after.stale,
+            "a stopped controller is stale at once: {after:?}"
+        );
     }
 }

@@ -441,7 +441,8 @@ async fn an_empty_key_file_is_an_error_naming_it_and_is_never_replaced() {
 /// Issue 11: after the controller stopped, `users list` still showed
 /// `running healthy` with nothing saying that no controller runs.
 #[tokio::test]
-async fn users_list_and_show_warn_when_the_controller_has_not_written_for_longer_than_it_promised() {
+async fn users_list_and_show_warn_when_the_controller_has_not_written_for_longer_than_it_promised()
+{
     let db = TestDb::new(Backend::Sqlite).await;
     ok(clawfleet(&db, &["migrate"]));
     ok(clawfleet(&db, &["users", "set", "alice"]));
@@ -475,7 +476,8 @@ async fn users_list_and_show_warn_when_the_controller_has_not_written_for_longer
     .await
     .unwrap();
     let [list, show, list_json, show_json] = outputs();
-    let header = "! no controller of instance \"default\" has written since 2026-01-01T00:00:00+00:00";
+    let header =
+        "! no controller of instance \"default\" has written since 2026-01-01T00:00:00+00:00";
     for text in [&list, &show] {
         assert!(text.starts_with(header), "{text}");
     }

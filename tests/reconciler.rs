@@ -333,7 +333,11 @@ async fn a_bad_row_is_failed_with_a_message_while_the_others_converge() {
     );
     // It says what to do, not only what the engine said (issue 11).
     assert!(
-        missing.message.as_deref().unwrap().contains("`docker load` it"),
+        missing
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("`docker load` it"),
         "{missing:?}"
     );
     wait_running(&store, "good").await;
@@ -746,6 +750,9 @@ async fn a_running_controller_writes_its_heartbeat_and_leaves_it_stale_when_it_s
     assert!(!running.stale, "{running:?}\n{}", controller.log());
     assert!(controller.terminate().success(), "{}", controller.log());
     let stopped = store.controller_seen(&fx.instance).await.unwrap().unwrap();
-    assert!(stopped.stale, "a stopped controller says so at once: {stopped:?}");
+    assert!(
+        stopped.stale,
+        "a stopped controller says so at once: {stopped:?}"
+    );
     assert!(stopped.last_seen >= running.last_seen, "{stopped:?}");
 }

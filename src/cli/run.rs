@@ -20,9 +20,9 @@ use crate::config::{parse_duration, parse_image, ContainerSettings, API_TOKEN_EN
 use crate::controller::{Controller, ControllerOptions, Observers};
 use crate::docker::{DockerEngine, Engine, Instrumented};
 use crate::feed::FeedOptions;
+use crate::heartbeat::Heartbeat;
 use crate::http::{self, ApiToken, AppState, Readiness, ReadinessReport};
 use crate::image_ref::ImageRef;
-use crate::heartbeat::Heartbeat;
 use crate::leader::{default_holder, Elector, SqliteLock};
 use crate::metrics::Metrics;
 use crate::nudge::Nudge;
@@ -63,7 +63,7 @@ pub struct RunArgs {
     #[arg(long, env = "CLAWFLEET_LEASE_TTL", default_value = "15s", value_parser = parse_lease_ttl, hide_env_values = true)]
     pub lease_ttl: Duration,
 
-    /// This process's name in the leader lease [default: <hostname>-<pid>-<random>]
+    /// This process's name in the leader lease (on SQLite, in the heartbeat) [default: <hostname>-<pid>-<random>]
     #[arg(long, env = "CLAWFLEET_HOLDER_ID", hide_env_values = true)]
     pub holder_id: Option<String>,
 

@@ -120,7 +120,10 @@ pub(super) async fn run(global: &GlobalArgs, command: &UsersCommand) -> Result<(
 
 /// What the views say about this instance's controller: `Some` when it has
 /// gone quiet (README "The tables").
-async fn controller(global: &GlobalArgs, store: &Store) -> Result<Option<ControllerView>, CliError> {
+async fn controller(
+    global: &GlobalArgs,
+    store: &Store,
+) -> Result<Option<ControllerView>, CliError> {
     Ok(ControllerView::of(
         store.controller_seen(&global.instance).await?,
     ))

@@ -333,7 +333,12 @@ async fn views_say_when_no_controller_has_written_for_longer_than_it_promised() 
     let shown = call(&app, Method::GET, "/v1/users/alice", None).await;
     let listed = call(&app, Method::GET, "/v1/users", None).await;
     assert_eq!(shown.body.get("controller"), None, "{}", shown.body);
-    assert_eq!(listed.body["users"][0].get("controller"), None, "{}", listed.body);
+    assert_eq!(
+        listed.body["users"][0].get("controller"),
+        None,
+        "{}",
+        listed.body
+    );
 
     // One that last wrote long ago: every view says since when.
     store
@@ -348,7 +353,11 @@ async fn views_say_when_no_controller_has_written_for_longer_than_it_promised() 
     let shown = call(&app, Method::GET, "/v1/users/alice", None).await;
     assert_eq!(shown.body["controller"], expected, "{}", shown.body);
     let listed = call(&app, Method::GET, "/v1/users", None).await;
-    assert_eq!(listed.body["users"][0]["controller"], expected, "{}", listed.body);
+    assert_eq!(
+        listed.body["users"][0]["controller"], expected,
+        "{}",
+        listed.body
+    );
     let parsed: UserList = serde_json::from_value(listed.body).unwrap();
     assert!(parsed.users[0].controller.is_some_and(|c| c.stale));
 }
