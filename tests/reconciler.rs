@@ -756,3 +756,30 @@ async fn a_running_controller_writes_its_heartbeat_and_leaves_it_stale_when_it_s
     );
     assert!(stopped.last_seen >= running.last_seen, "{stopped:?}");
 }
+
+/// Issue 11: without the default image and no way to pull it, every user
+/// was `failed` with a bare registry error.
+#[tokio::test]
+async fn without_the_default_image_a_user_is_failed_with_a_message_saying_what_to_do() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let fx = DockerFixture::new("noimage");
+    let _controller = ControllerProcess::start(
+        &ControllerConfig::new(&db, &fx).with("OPENCLAW_IMAGE", "no-such-image:1"),
+    );
+    db.exec("INSERT INTO desired_containers (user_id) VALUES ('alice');")
+        .await;
+    let alice = wait_for_status(&store, "alice", LONG, "failed", |s| {
+        s.phase == Phase::Failed
+    })
+    .await;
+    let message = alice.message.unwrap_or_default();
+    for words in [
+        "no-such-image:1",
+        "OPENCLAW_IMAGE",
+        "`docker load`",
+        "make agent-image",
+    ] {
+        assert!(message.contains(words), "{message} lacks {words}");
+    }
+}
