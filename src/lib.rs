@@ -15,6 +15,7 @@
 //! - [`isolation`]: how containers are kept apart (capabilities, logs, network).
 //! - [`clock`]: the one clock deadlines, back-offs and quarantines read.
 //! - [`probe`]: whether a user's gateway answers on its published port.
+//! - [`leader`], [`heartbeat`]: who reconciles, and how readers know one does.
 //! - [`cli`]: the command line.
 
 pub mod cli;
@@ -25,6 +26,7 @@ pub mod desired;
 pub mod docker;
 pub mod events;
 pub mod feed;
+pub mod heartbeat;
 pub mod http;
 pub mod image_ref;
 pub mod isolation;

@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use crate::desired::{DesiredState, InvalidRow};
 use crate::status::{ContainerStatus, Health, Phase};
-use crate::store::{DesiredRow, UserRows};
+use crate::store::{ControllerSeen, DesiredRow, UserRows};
 
 /// The JSON view of one user: `{"user_id", "desired", "status"}`.
 ///
@@ -28,6 +28,42 @@ pub struct UserView {
     /// What the controller reports; `null` until it has reconciled the user.
     #[schema(required = true)]
     pub status: Option<StatusView>,
+    /// Present only when no controller has written for longer than it
+    /// promised (stopped, died, or cut off from the database): `status` may
+    /// then be out of date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub controller: Option<ControllerView>,
+}
+
+/// The controller as readers last heard of it, shown when it went quiet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ControllerView {
+    /// When a controller of this instance last wrote its heartbeat.
+    #[serde(with = "rfc3339")]
+    pub last_seen: DateTime<Utc>,
+    /// True: no controller has written since longer than it promised.
+    pub stale: bool,
+}
+
+impl ControllerView {
+    /// What the views say about `seen`: nothing while the controller is
+    /// fresh or none ever ran (a new database), the last sighting once stale.
+    pub fn of(seen: Option<ControllerSeen>) -> Option<Self> {
+        seen.filter(|s| s.stale).map(|s| Self {
+            last_seen: s.last_seen,
+            stale: true,
+        })
+    }
+
+    /// The warning line `users list` and `users show` print above the user(s).
+    pub fn warning(&self, instance: &str) -> String {
+        format!(
+            "! no controller of instance {} has written since {}: the status below may be out of date (is `clawfleet run` running?)",
+            crate::quote::quote_short(instance),
+            self.last_seen.to_rfc3339()
+        )
+    }
 }
 
 /// A desired row as shown: valid, or why it is invalid.
@@ -154,7 +190,14 @@ impl UserView {
             user_id: user_id.to_owned(),
             desired: desired.map(|row| DesiredView::new(row, now)),
             status: status.map(StatusView::new),
+            controller: None,
         }
+    }
+
+    /// The view, saying what [`ControllerView::of`] says about the controller.
+    pub fn with_controller(mut self, controller: Option<ControllerView>) -> Self {
+        self.controller = controller;
+        self
     }
 
     /// The view of a user's joined rows at `now`.

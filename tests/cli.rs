@@ -437,3 +437,62 @@ async fn an_empty_key_file_is_an_error_naming_it_and_is_never_replaced() {
     assert!(message.contains("empty"), "{message}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "", "left alone");
 }
+
+/// Issue 11: after the controller stopped, `users list` still showed
+/// `running healthy` with nothing saying that no controller runs.
+#[tokio::test]
+async fn users_list_and_show_warn_when_the_controller_has_not_written_for_longer_than_it_promised()
+{
+    let db = TestDb::new(Backend::Sqlite).await;
+    ok(clawfleet(&db, &["migrate"]));
+    ok(clawfleet(&db, &["users", "set", "alice"]));
+    let store = clawfleet::store::Store::connect(&db.url).await.unwrap();
+    let outputs = || {
+        [
+            ok(clawfleet(&db, &["users", "list"])),
+            ok(clawfleet(&db, &["users", "show", "alice"])),
+            ok(clawfleet(&db, &["users", "list", "--json"])),
+            ok(clawfleet(&db, &["users", "show", "alice", "--json"])),
+        ]
+    };
+
+    // A controller within its promise: nothing is said.
+    store
+        .beat("default", "running", std::time::Duration::from_secs(900))
+        .await
+        .unwrap();
+    let [list, show, list_json, show_json] = outputs();
+    assert!(list.starts_with("USER"), "{list}");
+    assert!(show.starts_with("user:"), "{show}");
+    assert!(!list_json.contains("controller"), "{list_json}");
+    assert!(!show_json.contains("controller"), "{show_json}");
+
+    // One that last wrote long ago: a header line, and the field.
+    sea_orm::ConnectionTrait::execute_unprepared(
+        store.connection(),
+        "UPDATE clawfleet_leases SET renewed_at = '2026-01-01T00:00:00Z', \
+         expires_at = '2026-01-01T00:15:00Z' WHERE instance = 'default'",
+    )
+    .await
+    .unwrap();
+    let [list, show, list_json, show_json] = outputs();
+    let header =
+        "! no controller of instance \"default\" has written since 2026-01-01T00:00:00+00:00";
+    for text in [&list, &show] {
+        assert!(text.starts_with(header), "{text}");
+    }
+    assert!(list.lines().nth(1).unwrap().starts_with("USER"), "{list}");
+    let expected = serde_json::json!({"last_seen": "2026-01-01T00:00:00+00:00", "stale": true});
+    let list_json: serde_json::Value = serde_json::from_str(&list_json).unwrap();
+    let show_json: serde_json::Value = serde_json::from_str(&show_json).unwrap();
+    assert_eq!(list_json[0]["controller"], expected);
+    assert_eq!(show_json["controller"], expected);
+
+    // Another instance's controller is not this one's.
+    let other = Command::new(env!("CARGO_BIN_EXE_clawfleet"))
+        .args(["users", "list", "--instance", "other"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(ok(other).starts_with("USER"));
+}

@@ -331,6 +331,15 @@ async fn a_bad_row_is_failed_with_a_message_while_the_others_converge() {
             .contains("no-such-image:1"),
         "{missing:?}"
     );
+    // It says what to do, not only what the engine said (issue 11).
+    assert!(
+        missing
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("`docker load` it"),
+        "{missing:?}"
+    );
     wait_running(&store, "good").await;
     assert_eq!(container_state(&fx.name("bad")), None);
 }
@@ -724,4 +733,53 @@ async fn allowing_any_image_with_a_star_starts_and_logs_a_warning() {
             .any(|l| l.contains("WARN") && l.contains("allows any image")),
         "{log}"
     );
+}
+
+/// Issue 11: after the controller stopped, nothing told readers that the
+/// status had stopped being kept.
+#[tokio::test]
+async fn a_running_controller_writes_its_heartbeat_and_leaves_it_stale_when_it_stops() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let fx = DockerFixture::new("heartbeat");
+    let mut controller = ControllerProcess::start(&ControllerConfig::new(&db, &fx));
+    let running = eventually(LONG, "the controller's first heartbeat", || async {
+        store.controller_seen(&fx.instance).await.unwrap()
+    })
+    .await;
+    assert!(!running.stale, "{running:?}\n{}", controller.log());
+    assert!(controller.terminate().success(), "{}", controller.log());
+    let stopped = store.controller_seen(&fx.instance).await.unwrap().unwrap();
+    assert!(
+        stopped.stale,
+        "a stopped controller says so at once: {stopped:?}"
+    );
+    assert!(stopped.last_seen >= running.last_seen, "{stopped:?}");
+}
+
+/// Issue 11: without the default image and no way to pull it, every user
+/// was `failed` with a bare registry error.
+#[tokio::test]
+async fn without_the_default_image_a_user_is_failed_with_a_message_saying_what_to_do() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = db.store().await;
+    let fx = DockerFixture::new("noimage");
+    let _controller = ControllerProcess::start(
+        &ControllerConfig::new(&db, &fx).with("OPENCLAW_IMAGE", "no-such-image:1"),
+    );
+    db.exec("INSERT INTO desired_containers (user_id) VALUES ('alice');")
+        .await;
+    let alice = wait_for_status(&store, "alice", LONG, "failed", |s| {
+        s.phase == Phase::Failed
+    })
+    .await;
+    let message = alice.message.unwrap_or_default();
+    for words in [
+        "no-such-image:1",
+        "OPENCLAW_IMAGE",
+        "`docker load`",
+        "make agent-image",
+    ] {
+        assert!(message.contains(words), "{message} lacks {words}");
+    }
 }

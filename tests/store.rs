@@ -566,3 +566,25 @@ async fn an_unreachable_database_is_a_clear_error_without_the_password() {
         .unwrap_err();
     assert!(err.to_string().contains("expected sqlite://"), "{err}");
 }
+
+#[tokio::test]
+async fn on_postgres_the_lease_is_the_heartbeat_and_a_released_one_is_stale_yet_taken_at_once() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = db.store().await;
+    let ttl = std::time::Duration::from_secs(60);
+    assert_eq!(store.controller_seen("i").await.unwrap(), None);
+    assert!(store.acquire_lease("i", "leader", ttl).await.unwrap());
+    let leading = store.controller_seen("i").await.unwrap().unwrap();
+    assert!(!leading.stale, "{leading:?}");
+    assert!(!store.acquire_lease("i", "standby", ttl).await.unwrap());
+
+    store.release_lease("i", "leader").await.unwrap();
+    let released = store.controller_seen("i").await.unwrap().unwrap();
+    assert!(released.stale, "{released:?}");
+    assert_eq!(released.last_seen, leading.last_seen);
+    assert!(
+        store.acquire_lease("i", "standby", ttl).await.unwrap(),
+        "a standby takes a released lease at once"
+    );
+    assert!(!store.controller_seen("i").await.unwrap().unwrap().stale);
+}

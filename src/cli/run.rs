@@ -20,6 +20,7 @@ use crate::config::{parse_duration, parse_image, ContainerSettings, API_TOKEN_EN
 use crate::controller::{Controller, ControllerOptions, Observers};
 use crate::docker::{DockerEngine, Engine, Instrumented};
 use crate::feed::FeedOptions;
+use crate::heartbeat::Heartbeat;
 use crate::http::{self, ApiToken, AppState, Readiness, ReadinessReport};
 use crate::image_ref::ImageRef;
 use crate::leader::{default_holder, Elector, SqliteLock};
@@ -62,7 +63,7 @@ pub struct RunArgs {
     #[arg(long, env = "CLAWFLEET_LEASE_TTL", default_value = "15s", value_parser = parse_lease_ttl, hide_env_values = true)]
     pub lease_ttl: Duration,
 
-    /// This process's name in the leader lease [default: <hostname>-<pid>-<random>]
+    /// This process's name in the leader lease (on SQLite, in the heartbeat) [default: <hostname>-<pid>-<random>]
     #[arg(long, env = "CLAWFLEET_HOLDER_ID", hide_env_values = true)]
     pub holder_id: Option<String>,
 
@@ -305,6 +306,7 @@ pub async fn run(
         store: api_store.clone(),
         keys: keys.clone(),
         api_token,
+        instance: settings.instance.clone(),
         default_image: settings.image.clone(),
         readiness: Arc::new(http::CachedReadiness::new(Arc::new(Checks {
             store: api_store,
@@ -372,7 +374,15 @@ pub async fn run(
 
     if store.sqlite_file().is_some() || store.backend() == sea_orm::DatabaseBackend::Sqlite {
         info!("SQLite: this process is the only one for this database; reconciling");
-        parts.lead(stopping(shutdown.clone())).await;
+        let holder = args.holder_id.clone().unwrap_or_else(default_holder);
+        Heartbeat::new(
+            store.clone(),
+            &parts.settings.instance,
+            &holder,
+            runtime.resync_period,
+        )
+        .beat_while(parts.lead(stopping(shutdown.clone())))
+        .await;
     } else {
         let holder = args.holder_id.clone().unwrap_or_else(default_holder);
         let elector = Elector::new(

@@ -14,7 +14,7 @@ use crate::image_ref::ImageRef;
 use crate::quote::quote_short;
 use crate::status::ContainerStatus;
 use crate::store::{DesiredUpdate, Store, UserRows};
-use crate::view::UserView;
+use crate::view::{ControllerView, UserView};
 
 /// The `users` subcommands.
 #[derive(Debug, Subcommand)]
@@ -114,8 +114,19 @@ pub(super) async fn run(global: &GlobalArgs, command: &UsersCommand) -> Result<(
             Ok(())
         }
         UsersCommand::Show(args) => show(global, &store, args).await,
-        UsersCommand::List(args) => list(&store, args).await,
+        UsersCommand::List(args) => list(global, &store, args).await,
     }
+}
+
+/// What the views say about this instance's controller: `Some` when it has
+/// gone quiet (README "The tables").
+async fn controller(
+    global: &GlobalArgs,
+    store: &Store,
+) -> Result<Option<ControllerView>, CliError> {
+    Ok(ControllerView::of(
+        store.controller_seen(&global.instance).await?,
+    ))
 }
 
 fn no_such_user(id: &str) -> impl FnOnce(crate::store::StoreError) -> CliError + '_ {
@@ -173,11 +184,12 @@ async fn show(global: &GlobalArgs, store: &Store, args: &ShowArgs) -> Result<(),
         }
         _ => None,
     };
+    let controller = controller(global, store).await?;
     let now = Utc::now();
     let mut out = std::io::stdout().lock();
     if args.json {
         let shown = ShownUser {
-            view: UserView::of(&rows, now),
+            view: UserView::of(&rows, now).with_controller(controller),
             gateway_token: token.as_ref().map(|t| t.expose()),
         };
         writeln!(
@@ -186,6 +198,9 @@ async fn show(global: &GlobalArgs, store: &Store, args: &ShowArgs) -> Result<(),
             serde_json::to_string_pretty(&shown).unwrap_or_default()
         )?;
         return Ok(());
+    }
+    if let Some(controller) = &controller {
+        writeln!(out, "{}", controller.warning(&global.instance))?;
     }
     writeln!(out, "user:              {}", quote_short(&args.id))?;
     match desired {
@@ -268,18 +283,25 @@ fn idle_text(d: &DesiredContainer) -> String {
         .map_or("off".into(), |t| humantime::format_duration(t).to_string())
 }
 
-async fn list(store: &Store, args: &ListArgs) -> Result<(), CliError> {
+async fn list(global: &GlobalArgs, store: &Store, args: &ListArgs) -> Result<(), CliError> {
+    let controller = controller(global, store).await?;
     let users = store.users_all().await?;
     let now = Utc::now();
     let mut out = std::io::stdout().lock();
     if args.json {
-        let views: Vec<UserView> = users.iter().map(|u| UserView::of(u, now)).collect();
+        let views: Vec<UserView> = users
+            .iter()
+            .map(|u| UserView::of(u, now).with_controller(controller))
+            .collect();
         writeln!(
             out,
             "{}",
             serde_json::to_string_pretty(&views).unwrap_or_default()
         )?;
         return Ok(());
+    }
+    if let Some(controller) = &controller {
+        writeln!(out, "{}", controller.warning(&global.instance))?;
     }
     let mut table = Table::new([
         "USER", "DESIRED", "PHASE", "HEALTH", "PORT", "IDLE", "RESTARTS", "MESSAGE",

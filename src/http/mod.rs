@@ -66,6 +66,8 @@ pub struct AppState {
     pub keys: KeyRing,
     /// The API token; `None`: the API is off.
     pub api_token: Option<ApiToken>,
+    /// The instance whose controller the views report on (`--instance`).
+    pub instance: String,
     /// The default image (shown for rows that name none).
     pub default_image: ImageRef,
     /// Readiness checks (wrap them in [`CachedReadiness`]).

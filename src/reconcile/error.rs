@@ -50,6 +50,23 @@ impl ReconcileError {
         }
     }
 
+    /// The words for `container_status.message`: the error and, for an
+    /// image the engine has not and cannot pull, what to do about it (issue
+    /// 11: a new operator met a bare registry error on every user).
+    /// `row_names_image`: the user's row names its own image, rather than
+    /// taking the configured default.
+    pub fn status_message(&self, row_names_image: bool) -> String {
+        let Self::Engine(EngineError::ImageNotFound { image, .. }) = self else {
+            return self.to_string();
+        };
+        let remedy = if row_names_image {
+            "`docker load` it, or set the user's image to one this engine has"
+        } else {
+            "set OPENCLAW_IMAGE (or --image) to an image this engine has, or `docker load` this one; to try clawfleet out, `make agent-image` builds the README's stand-in image clawfleet-agent-stub:dev"
+        };
+        format!("{self}. This engine has no image {image} and cannot pull it: {remedy}")
+    }
+
     /// A short bounded label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -81,5 +98,33 @@ mod tests {
         });
         assert!(taken.is_transient());
         assert_eq!(taken.kind(), "port_allocated");
+    }
+
+    #[test]
+    fn a_missing_image_says_what_to_do_about_it() {
+        let missing = ReconcileError::Engine(EngineError::ImageNotFound {
+            image: "alpine/openclaw:latest".into(),
+            message: "Get https://registry-1.docker.io/v2/: dial tcp: no such host".into(),
+        });
+        let default = missing.status_message(false);
+        assert!(default.starts_with(&missing.to_string()), "{default}");
+        for remedy in [
+            "OPENCLAW_IMAGE",
+            "--image",
+            "`docker load`",
+            "make agent-image",
+            "clawfleet-agent-stub:dev",
+        ] {
+            assert!(default.contains(remedy), "{default} lacks {remedy}");
+        }
+        let own = missing.status_message(true);
+        assert!(own.contains("`docker load` it"), "{own}");
+        assert!(!own.contains("OPENCLAW_IMAGE"), "a row's own image: {own}");
+
+        let other = ReconcileError::ForeignVolume {
+            volume: "v".into(),
+            holder: "h".into(),
+        };
+        assert_eq!(other.status_message(false), other.to_string());
     }
 }

@@ -117,7 +117,8 @@ impl<E: Engine> Reconciler<E> {
         error: ReconcileError,
         actions: usize,
     ) -> Result<Outcome, ReconcileError> {
-        let message = error.to_string();
+        let row_names_image = matches!(&pass.desired, Some(Ok(d)) if d.image.is_some());
+        let message = error.status_message(row_names_image);
         if let Some(Ok(d)) = pass.desired.as_ref() {
             let retry = chrono::Duration::from_std(self.options.needs_human_retry);
             let blocked = Blocked {

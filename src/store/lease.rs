@@ -51,7 +51,9 @@ impl Store {
     }
 
     /// Gives up `holder`'s lease of `instance` at once (graceful shutdown),
-    /// so a standby takes over without waiting for the expiry.
+    /// so a standby takes over without waiting for the expiry. The row is
+    /// left expired rather than deleted: readers still learn when a
+    /// controller last ran (see `controller_seen`).
     pub async fn release_lease(&self, instance: &str, holder: &str) -> Result<(), StoreError> {
         if self.backend() != DatabaseBackend::Postgres {
             return Ok(());
@@ -59,7 +61,8 @@ impl Store {
         self.lease_connection()
             .execute_raw(Statement::from_sql_and_values(
                 DatabaseBackend::Postgres,
-                "DELETE FROM clawfleet_leases WHERE instance = $1 AND holder = $2",
+                "UPDATE clawfleet_leases SET expires_at = clock_timestamp()
+                  WHERE instance = $1 AND holder = $2",
                 [instance.into(), holder.into()],
             ))
             .await

@@ -14,6 +14,7 @@
 //! reconciles or API calls.
 
 mod desired;
+mod heartbeat;
 mod lease;
 mod status;
 mod users;
@@ -33,6 +34,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::Connection as _;
 
 pub use desired::{DesiredChange, DesiredRow, DesiredUpdate};
+pub use heartbeat::ControllerSeen;
 pub use status::{StatusPage, StatusWrite};
 pub use users::{desired_user_id, UserPage, UserRows};
 pub use watch::{StatusSnapshot, StatusWatch, RECHECK};

@@ -158,6 +158,7 @@ async fn a_row_change_an_event_a_resync_and_an_api_call_each_count_under_their_t
         store: store.clone(),
         keys: KeyRing::new(vec![EncryptionKey::generate("t").unwrap()]).unwrap(),
         api_token: ApiToken::new(TOKEN),
+        instance: "default".to_owned(),
         default_image: ImageRef::parse(IMAGE).unwrap(),
         readiness: Arc::new(AlwaysReady),
         max_inflight: 8,

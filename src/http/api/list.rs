@@ -36,10 +36,15 @@ pub(super) async fn list_users(
     let limit = limit_param(params.limit.as_deref())?;
     let phase = params.phase.as_deref().map(phase_param).transpose()?;
     let after = params.after.as_deref().filter(|a| !a.is_empty());
+    let controller = super::users::controller(&state).await?;
     let page = state.store.users_page(phase, after, limit).await?;
     let now = Utc::now();
     Ok(Json(UserList {
-        users: page.users.iter().map(|u| UserView::of(u, now)).collect(),
+        users: page
+            .users
+            .iter()
+            .map(|u| UserView::of(u, now).with_controller(controller))
+            .collect(),
         next_after: page.next_after,
     }))
 }

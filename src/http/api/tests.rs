@@ -8,6 +8,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use futures::future::BoxFuture;
+use sea_orm::ConnectionTrait;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -42,6 +43,7 @@ async fn test_app(api_token: Option<&str>) -> (axum::Router, Store, tempfile::Te
         store: store.clone(),
         keys: KeyRing::new(vec![EncryptionKey::generate("t").unwrap()]).unwrap(),
         api_token: api_token.and_then(ApiToken::new),
+        instance: "default".to_owned(),
         default_image: ImageRef::parse("clawfleet-agent-stub:dev").unwrap(),
         readiness: Arc::new(AlwaysReady),
         max_inflight: 8,
@@ -315,4 +317,47 @@ fn the_openapi_document_passes_openapi_spec_validator() {
     let mut broken = document;
     broken.as_object_mut().unwrap().remove("info");
     assert!(openapi_spec_validator(&broken).is_err());
+}
+
+#[tokio::test]
+async fn views_say_when_no_controller_has_written_for_longer_than_it_promised() {
+    let (app, store, _dir) = test_app(Some(TOKEN)).await;
+    let put = call(&app, Method::PUT, "/v1/users/alice", Some(json!({}))).await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.body);
+
+    // A controller that beats within its promise: nothing is said.
+    store
+        .beat("default", "running", std::time::Duration::from_secs(900))
+        .await
+        .unwrap();
+    let shown = call(&app, Method::GET, "/v1/users/alice", None).await;
+    let listed = call(&app, Method::GET, "/v1/users", None).await;
+    assert_eq!(shown.body.get("controller"), None, "{}", shown.body);
+    assert_eq!(
+        listed.body["users"][0].get("controller"),
+        None,
+        "{}",
+        listed.body
+    );
+
+    // One that last wrote long ago: every view says since when.
+    store
+        .connection()
+        .execute_unprepared(
+            "UPDATE clawfleet_leases SET renewed_at = '2026-01-01T00:00:00Z', \
+             expires_at = '2026-01-01T00:15:00Z' WHERE instance = 'default'",
+        )
+        .await
+        .unwrap();
+    let expected = json!({"last_seen": "2026-01-01T00:00:00+00:00", "stale": true});
+    let shown = call(&app, Method::GET, "/v1/users/alice", None).await;
+    assert_eq!(shown.body["controller"], expected, "{}", shown.body);
+    let listed = call(&app, Method::GET, "/v1/users", None).await;
+    assert_eq!(
+        listed.body["users"][0]["controller"], expected,
+        "{}",
+        listed.body
+    );
+    let parsed: UserList = serde_json::from_value(listed.body).unwrap();
+    assert!(parsed.users[0].controller.is_some_and(|c| c.stale));
 }

@@ -16,7 +16,7 @@ use super::requests::{PutBody, RestartRequested, Touched, UserId};
 use crate::desired::DesiredState;
 use crate::http::AppState;
 use crate::quote::quote_short;
-use crate::view::UserView;
+use crate::view::{ControllerView, UserView};
 
 /// `GET /v1/users/{id}`.
 #[utoipa::path(
@@ -38,12 +38,21 @@ pub(super) async fn show_user(
 
 /// The view of one user; 404 when there is neither a desired nor a status row.
 async fn view_of(state: &AppState, user_id: &str) -> Result<UserView, ApiError> {
+    let controller = controller(state).await?;
     let rows = state
         .store
         .user(user_id)
         .await?
         .ok_or_else(|| ApiError::NoSuchUser(quote_short(user_id)))?;
-    Ok(UserView::of(&rows, Utc::now()))
+    Ok(UserView::of(&rows, Utc::now()).with_controller(controller))
+}
+
+/// What the views say about this instance's controller: `Some` once it has
+/// gone quiet (README "JSON API").
+pub(super) async fn controller(state: &AppState) -> Result<Option<ControllerView>, ApiError> {
+    Ok(ControllerView::of(
+        state.store.controller_seen(&state.instance).await?,
+    ))
 }
 
 /// `PUT /v1/users/{id}`: creates or updates the desired row.

@@ -120,6 +120,13 @@ async fn a_container_that_exits_with_code_78_is_failed_as_a_configuration_error_
     fleet.stop().await;
 }
 
+/// Turns `name`'s health check unhealthy, behind the controller's back.
+async fn turn_unhealthy(fleet: &Fleet, name: &str) {
+    fleet
+        .behind_its_back(|engine| engine.set_health(name, ContainerHealth::Unhealthy).unwrap())
+        .await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_unhealthy_container_is_restarted_in_place_with_the_same_back_off() {
     let fleet = Fleet::start_with(crate::settings(), |engine| {
@@ -131,13 +138,7 @@ async fn an_unhealthy_container_is_restarted_in_place_with_the_same_back_off() {
     let id = fleet.container("alice").unwrap().id;
 
     let first = fleet.now();
-    fleet
-        .behind_its_back(|engine| {
-            engine
-                .set_health(&name, ContainerHealth::Unhealthy)
-                .unwrap()
-        })
-        .await;
+    turn_unhealthy(&fleet, &name).await;
     let c = fleet.container("alice").unwrap();
     assert_eq!(c.id, id, "restarted in place, not recreated");
     assert_eq!(c.started_at, Some(first), "restarted at once");
@@ -147,13 +148,7 @@ async fn an_unhealthy_container_is_restarted_in_place_with_the_same_back_off() {
     // Unhealthy again at once: the next restart waits 1 s, the one after 2 s.
     for (restarts, delay) in [(2, 1), (3, 2)] {
         let at = fleet.now();
-        fleet
-            .behind_its_back(|engine| {
-                engine
-                    .set_health(&name, ContainerHealth::Unhealthy)
-                    .unwrap()
-            })
-            .await;
+        turn_unhealthy(&fleet, &name).await;
         fleet.advance(secs(delay) - MS).await;
         assert_eq!(
             fleet.container("alice").unwrap().health,
