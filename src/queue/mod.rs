@@ -9,8 +9,14 @@
 //!   an add that arrives meanwhile marks it dirty, and it is queued again as
 //!   soon as the lease is done, so a change arriving mid-reconcile is never
 //!   lost;
-//! - ready keys are handed out first in, first out, in the order they became
-//!   due (a delayed key becomes due at its deadline);
+//! - ready keys wait in two lanes: a key queued by the API
+//!   ([`Trigger::Api`]: a caller waits on it, as `ensure-running` does) in
+//!   the front lane, every other in the bulk lane. The front lane is emptied
+//!   first, so a wake never waits behind a resync of the whole fleet; an
+//!   immediate API add to a key waiting in the bulk lane moves it to the
+//!   front (and names it `Api`). Within a lane, keys are handed out first in,
+//!   first out, in the order they became due (a delayed key becomes due at
+//!   its deadline);
 //! - a delayed add never postpones a key: the earliest deadline wins, and an
 //!   add to a key that is already due does nothing;
 //! - a delayed key is not handed out before its deadline, and there is no
@@ -390,6 +396,40 @@ mod tests {
         x.done();
         let order: Vec<_> = std::iter::from_fn(|| key_now(&queue)).collect();
         assert_eq!(order, ["y", "x"]);
+    }
+
+    #[tokio::test]
+    async fn an_api_add_during_a_1000_key_backlog_is_handed_out_next() {
+        let queue: WorkQueue<usize> = WorkQueue::new(steady_policy());
+        for key in 0..1000 {
+            queue.add(key, Trigger::Resync);
+        }
+        let next = |queue: &WorkQueue<usize>| {
+            let lease = ready_now(queue).expect("the backlog is not drained");
+            (*lease.key(), lease.trigger())
+        };
+        assert_eq!(next(&queue), (0, Trigger::Resync));
+
+        // A user the resync has not queued jumps the backlog.
+        queue.add(5000, Trigger::Api);
+        assert_eq!(next(&queue), (5000, Trigger::Api));
+
+        // So does one the resync queued last: its entry moves to the front.
+        queue.add(999, Trigger::Api);
+        assert_eq!(queue.stats().ready, 999, "moved, not queued twice");
+        assert_eq!(next(&queue), (999, Trigger::Api));
+
+        // One being processed goes to the front once it is done.
+        queue.add(7000, Trigger::Api);
+        let busy = ready_now(&queue).expect("7000 is ready");
+        queue.add(7000, Trigger::Resync);
+        queue.add(7000, Trigger::Api);
+        busy.done();
+        assert_eq!(next(&queue), (7000, Trigger::Api));
+
+        // The backlog then drains in its own order, without the moved key.
+        let rest: Vec<usize> = std::iter::from_fn(|| ready_now(&queue).map(|l| *l.key())).collect();
+        assert_eq!(rest, (1..999).collect::<Vec<_>>());
     }
 
     #[tokio::test(start_paused = true)]
@@ -843,8 +883,10 @@ mod tests {
     }
 
     /// The queue's contract written as plainly as possible: time in
-    /// milliseconds, a linear scan for due keys, and a pending key's trigger
-    /// kept beside it (set by the add that makes it due first).
+    /// milliseconds, a linear scan for due keys, a pending key's trigger
+    /// kept beside it (set by the add that makes it due first, or by an
+    /// immediate `Api` add that moves it to the front lane), and two lanes:
+    /// keys due because of `Api` in `front`, handed out before `ready`.
     #[derive(Default)]
     struct Model {
         now: u64,
@@ -855,6 +897,9 @@ mod tests {
         triggers: HashMap<u8, Trigger>,
         /// Keys due while being processed.
         dirty: HashSet<u8>,
+        /// Due keys with an API waiter.
+        front: VecDeque<u8>,
+        /// Every other due key.
         ready: VecDeque<u8>,
         /// Keys handed out, in the order the test holds their leases.
         processing: Vec<u8>,
@@ -878,18 +923,34 @@ mod tests {
 
         fn make_due(&mut self, key: u8, trigger: Trigger) {
             if self.is_due(key) {
+                if trigger == Trigger::Api && self.triggers[&key] != Trigger::Api {
+                    self.triggers.insert(key, Trigger::Api);
+                    if let Some(at) = self.ready.iter().position(|&k| k == key) {
+                        self.ready.remove(at);
+                        self.front.push_back(key);
+                    }
+                }
                 return;
             }
             self.triggers.insert(key, trigger);
             if self.processing.contains(&key) {
                 self.dirty.insert(key);
             } else {
+                self.queue(key);
+            }
+        }
+
+        /// Puts `key` at the back of the lane of its trigger.
+        fn queue(&mut self, key: u8) {
+            if self.triggers[&key] == Trigger::Api {
+                self.front.push_back(key);
+            } else {
                 self.ready.push_back(key);
             }
         }
 
         fn is_due(&self, key: u8) -> bool {
-            self.ready.contains(&key) || self.dirty.contains(&key)
+            self.front.contains(&key) || self.ready.contains(&key) || self.dirty.contains(&key)
         }
 
         fn add(&mut self, key: u8, trigger: Trigger) {
@@ -914,7 +975,7 @@ mod tests {
 
         fn next(&mut self) -> Option<(u8, Trigger)> {
             self.promote();
-            let key = self.ready.pop_front()?;
+            let key = self.front.pop_front().or_else(|| self.ready.pop_front())?;
             self.processing.push(key);
             let trigger = self
                 .triggers
@@ -926,9 +987,9 @@ mod tests {
         fn done(&mut self, index: usize) {
             self.promote();
             let key = self.processing.remove(index);
-            // A dirty key keeps its trigger in `triggers` as it moves to ready.
+            // A dirty key keeps its trigger in `triggers` as it moves to its lane.
             if self.dirty.remove(&key) {
-                self.ready.push_back(key);
+                self.queue(key);
             }
         }
     }
@@ -977,7 +1038,7 @@ mod tests {
                 lock(&queue.shared.state).check_invariants();
                 model.promote();
                 let stats = queue.stats();
-                assert_eq!(stats.ready, model.ready.len());
+                assert_eq!(stats.ready, model.front.len() + model.ready.len());
                 assert_eq!(stats.delayed, model.delayed.len());
                 assert_eq!(stats.processing, model.processing.len());
             }

@@ -6,8 +6,10 @@
 //! it. Invariants:
 //! - every key has at most one [`Slot`], and a slot is pending in at most one
 //!   way: ready or delayed, never both;
-//! - `ready` holds exactly the keys that are pending-ready and not being
-//!   processed, each once, in the order they became due;
+//! - the two lanes, `front` and `ready`, hold exactly the keys that are
+//!   pending-ready and not being processed, each once and in one lane: the
+//!   lane of its trigger ([`Lane::of`]), in the order they became due (or
+//!   were moved to the front lane); `take` empties `front` first;
 //! - `timers` holds exactly the delayed keys, each once, under its slot's
 //!   `(deadline, seq)`;
 //! - a key being processed is never in `ready`; if it becomes due meanwhile it
@@ -16,7 +18,8 @@
 //!   ready in deadline order, so FIFO order is the order keys became due,
 //!   however late the queue was looked at;
 //! - a pending key carries the [`Trigger`] of the add that makes it due
-//!   first (the merge rule of [`Trigger`]'s module).
+//!   first, or of the immediate `Api` add that moved it to the front lane
+//!   (the merge rule of [`Trigger`]'s module).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
@@ -25,6 +28,80 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{QueueStats, Trigger};
+
+/// Which line a due key waits in. Keys with an API caller waiting on them
+/// (`ensure-running`) go to the front lane and are handed out before any
+/// bulk work (resyncs, row changes, events, timers, retries), so a wake is
+/// never queued behind a resync of the whole fleet (README "How it works").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lane {
+    /// Handed out first.
+    Front,
+    /// Everything else, first in, first out.
+    Bulk,
+}
+
+impl Lane {
+    /// The lane a key due because of `trigger` waits in.
+    pub(super) fn of(trigger: Trigger) -> Self {
+        match trigger {
+            Trigger::Api => Self::Front,
+            Trigger::RowChange
+            | Trigger::DockerEvent
+            | Trigger::Timer
+            | Trigger::Retry
+            | Trigger::Resync => Self::Bulk,
+        }
+    }
+}
+
+/// The due keys not being processed, each in the lane of its trigger.
+#[derive(Debug)]
+struct Lanes<K> {
+    /// Due keys with an API waiter.
+    front: VecDeque<K>,
+    /// Every other due key.
+    bulk: VecDeque<K>,
+}
+
+impl<K> Default for Lanes<K> {
+    fn default() -> Self {
+        Self {
+            front: VecDeque::new(),
+            bulk: VecDeque::new(),
+        }
+    }
+}
+
+impl<K> Lanes<K> {
+    /// Queues `key`, due because of `trigger`, at the back of its lane.
+    fn push_back(&mut self, key: K, trigger: Trigger) {
+        match Lane::of(trigger) {
+            Lane::Front => self.front.push_back(key),
+            Lane::Bulk => self.bulk.push_back(key),
+        }
+    }
+
+    /// The first key of the front lane, else of the bulk lane.
+    fn pop_front(&mut self) -> Option<K> {
+        self.front.pop_front().or_else(|| self.bulk.pop_front())
+    }
+
+    fn len(&self) -> usize {
+        self.front.len() + self.bulk.len()
+    }
+
+    fn clear(&mut self) {
+        self.front.clear();
+        self.bulk.clear();
+    }
+
+    /// Every queued key, front lane first.
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = &K> {
+        self.front.iter().chain(self.bulk.iter())
+    }
+}
 
 /// How a key waits to be handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +164,7 @@ pub(super) enum Take<K> {
 #[derive(Debug)]
 pub(super) struct QueueState<K> {
     slots: HashMap<K, Slot>,
-    ready: VecDeque<K>,
+    ready: Lanes<K>,
     timers: BTreeMap<(Instant, u64), K>,
     next_seq: u64,
     shut_down: bool,
@@ -97,7 +174,7 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
     pub(super) fn new() -> Self {
         Self {
             slots: HashMap::new(),
-            ready: VecDeque::new(),
+            ready: Lanes::default(),
             timers: BTreeMap::new(),
             next_seq: 0,
             shut_down: false,
@@ -105,7 +182,9 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
     }
 
     /// Makes `key` due now because of `trigger`, unless it already is (then
-    /// it keeps its trigger). Cancels a pending delay (and takes its place).
+    /// it keeps its trigger, unless `trigger` belongs to the front lane and
+    /// its own does not: then it moves to the front lane and takes
+    /// `trigger`). Cancels a pending delay (and takes its place).
     pub(super) fn add(&mut self, key: K, trigger: Trigger, now: Instant, fx: &mut Effects) {
         if self.shut_down {
             return;
@@ -116,7 +195,20 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
             processing_since: None,
         });
         match slot.pending {
-            Pending::Ready { .. } => {}
+            Pending::Ready {
+                since,
+                trigger: old,
+            } => {
+                if Lane::of(trigger) == Lane::Front && Lane::of(old) == Lane::Bulk {
+                    slot.pending = Pending::Ready { since, trigger };
+                    if slot.processing_since.is_none() {
+                        // A linear search, but only for an API call whose user
+                        // already waits in the bulk lane (a wake during a resync).
+                        self.ready.bulk.retain(|k| *k != key);
+                        self.ready.front.push_back(key);
+                    }
+                }
+            }
             Pending::Delayed { deadline, seq, .. } => {
                 self.timers.remove(&(deadline, seq));
                 make_ready(&mut self.ready, slot, key, now, trigger, fx);
@@ -210,7 +302,7 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
                     since: now,
                     trigger,
                 };
-                self.ready.push_back(key.clone());
+                self.ready.push_back(key.clone(), trigger);
                 fx.became_ready += 1;
             }
             Pending::Delayed { .. } => {}
@@ -281,12 +373,17 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
         use std::collections::HashSet;
         let ready: HashSet<&K> = self.ready.iter().collect();
         assert_eq!(ready.len(), self.ready.len(), "a key is in `ready` twice");
+        let front: HashSet<&K> = self.ready.front.iter().collect();
         for (key, slot) in &self.slots {
             assert!(!slot.is_idle(), "an idle slot was kept");
             let in_ready = ready.contains(key);
             match slot.pending {
-                Pending::Ready { .. } => {
-                    assert_eq!(in_ready, slot.processing_since.is_none())
+                Pending::Ready { trigger, .. } => {
+                    assert_eq!(in_ready, slot.processing_since.is_none());
+                    if in_ready {
+                        let in_front = front.contains(key);
+                        assert_eq!(in_front, Lane::of(trigger) == Lane::Front);
+                    }
                 }
                 Pending::Delayed { deadline, seq, .. } => {
                     assert!(!in_ready);
@@ -303,7 +400,7 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
 /// Marks `slot` due since `since` because of `trigger`; queues it unless it
 /// is being processed.
 fn make_ready<K>(
-    ready: &mut VecDeque<K>,
+    ready: &mut Lanes<K>,
     slot: &mut Slot,
     key: K,
     since: Instant,
@@ -313,7 +410,7 @@ fn make_ready<K>(
     slot.pending = Pending::Ready { since, trigger };
     fx.added += 1;
     if slot.processing_since.is_none() {
-        ready.push_back(key);
+        ready.push_back(key, trigger);
         fx.became_ready += 1;
     }
 }
@@ -408,11 +505,12 @@ mod tests {
         state.add_at("now", at(t0, 30), Timer, t0, fx);
         state.add("now", Api, at(t0, 1), fx);
         state.check_invariants();
+        // `now`, due because of the API, waits in the front lane.
+        assert_eq!(take_with_trigger(&mut state, at(t0, 1)), Some(("now", Api)));
         assert_eq!(
             take_with_trigger(&mut state, at(t0, 1)),
             Some(("due", DockerEvent))
         );
-        assert_eq!(take_with_trigger(&mut state, at(t0, 1)), Some(("now", Api)));
         assert_eq!(take_with_trigger(&mut state, at(t0, 9)), None);
         assert_eq!(
             take_with_trigger(&mut state, at(t0, 10)),
