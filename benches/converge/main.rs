@@ -310,14 +310,22 @@ async fn wake_rows(table: &mut Table, k: &Knobs) -> [f64; 3] {
         format!("{}  (ratio {:.2})", ms(w.new_user), w.new_user_ratio()),
         Target::at_most("ratio ", w.new_user_ratio(), 1.2, ""),
     );
+    table.row(
+        format!(
+            "wake while {} other users converge: docker start + poll (baseline)",
+            w.busy_users
+        ),
+        format!("{}  (max {})", ms(w.busy_baseline), ms(w.busy_baseline_max)),
+    );
     table.checked(
         format!(
-            "wake while {} other users converge (vs the quiet wake)",
+            "wake while {} other users converge: ensure-running (vs the quiet wake)",
             w.busy_users
         ),
         format!(
-            "{}  (ratio {:.2}; {} users still not running after the last)",
+            "{}  (max {}; ratio {:.2}; {} users still not running after the last)",
             ms(w.busy),
+            ms(w.busy_max),
             w.busy_ratio(),
             w.busy_still_converging
         ),

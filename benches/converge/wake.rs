@@ -10,7 +10,9 @@
 //!   until it answers;
 //! - a new user, against `docker create` + `start` and the same polling;
 //! - a stopped user woken while `BENCH_WAKE_BUSY_USERS` (200) others are
-//!   inserted at once and converge, against the quiet wake.
+//!   inserted at once and converge, against the quiet wake; beside it, the
+//!   baseline's `docker start` meanwhile, which shows how much of it is the
+//!   engine's own wait.
 //!
 //! The baseline polls as the API does: `GET /healthz` every 50 ms.
 
@@ -62,6 +64,12 @@ pub struct Wake {
     pub busy_users: usize,
     /// `ensure-running` of a stopped user while they converge.
     pub busy: Duration,
+    /// The slowest of those.
+    pub busy_max: Duration,
+    /// `docker start` + polling meanwhile, each just before a busy wake.
+    pub busy_baseline: Duration,
+    /// The slowest of those.
+    pub busy_baseline_max: Duration,
     /// How many of them were still not running when the last busy wake answered.
     pub busy_still_converging: usize,
 }
@@ -263,9 +271,11 @@ pub async fn measure(samples: usize, busy_users: usize) -> Result<Wake, String> 
     let controller = Running::start(&store, reconciler);
     let nudge = Arc::new(Nudge::new());
     nudge.attach(controller.handle.queue.clone());
+    // The API on a pool of its own, as `clawfleet run` gives it.
+    let api_store = store.with_own_pool(clawfleet::store::API_CONNECTIONS);
     let api = Api {
         app: router(Arc::new(AppState {
-            store: store.clone(),
+            store: api_store.clone(),
             keys,
             api_token: ApiToken::new(TOKEN),
             default_image: settings.image.clone(),
@@ -275,7 +285,7 @@ pub async fn measure(samples: usize, busy_users: usize) -> Result<Wake, String> 
             nudge: nudge.clone(),
             gateway_probe: probe.clone(),
         })),
-        store: store.clone(),
+        store: api_store,
         nudge,
     };
     until(
@@ -289,6 +299,7 @@ pub async fn measure(samples: usize, busy_users: usize) -> Result<Wake, String> 
     let token = GatewayToken::generate().expect("token");
     let (mut start_baseline, mut quiet, mut create_baseline, mut new_user) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut baselines = Vec::new();
     for i in 0..samples {
         let port = ports.start() + own + i as u16;
         let desired = DesiredSpec::new(
@@ -312,6 +323,11 @@ pub async fn measure(samples: usize, busy_users: usize) -> Result<Wake, String> 
         engine.start_container(&id).await.expect("start");
         until_gateway(&probe, port).await;
         start_baseline.push(started.elapsed());
+        engine
+            .stop_container(&id, settings.stop_timeout)
+            .await
+            .expect("stop");
+        baselines.push((id, port));
 
         let user = format!("w{i}");
         new_user.push(api.ensure_running(&user).await);
@@ -330,8 +346,13 @@ pub async fn measure(samples: usize, busy_users: usize) -> Result<Wake, String> 
         api.stop(user).await;
     }
     insert_users(&store, 0, busy_users, Wants::Running).await;
-    let mut busy = Vec::new();
-    for user in &sleepers {
+    // Each busy wake beside a busy baseline: the engine is as loaded for both.
+    let (mut busy, mut busy_baseline) = (Vec::new(), Vec::new());
+    for (user, (id, port)) in sleepers.iter().zip(&baselines) {
+        let started = Instant::now();
+        engine.start_container(id).await.expect("start");
+        until_gateway(&probe, *port).await;
+        busy_baseline.push(started.elapsed());
         busy.push(api.ensure_running(user).await);
     }
     let running = controller
@@ -354,7 +375,10 @@ pub async fn measure(samples: usize, busy_users: usize) -> Result<Wake, String> 
         create_baseline: median(create_baseline),
         new_user: median(new_user),
         busy_users,
+        busy_max: busy.iter().copied().max().unwrap_or_default(),
         busy: median(busy),
+        busy_baseline_max: busy_baseline.iter().copied().max().unwrap_or_default(),
+        busy_baseline: median(busy_baseline),
         busy_still_converging,
     })
 }

@@ -14,7 +14,10 @@
 //!   the front lane, every other in the bulk lane. The front lane is emptied
 //!   first, so a wake never waits behind a resync of the whole fleet; an
 //!   immediate API add to a key waiting in the bulk lane moves it to the
-//!   front (and names it `Api`). Within a lane, keys are handed out first in,
+//!   front (and names it `Api`); a key handed out from the front lane whose
+//!   reconcile asks to look again at once goes back to the front lane
+//!   ([`WorkQueue::add_front`]), so the wake's follow-up passes do not wait
+//!   either. Within a lane, keys are handed out first in,
 //!   first out, in the order they became due (a delayed key becomes due at
 //!   its deadline);
 //! - a delayed add never postpones a key: the earliest deadline wins, and an
@@ -61,7 +64,7 @@ pub use runner::{run_workers, WorkOutcome};
 pub use trigger::Trigger;
 
 use backoff::Backoffs;
-use state::{Effects, QueueState, Take};
+use state::{Effects, Lane, QueueState, Take};
 
 /// Longest delay the queue schedules; longer ones are cut to it so that
 /// `now + delay` cannot overflow (tokio caps its own sleeps the same way).
@@ -91,6 +94,7 @@ struct Shared<K> {
 pub struct Lease<K: Clone + Eq + Hash> {
     key: K,
     trigger: Trigger,
+    lane: Lane,
     shared: Arc<Shared<K>>,
 }
 
@@ -134,6 +138,14 @@ where
             .with_state(|state, now, fx| state.add(key, trigger, now, fx));
     }
 
+    /// Queues `key` now in the front lane because of `trigger`, whatever the
+    /// trigger: for the next pass of a key handed out from the front lane
+    /// (its API caller still waits). Otherwise as [`add`](Self::add).
+    pub fn add_front(&self, key: K, trigger: Trigger) {
+        self.shared
+            .with_state(|state, now, fx| state.add_in(key, trigger, Lane::Front, now, fx));
+    }
+
     /// Queues `key` after `delay` because of `trigger`, unless it is already
     /// due or due sooner.
     pub fn add_after(&self, key: K, delay: Duration, trigger: Trigger) {
@@ -175,19 +187,21 @@ where
             let taken = self
                 .shared
                 .with_state(|state, now, fx| match state.take(now, fx) {
-                    Take::Ready(key, trigger) => Take::Ready(
+                    Take::Ready(key, trigger, lane) => Take::Ready(
                         Lease {
                             key,
                             trigger,
+                            lane,
                             shared: Arc::clone(&self.shared),
                         },
                         trigger,
+                        lane,
                     ),
                     Take::Wait(deadline) => Take::Wait(deadline),
                     Take::ShutDown => Take::ShutDown,
                 });
             match taken {
-                Take::Ready(lease, _) => return Some(lease),
+                Take::Ready(lease, ..) => return Some(lease),
                 Take::ShutDown => return None,
                 Take::Wait(None) => notified.await,
                 Take::Wait(Some(deadline)) => {
@@ -270,6 +284,11 @@ impl<K: Clone + Eq + Hash> Lease<K> {
     /// Why the key was queued (the trigger that made it due first).
     pub fn trigger(&self) -> Trigger {
         self.trigger
+    }
+
+    /// True when the key waited in the front lane (an API caller waits on it).
+    pub fn from_front_lane(&self) -> bool {
+        self.lane == Lane::Front
     }
 
     /// Marks the key done: it may be handed out again, right away if it was
@@ -862,6 +881,7 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Step {
         Add(u8, Trigger),
+        AddFront(u8, Trigger),
         AddAfter(u8, u64, Trigger),
         Next,
         Done(usize),
@@ -871,6 +891,7 @@ mod tests {
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
             3 => (0..5u8, trigger()).prop_map(|(k, t)| Step::Add(k, t)),
+            1 => (0..5u8, trigger()).prop_map(|(k, t)| Step::AddFront(k, t)),
             3 => (0..5u8, 0..40u64, trigger()).prop_map(|(k, ms, t)| Step::AddAfter(k, ms, t)),
             3 => Just(Step::Next),
             2 => any::<usize>().prop_map(Step::Done),
@@ -885,8 +906,9 @@ mod tests {
     /// The queue's contract written as plainly as possible: time in
     /// milliseconds, a linear scan for due keys, a pending key's trigger
     /// kept beside it (set by the add that makes it due first, or by an
-    /// immediate `Api` add that moves it to the front lane), and two lanes:
-    /// keys due because of `Api` in `front`, handed out before `ready`.
+    /// immediate `Api` or front-lane add that moves it to the front lane),
+    /// and two lanes: keys due because of `Api` or added to the front lane
+    /// in `front`, handed out before `ready`.
     #[derive(Default)]
     struct Model {
         now: u64,
@@ -899,6 +921,8 @@ mod tests {
         dirty: HashSet<u8>,
         /// Due keys with an API waiter.
         front: VecDeque<u8>,
+        /// Due keys (ready or dirty) that belong to the front lane.
+        in_front: HashSet<u8>,
         /// Every other due key.
         ready: VecDeque<u8>,
         /// Keys handed out, in the order the test holds their leases.
@@ -917,14 +941,14 @@ mod tests {
             for (_, _, key) in due {
                 self.delayed.remove(&key);
                 let trigger = self.triggers[&key];
-                self.make_due(key, trigger);
+                self.make_due(key, trigger, trigger == Trigger::Api);
             }
         }
 
-        fn make_due(&mut self, key: u8, trigger: Trigger) {
+        fn make_due(&mut self, key: u8, trigger: Trigger, front: bool) {
             if self.is_due(key) {
-                if trigger == Trigger::Api && self.triggers[&key] != Trigger::Api {
-                    self.triggers.insert(key, Trigger::Api);
+                if front && self.in_front.insert(key) {
+                    self.triggers.insert(key, trigger);
                     if let Some(at) = self.ready.iter().position(|&k| k == key) {
                         self.ready.remove(at);
                         self.front.push_back(key);
@@ -933,6 +957,9 @@ mod tests {
                 return;
             }
             self.triggers.insert(key, trigger);
+            if front {
+                self.in_front.insert(key);
+            }
             if self.processing.contains(&key) {
                 self.dirty.insert(key);
             } else {
@@ -940,9 +967,9 @@ mod tests {
             }
         }
 
-        /// Puts `key` at the back of the lane of its trigger.
+        /// Puts `key` at the back of its lane.
         fn queue(&mut self, key: u8) {
-            if self.triggers[&key] == Trigger::Api {
+            if self.in_front.contains(&key) {
                 self.front.push_back(key);
             } else {
                 self.ready.push_back(key);
@@ -954,9 +981,13 @@ mod tests {
         }
 
         fn add(&mut self, key: u8, trigger: Trigger) {
+            self.add_in(key, trigger, trigger == Trigger::Api);
+        }
+
+        fn add_in(&mut self, key: u8, trigger: Trigger, front: bool) {
             self.promote();
             self.delayed.remove(&key);
-            self.make_due(key, trigger);
+            self.make_due(key, trigger, front);
         }
 
         fn add_after(&mut self, key: u8, ms: u64, trigger: Trigger) {
@@ -973,7 +1004,7 @@ mod tests {
             }
         }
 
-        fn next(&mut self) -> Option<(u8, Trigger)> {
+        fn next(&mut self) -> Option<(u8, Trigger, bool)> {
             self.promote();
             let key = self.front.pop_front().or_else(|| self.ready.pop_front())?;
             self.processing.push(key);
@@ -981,7 +1012,7 @@ mod tests {
                 .triggers
                 .remove(&key)
                 .expect("a ready key has a trigger");
-            Some((key, trigger))
+            Some((key, trigger, self.in_front.remove(&key)))
         }
 
         fn done(&mut self, index: usize) {
@@ -1010,6 +1041,10 @@ mod tests {
                         queue.add(key, trigger);
                         model.add(key, trigger);
                     }
+                    Step::AddFront(key, trigger) => {
+                        queue.add_front(key, trigger);
+                        model.add_in(key, trigger, true);
+                    }
                     Step::AddAfter(key, ms, trigger) => {
                         queue.add_after(key, Duration::from_millis(ms), trigger);
                         model.add_after(key, ms, trigger);
@@ -1017,7 +1052,9 @@ mod tests {
                     Step::Next => {
                         let lease = ready_now(&queue);
                         assert_eq!(
-                            lease.as_ref().map(|l| (*l.key(), l.trigger())),
+                            lease
+                                .as_ref()
+                                .map(|l| (*l.key(), l.trigger(), l.from_front_lane())),
                             model.next()
                         );
                         leases.extend(lease);

@@ -6,10 +6,11 @@
 //! it. Invariants:
 //! - every key has at most one [`Slot`], and a slot is pending in at most one
 //!   way: ready or delayed, never both;
-//! - the two lanes, `front` and `ready`, hold exactly the keys that are
-//!   pending-ready and not being processed, each once and in one lane: the
-//!   lane of its trigger ([`Lane::of`]), in the order they became due (or
-//!   were moved to the front lane); `take` empties `front` first;
+//! - the two lanes of `ready` hold exactly the keys that are pending-ready
+//!   and not being processed, each once and in the lane its slot names (the
+//!   lane of its trigger, [`Lane::of`], unless added to a lane explicitly),
+//!   in the order they became due (or were moved to the front lane); `take`
+//!   empties the front lane first;
 //! - `timers` holds exactly the delayed keys, each once, under its slot's
 //!   `(deadline, seq)`;
 //! - a key being processed is never in `ready`; if it becomes due meanwhile it
@@ -74,9 +75,9 @@ impl<K> Default for Lanes<K> {
 }
 
 impl<K> Lanes<K> {
-    /// Queues `key`, due because of `trigger`, at the back of its lane.
-    fn push_back(&mut self, key: K, trigger: Trigger) {
-        match Lane::of(trigger) {
+    /// Queues `key` at the back of `lane`.
+    fn push_back(&mut self, key: K, lane: Lane) {
+        match lane {
             Lane::Front => self.front.push_back(key),
             Lane::Bulk => self.bulk.push_back(key),
         }
@@ -108,9 +109,13 @@ impl<K> Lanes<K> {
 enum Pending {
     /// Not waiting.
     No,
-    /// Due since `since` because of `trigger`: in `ready`, or dirty while it
-    /// is processed.
-    Ready { since: Instant, trigger: Trigger },
+    /// Due since `since` because of `trigger`, in `lane`: in that lane of
+    /// `ready`, or dirty while it is processed.
+    Ready {
+        since: Instant,
+        trigger: Trigger,
+        lane: Lane,
+    },
     /// Waiting for `deadline`, set by `trigger`; `seq` makes its timer entry unique.
     Delayed {
         deadline: Instant,
@@ -152,8 +157,9 @@ pub(super) struct Effects {
 /// The answer to "give me a key".
 #[derive(Debug)]
 pub(super) enum Take<K> {
-    /// This is now being processed; it was queued because of the trigger.
-    Ready(K, Trigger),
+    /// This is now being processed; it was queued because of the trigger,
+    /// and waited in the lane.
+    Ready(K, Trigger, Lane),
     /// Nothing is ready; wake at this deadline (if any) or when notified.
     Wait(Option<Instant>),
     /// The queue is shut down.
@@ -181,11 +187,24 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
         }
     }
 
-    /// Makes `key` due now because of `trigger`, unless it already is (then
-    /// it keeps its trigger, unless `trigger` belongs to the front lane and
-    /// its own does not: then it moves to the front lane and takes
-    /// `trigger`). Cancels a pending delay (and takes its place).
+    /// Makes `key` due now because of `trigger`, in the lane of `trigger`;
+    /// see [`add_in`](Self::add_in).
     pub(super) fn add(&mut self, key: K, trigger: Trigger, now: Instant, fx: &mut Effects) {
+        self.add_in(key, trigger, Lane::of(trigger), now, fx);
+    }
+
+    /// Makes `key` due now in `lane` because of `trigger`, unless it already
+    /// is (then it keeps its trigger, unless `lane` is the front lane and its
+    /// own is not: then it moves to the front lane and takes `trigger`).
+    /// Cancels a pending delay (and takes its place).
+    pub(super) fn add_in(
+        &mut self,
+        key: K,
+        trigger: Trigger,
+        lane: Lane,
+        now: Instant,
+        fx: &mut Effects,
+    ) {
         if self.shut_down {
             return;
         }
@@ -197,23 +216,27 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
         match slot.pending {
             Pending::Ready {
                 since,
-                trigger: old,
-            } => {
-                if Lane::of(trigger) == Lane::Front && Lane::of(old) == Lane::Bulk {
-                    slot.pending = Pending::Ready { since, trigger };
-                    if slot.processing_since.is_none() {
-                        // A linear search, but only for an API call whose user
-                        // already waits in the bulk lane (a wake during a resync).
-                        self.ready.bulk.retain(|k| *k != key);
-                        self.ready.front.push_back(key);
-                    }
+                lane: Lane::Bulk,
+                ..
+            } if lane == Lane::Front => {
+                slot.pending = Pending::Ready {
+                    since,
+                    trigger,
+                    lane,
+                };
+                if slot.processing_since.is_none() {
+                    // A linear search, but only for an API call whose user
+                    // already waits in the bulk lane (a wake during a resync).
+                    self.ready.bulk.retain(|k| *k != key);
+                    self.ready.front.push_back(key);
                 }
             }
+            Pending::Ready { .. } => {}
             Pending::Delayed { deadline, seq, .. } => {
                 self.timers.remove(&(deadline, seq));
-                make_ready(&mut self.ready, slot, key, now, trigger, fx);
+                make_ready(&mut self.ready, slot, key, now, trigger, lane, fx);
             }
-            Pending::No => make_ready(&mut self.ready, slot, key, now, trigger, fx),
+            Pending::No => make_ready(&mut self.ready, slot, key, now, trigger, lane, fx),
         }
     }
 
@@ -272,14 +295,19 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
                 debug_assert!(false, "a ready key has no slot");
                 continue;
             };
-            let Pending::Ready { since, trigger } = slot.pending else {
+            let Pending::Ready {
+                since,
+                trigger,
+                lane,
+            } = slot.pending
+            else {
                 debug_assert!(false, "a key in `ready` is not pending-ready");
                 continue;
             };
             slot.pending = Pending::No;
             slot.processing_since = Some(now);
             fx.handed_out = Some(now.saturating_duration_since(since));
-            return Take::Ready(key, trigger);
+            return Take::Ready(key, trigger, lane);
         }
         Take::Wait(self.timers.keys().next().map(|&(deadline, _)| deadline))
     }
@@ -295,14 +323,15 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
         };
         fx.finished = Some(now.saturating_duration_since(started));
         match slot.pending {
-            Pending::Ready { trigger, .. } => {
+            Pending::Ready { trigger, lane, .. } => {
                 // The wait that counts is the one behind other ready keys,
                 // not the one behind this key's own previous run.
                 slot.pending = Pending::Ready {
                     since: now,
                     trigger,
+                    lane,
                 };
-                self.ready.push_back(key.clone(), trigger);
+                self.ready.push_back(key.clone(), lane);
                 fx.became_ready += 1;
             }
             Pending::Delayed { .. } => {}
@@ -363,7 +392,15 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
                 debug_assert!(false, "a timer's key is not delayed");
                 continue;
             };
-            make_ready(&mut self.ready, slot, key, deadline, trigger, fx);
+            make_ready(
+                &mut self.ready,
+                slot,
+                key,
+                deadline,
+                trigger,
+                Lane::of(trigger),
+                fx,
+            );
         }
     }
 
@@ -378,11 +415,10 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
             assert!(!slot.is_idle(), "an idle slot was kept");
             let in_ready = ready.contains(key);
             match slot.pending {
-                Pending::Ready { trigger, .. } => {
+                Pending::Ready { lane, .. } => {
                     assert_eq!(in_ready, slot.processing_since.is_none());
                     if in_ready {
-                        let in_front = front.contains(key);
-                        assert_eq!(in_front, Lane::of(trigger) == Lane::Front);
+                        assert_eq!(front.contains(key), lane == Lane::Front);
                     }
                 }
                 Pending::Delayed { deadline, seq, .. } => {
@@ -397,20 +433,25 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
     }
 }
 
-/// Marks `slot` due since `since` because of `trigger`; queues it unless it
-/// is being processed.
+/// Marks `slot` due in `lane` since `since` because of `trigger`; queues it
+/// unless it is being processed.
 fn make_ready<K>(
     ready: &mut Lanes<K>,
     slot: &mut Slot,
     key: K,
     since: Instant,
     trigger: Trigger,
+    lane: Lane,
     fx: &mut Effects,
 ) {
-    slot.pending = Pending::Ready { since, trigger };
+    slot.pending = Pending::Ready {
+        since,
+        trigger,
+        lane,
+    };
     fx.added += 1;
     if slot.processing_since.is_none() {
-        ready.push_back(key, trigger);
+        ready.push_back(key, lane);
         fx.became_ready += 1;
     }
 }
@@ -428,7 +469,7 @@ mod tests {
 
     fn take(state: &mut QueueState<&'static str>, now: Instant) -> Option<&'static str> {
         match state.take(now, &mut Effects::default()) {
-            Take::Ready(key, _) => Some(key),
+            Take::Ready(key, ..) => Some(key),
             Take::Wait(_) | Take::ShutDown => None,
         }
     }
@@ -455,7 +496,7 @@ mod tests {
         let mut fx = Effects::default();
         assert!(matches!(
             state.take(at(t0, 25), &mut fx),
-            Take::Ready("a", TIMER)
+            Take::Ready("a", TIMER, Lane::Bulk)
         ));
         assert_eq!(fx.handed_out, Some(Duration::from_millis(15)));
         assert_eq!(fx.added, 1);
@@ -481,7 +522,7 @@ mod tests {
         now: Instant,
     ) -> Option<(&'static str, Trigger)> {
         match state.take(now, &mut Effects::default()) {
-            Take::Ready(key, trigger) => Some((key, trigger)),
+            Take::Ready(key, trigger, _) => Some((key, trigger)),
             Take::Wait(_) | Take::ShutDown => None,
         }
     }
