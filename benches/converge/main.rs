@@ -323,10 +323,11 @@ async fn wake_rows(table: &mut Table, k: &Knobs) -> [f64; 3] {
             w.busy_users
         ),
         format!(
-            "{}  (max {}; ratio {:.2}; {} users still not running after the last)",
+            "{}  (max {}; ratio {:.2}, {:.2} vs the busy baseline; {} users not running after)",
             ms(w.busy),
             ms(w.busy_max),
             w.busy_ratio(),
+            w.busy_baseline_ratio(),
             w.busy_still_converging
         ),
         Target::at_most("ratio ", w.busy_ratio(), 1.5, ""),

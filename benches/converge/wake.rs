@@ -89,6 +89,11 @@ impl Wake {
     pub fn busy_ratio(&self) -> f64 {
         ratio(self.busy, self.quiet)
     }
+
+    /// Busy wake over the busy baseline (the engine as loaded for both).
+    pub fn busy_baseline_ratio(&self) -> f64 {
+        ratio(self.busy, self.busy_baseline)
+    }
 }
 
 fn ratio(a: Duration, b: Duration) -> f64 {
@@ -365,7 +370,8 @@ pub async fn measure(samples: usize, busy_users: usize) -> Result<Wake, String> 
         .unwrap_or(0);
     let busy_still_converging = (busy_users + 2 * samples).saturating_sub(running);
     eprintln!(
-        "bench: busy wakes {busy:?}, {busy_still_converging} users not yet running after them"
+        "bench: busy: start+poll {busy_baseline:?}, wakes {busy:?}, \
+         {busy_still_converging} users not yet running after them"
     );
     controller.stop().await;
     Ok(Wake {
