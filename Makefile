@@ -27,7 +27,7 @@ fmt: ## Format the code
 agent-image: ## Build the test agent image clawfleet-agent-stub:dev (FROM scratch)
 	IMAGE=$(AGENT_IMAGE) bash agent-stub/build-image.sh
 
-bench: agent-image ## Benchmark (~10 min): convergence, event/row-change latency, 10k/100k users; a table and a summary line (BENCH_* env vars shrink it)
+bench: agent-image ## Benchmark (~10 min): convergence, event/row-change latency, 10k/100k users, wakes; a table and a summary line (BENCH_* env vars shrink it)
 	$(CARGO) bench --bench converge
 
 # The chaos tests (tests/chaos/, one file per scenario) run small and bounded in `make test`; the

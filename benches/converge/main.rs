@@ -20,10 +20,17 @@
 //!    skip) concurrent `ensure-running` calls over 100 (`BENCH_API_USERS`)
 //!    users against the real binary on PostgreSQL and the real engine.
 //!    `BENCH_ONLY=api` runs this measure alone.
+//! 6. Wakes on the real engine (`wake`), with the image variant whose health
+//!    check has a 30 s interval: `ensure-running` of a stopped user and of a
+//!    new user against `docker start` (or create+start) and polling the
+//!    gateway, and a wake while 200 (`BENCH_WAKE_BUSY_USERS`) others
+//!    converge; medians of 5 (`BENCH_WAKE_SAMPLES`, 0 to skip).
+//!    `BENCH_ONLY=wake` runs this measure alone.
 //!
 //! Prints one table (each number beside its target) and one summary line:
 //! `bench: converge_ratio=… resync_10k_ms=… rss_10k_mb=… event_p99_ms=…
-//! change_p99_ms_sqlite=… change_p99_ms_pg=… rss_100k_mb=… idle_cpu_pct_10k=…`.
+//! change_p99_ms_sqlite=… change_p99_ms_pg=… rss_100k_mb=… idle_cpu_pct_10k=…
+//! wake_ratio=… wake_new_ratio=… wake_busy_ratio=…`.
 //! Numbers, not assertions: nothing here fails because a target is missed.
 //! Progress goes to stderr.
 
@@ -36,6 +43,7 @@ mod recording;
 mod report;
 mod scale;
 mod support;
+mod wake;
 
 use std::time::Instant;
 
@@ -57,8 +65,10 @@ struct Knobs {
     idle_secs: u64,
     api_users: usize,
     api_calls: usize,
-    /// `BENCH_ONLY=api`: the API load alone.
-    api_only: bool,
+    wake_samples: usize,
+    wake_busy_users: usize,
+    /// `BENCH_ONLY`: `api` or `wake`, that measure alone.
+    only: Option<String>,
 }
 
 impl Knobs {
@@ -77,7 +87,11 @@ impl Knobs {
             idle_secs: env_usize("BENCH_IDLE_SECS", 60) as u64,
             api_users: env_usize("BENCH_API_USERS", 100).max(1),
             api_calls: env_usize("BENCH_API_CALLS", 5_000),
-            api_only: std::env::var("BENCH_ONLY").is_ok_and(|v| v.trim() == "api"),
+            wake_samples: env_usize("BENCH_WAKE_SAMPLES", 5),
+            wake_busy_users: env_usize("BENCH_WAKE_BUSY_USERS", 200),
+            only: std::env::var("BENCH_ONLY")
+                .ok()
+                .map(|v| v.trim().to_owned()),
         }
     }
 }
@@ -257,16 +271,95 @@ async fn api_rows(table: &mut Table, k: &Knobs) {
     }
 }
 
+/// Runs the wakes and adds their rows; their ratios (NaN when not measured):
+/// quiet, new user, busy.
+async fn wake_rows(table: &mut Table, k: &Knobs) -> [f64; 3] {
+    if k.wake_samples == 0 {
+        return [f64::NAN; 3];
+    }
+    eprintln!(
+        "bench: wakes: {} samples, then {} users converging (real engine, {})…",
+        k.wake_samples,
+        k.wake_busy_users,
+        wake::SLOW_HEALTH_IMAGE
+    );
+    let w = match wake::measure(k.wake_samples, k.wake_busy_users).await {
+        Ok(w) => w,
+        Err(e) => {
+            table.row("wake, real engine", format!("not measured: {e}"));
+            return [f64::NAN; 3];
+        }
+    };
+    let ms = |d: std::time::Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
+    let median = format!("median of {}", w.samples);
+    table.row(
+        "wake of a stopped user: docker start + poll the gateway (baseline)",
+        format!("{}  ({median})", ms(w.start_baseline)),
+    );
+    table.checked(
+        "wake of a stopped user: ensure-running (30 s health interval)",
+        format!("{}  (ratio {:.2})", ms(w.quiet), w.wake_ratio()),
+        Target::at_most("ratio ", w.wake_ratio(), 1.2, ""),
+    );
+    table.row(
+        "new user: docker create + start + poll the gateway (baseline)",
+        format!("{}  ({median})", ms(w.create_baseline)),
+    );
+    table.checked(
+        "new user: ensure-running",
+        format!("{}  (ratio {:.2})", ms(w.new_user), w.new_user_ratio()),
+        Target::at_most("ratio ", w.new_user_ratio(), 1.2, ""),
+    );
+    table.row(
+        format!(
+            "wake while {} other users converge: docker start + poll (baseline)",
+            w.busy_users
+        ),
+        format!("{}  (max {})", ms(w.busy_baseline), ms(w.busy_baseline_max)),
+    );
+    table.checked(
+        format!(
+            "wake while {} other users converge: ensure-running (vs the quiet wake)",
+            w.busy_users
+        ),
+        format!(
+            "{}  (max {}; ratio {:.2}, {:.2} vs the busy baseline; {} users not running after)",
+            ms(w.busy),
+            ms(w.busy_max),
+            w.busy_ratio(),
+            w.busy_baseline_ratio(),
+            w.busy_still_converging
+        ),
+        Target::at_most("ratio ", w.busy_ratio(), 1.5, ""),
+    );
+    [w.wake_ratio(), w.new_user_ratio(), w.busy_ratio()]
+}
+
 async fn parent(k: Knobs) {
     let wall = Instant::now();
     let mut table = Table::default();
-    if k.api_only {
-        api_rows(&mut table, &k).await;
-        table.print();
-        eprintln!("bench: wall time {:.0} s", wall.elapsed().as_secs_f64());
-        return;
+    match k.only.as_deref() {
+        Some("api") => {
+            api_rows(&mut table, &k).await;
+            table.print();
+        }
+        Some("wake") => {
+            let [wake, new, busy] = wake_rows(&mut table, &k).await;
+            table.print();
+            println!(
+                "bench: wake_ratio={} wake_new_ratio={} wake_busy_ratio={}",
+                num(wake, 2),
+                num(new, 2),
+                num(busy, 2)
+            );
+        }
+        _ => return all(k, table, wall).await,
     }
+    eprintln!("bench: wall time {:.0} s", wall.elapsed().as_secs_f64());
+}
 
+/// Every measure.
+async fn all(k: Knobs, mut table: Table, wall: Instant) {
     eprintln!(
         "bench: converging {} users on the real engine (baseline first)…",
         k.users
@@ -372,10 +465,12 @@ async fn parent(k: Knobs) {
         scale_rows(&mut table, big, Some(256.0), None);
     }
     api_rows(&mut table, &k).await;
+    let [wake, wake_new, wake_busy] = wake_rows(&mut table, &k).await;
     table.print();
     println!(
         "bench: converge_ratio={ratio:.2} resync_10k_ms={:.0} rss_10k_mb={:.1} event_p99_ms={} \
-         change_p99_ms_sqlite={} change_p99_ms_pg={} rss_100k_mb={} idle_cpu_pct_10k={}",
+         change_p99_ms_sqlite={} change_p99_ms_pg={} rss_100k_mb={} idle_cpu_pct_10k={} \
+         wake_ratio={} wake_new_ratio={} wake_busy_ratio={}",
         sim.resync_ms,
         sim.rss_peak_mb,
         num(event_p99, 2),
@@ -383,6 +478,9 @@ async fn parent(k: Knobs) {
         num(pg_p99, 1),
         num(big.as_ref().map_or(f64::NAN, |b| b.rss_peak_mb), 1),
         num(sim.idle_cpu_pct, 3),
+        num(wake, 2),
+        num(wake_new, 2),
+        num(wake_busy, 2),
     );
     eprintln!("bench: wall time {:.0} s", wall.elapsed().as_secs_f64());
 }

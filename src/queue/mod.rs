@@ -9,8 +9,17 @@
 //!   an add that arrives meanwhile marks it dirty, and it is queued again as
 //!   soon as the lease is done, so a change arriving mid-reconcile is never
 //!   lost;
-//! - ready keys are handed out first in, first out, in the order they became
-//!   due (a delayed key becomes due at its deadline);
+//! - ready keys wait in two lanes: a key queued by the API
+//!   ([`Trigger::Api`]: a caller waits on it, as `ensure-running` does) in
+//!   the front lane, every other in the bulk lane. The front lane is emptied
+//!   first, so a wake never waits behind a resync of the whole fleet; an
+//!   immediate API add to a key waiting in the bulk lane moves it to the
+//!   front (and names it `Api`); a key handed out from the front lane whose
+//!   reconcile asks to look again at once goes back to the front lane
+//!   ([`WorkQueue::add_front`]), so the wake's follow-up passes do not wait
+//!   either. Within a lane, keys are handed out first in,
+//!   first out, in the order they became due (a delayed key becomes due at
+//!   its deadline);
 //! - a delayed add never postpones a key: the earliest deadline wins, and an
 //!   add to a key that is already due does nothing;
 //! - a delayed key is not handed out before its deadline, and there is no
@@ -55,7 +64,7 @@ pub use runner::{run_workers, WorkOutcome};
 pub use trigger::Trigger;
 
 use backoff::Backoffs;
-use state::{Effects, QueueState, Take};
+use state::{Effects, Lane, QueueState, Take};
 
 /// Longest delay the queue schedules; longer ones are cut to it so that
 /// `now + delay` cannot overflow (tokio caps its own sleeps the same way).
@@ -85,6 +94,7 @@ struct Shared<K> {
 pub struct Lease<K: Clone + Eq + Hash> {
     key: K,
     trigger: Trigger,
+    lane: Lane,
     shared: Arc<Shared<K>>,
 }
 
@@ -128,6 +138,14 @@ where
             .with_state(|state, now, fx| state.add(key, trigger, now, fx));
     }
 
+    /// Queues `key` now in the front lane because of `trigger`, whatever the
+    /// trigger: for the next pass of a key handed out from the front lane
+    /// (its API caller still waits). Otherwise as [`add`](Self::add).
+    pub fn add_front(&self, key: K, trigger: Trigger) {
+        self.shared
+            .with_state(|state, now, fx| state.add_in(key, trigger, Lane::Front, now, fx));
+    }
+
     /// Queues `key` after `delay` because of `trigger`, unless it is already
     /// due or due sooner.
     pub fn add_after(&self, key: K, delay: Duration, trigger: Trigger) {
@@ -169,19 +187,21 @@ where
             let taken = self
                 .shared
                 .with_state(|state, now, fx| match state.take(now, fx) {
-                    Take::Ready(key, trigger) => Take::Ready(
+                    Take::Ready(key, trigger, lane) => Take::Ready(
                         Lease {
                             key,
                             trigger,
+                            lane,
                             shared: Arc::clone(&self.shared),
                         },
                         trigger,
+                        lane,
                     ),
                     Take::Wait(deadline) => Take::Wait(deadline),
                     Take::ShutDown => Take::ShutDown,
                 });
             match taken {
-                Take::Ready(lease, _) => return Some(lease),
+                Take::Ready(lease, ..) => return Some(lease),
                 Take::ShutDown => return None,
                 Take::Wait(None) => notified.await,
                 Take::Wait(Some(deadline)) => {
@@ -264,6 +284,11 @@ impl<K: Clone + Eq + Hash> Lease<K> {
     /// Why the key was queued (the trigger that made it due first).
     pub fn trigger(&self) -> Trigger {
         self.trigger
+    }
+
+    /// True when the key waited in the front lane (an API caller waits on it).
+    pub fn from_front_lane(&self) -> bool {
+        self.lane == Lane::Front
     }
 
     /// Marks the key done: it may be handed out again, right away if it was
@@ -390,6 +415,40 @@ mod tests {
         x.done();
         let order: Vec<_> = std::iter::from_fn(|| key_now(&queue)).collect();
         assert_eq!(order, ["y", "x"]);
+    }
+
+    #[tokio::test]
+    async fn an_api_add_during_a_1000_key_backlog_is_handed_out_next() {
+        let queue: WorkQueue<usize> = WorkQueue::new(steady_policy());
+        for key in 0..1000 {
+            queue.add(key, Trigger::Resync);
+        }
+        let next = |queue: &WorkQueue<usize>| {
+            let lease = ready_now(queue).expect("the backlog is not drained");
+            (*lease.key(), lease.trigger())
+        };
+        assert_eq!(next(&queue), (0, Trigger::Resync));
+
+        // A user the resync has not queued jumps the backlog.
+        queue.add(5000, Trigger::Api);
+        assert_eq!(next(&queue), (5000, Trigger::Api));
+
+        // So does one the resync queued last: its entry moves to the front.
+        queue.add(999, Trigger::Api);
+        assert_eq!(queue.stats().ready, 999, "moved, not queued twice");
+        assert_eq!(next(&queue), (999, Trigger::Api));
+
+        // One being processed goes to the front once it is done.
+        queue.add(7000, Trigger::Api);
+        let busy = ready_now(&queue).expect("7000 is ready");
+        queue.add(7000, Trigger::Resync);
+        queue.add(7000, Trigger::Api);
+        busy.done();
+        assert_eq!(next(&queue), (7000, Trigger::Api));
+
+        // The backlog then drains in its own order, without the moved key.
+        let rest: Vec<usize> = std::iter::from_fn(|| ready_now(&queue).map(|l| *l.key())).collect();
+        assert_eq!(rest, (1..999).collect::<Vec<_>>());
     }
 
     #[tokio::test(start_paused = true)]
@@ -822,6 +881,7 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Step {
         Add(u8, Trigger),
+        AddFront(u8, Trigger),
         AddAfter(u8, u64, Trigger),
         Next,
         Done(usize),
@@ -831,6 +891,7 @@ mod tests {
     fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
             3 => (0..5u8, trigger()).prop_map(|(k, t)| Step::Add(k, t)),
+            1 => (0..5u8, trigger()).prop_map(|(k, t)| Step::AddFront(k, t)),
             3 => (0..5u8, 0..40u64, trigger()).prop_map(|(k, ms, t)| Step::AddAfter(k, ms, t)),
             3 => Just(Step::Next),
             2 => any::<usize>().prop_map(Step::Done),
@@ -843,8 +904,11 @@ mod tests {
     }
 
     /// The queue's contract written as plainly as possible: time in
-    /// milliseconds, a linear scan for due keys, and a pending key's trigger
-    /// kept beside it (set by the add that makes it due first).
+    /// milliseconds, a linear scan for due keys, a pending key's trigger
+    /// kept beside it (set by the add that makes it due first, or by an
+    /// immediate `Api` or front-lane add that moves it to the front lane),
+    /// and two lanes: keys due because of `Api` or added to the front lane
+    /// in `front`, handed out before `ready`.
     #[derive(Default)]
     struct Model {
         now: u64,
@@ -855,6 +919,11 @@ mod tests {
         triggers: HashMap<u8, Trigger>,
         /// Keys due while being processed.
         dirty: HashSet<u8>,
+        /// Due keys with an API waiter.
+        front: VecDeque<u8>,
+        /// Due keys (ready or dirty) that belong to the front lane.
+        in_front: HashSet<u8>,
+        /// Every other due key.
         ready: VecDeque<u8>,
         /// Keys handed out, in the order the test holds their leases.
         processing: Vec<u8>,
@@ -872,30 +941,53 @@ mod tests {
             for (_, _, key) in due {
                 self.delayed.remove(&key);
                 let trigger = self.triggers[&key];
-                self.make_due(key, trigger);
+                self.make_due(key, trigger, trigger == Trigger::Api);
             }
         }
 
-        fn make_due(&mut self, key: u8, trigger: Trigger) {
+        fn make_due(&mut self, key: u8, trigger: Trigger, front: bool) {
             if self.is_due(key) {
+                if front && self.in_front.insert(key) {
+                    self.triggers.insert(key, trigger);
+                    if let Some(at) = self.ready.iter().position(|&k| k == key) {
+                        self.ready.remove(at);
+                        self.front.push_back(key);
+                    }
+                }
                 return;
             }
             self.triggers.insert(key, trigger);
+            if front {
+                self.in_front.insert(key);
+            }
             if self.processing.contains(&key) {
                 self.dirty.insert(key);
+            } else {
+                self.queue(key);
+            }
+        }
+
+        /// Puts `key` at the back of its lane.
+        fn queue(&mut self, key: u8) {
+            if self.in_front.contains(&key) {
+                self.front.push_back(key);
             } else {
                 self.ready.push_back(key);
             }
         }
 
         fn is_due(&self, key: u8) -> bool {
-            self.ready.contains(&key) || self.dirty.contains(&key)
+            self.front.contains(&key) || self.ready.contains(&key) || self.dirty.contains(&key)
         }
 
         fn add(&mut self, key: u8, trigger: Trigger) {
+            self.add_in(key, trigger, trigger == Trigger::Api);
+        }
+
+        fn add_in(&mut self, key: u8, trigger: Trigger, front: bool) {
             self.promote();
             self.delayed.remove(&key);
-            self.make_due(key, trigger);
+            self.make_due(key, trigger, front);
         }
 
         fn add_after(&mut self, key: u8, ms: u64, trigger: Trigger) {
@@ -912,23 +1004,23 @@ mod tests {
             }
         }
 
-        fn next(&mut self) -> Option<(u8, Trigger)> {
+        fn next(&mut self) -> Option<(u8, Trigger, bool)> {
             self.promote();
-            let key = self.ready.pop_front()?;
+            let key = self.front.pop_front().or_else(|| self.ready.pop_front())?;
             self.processing.push(key);
             let trigger = self
                 .triggers
                 .remove(&key)
                 .expect("a ready key has a trigger");
-            Some((key, trigger))
+            Some((key, trigger, self.in_front.remove(&key)))
         }
 
         fn done(&mut self, index: usize) {
             self.promote();
             let key = self.processing.remove(index);
-            // A dirty key keeps its trigger in `triggers` as it moves to ready.
+            // A dirty key keeps its trigger in `triggers` as it moves to its lane.
             if self.dirty.remove(&key) {
-                self.ready.push_back(key);
+                self.queue(key);
             }
         }
     }
@@ -949,6 +1041,10 @@ mod tests {
                         queue.add(key, trigger);
                         model.add(key, trigger);
                     }
+                    Step::AddFront(key, trigger) => {
+                        queue.add_front(key, trigger);
+                        model.add_in(key, trigger, true);
+                    }
                     Step::AddAfter(key, ms, trigger) => {
                         queue.add_after(key, Duration::from_millis(ms), trigger);
                         model.add_after(key, ms, trigger);
@@ -956,7 +1052,9 @@ mod tests {
                     Step::Next => {
                         let lease = ready_now(&queue);
                         assert_eq!(
-                            lease.as_ref().map(|l| (*l.key(), l.trigger())),
+                            lease
+                                .as_ref()
+                                .map(|l| (*l.key(), l.trigger(), l.from_front_lane())),
                             model.next()
                         );
                         leases.extend(lease);
@@ -977,7 +1075,7 @@ mod tests {
                 lock(&queue.shared.state).check_invariants();
                 model.promote();
                 let stats = queue.stats();
-                assert_eq!(stats.ready, model.ready.len());
+                assert_eq!(stats.ready, model.front.len() + model.ready.len());
                 assert_eq!(stats.delayed, model.delayed.len());
                 assert_eq!(stats.processing, model.processing.len());
             }

@@ -6,8 +6,10 @@
 //!   runs twice at once (the key's [`Lease`] is held until its handler ends);
 //! - a key's outcome is applied before its lease is done: [`WorkOutcome::Done`]
 //!   forgets its failures, [`WorkOutcome::RequeueAfter`] forgets them and queues
-//!   it after the delay (a [`Trigger::Timer`]), [`WorkOutcome::Retry`] queues it
-//!   with backoff (a [`Trigger::Retry`]);
+//!   it after the delay (a [`Trigger::Timer`]; at once in the front lane when
+//!   the delay is zero and the key came from the front lane, so a wake's
+//!   follow-up pass does not queue behind bulk work), [`WorkOutcome::Retry`]
+//!   queues it with backoff (a [`Trigger::Retry`]);
 //! - a handler is told why its key was queued (the lease's [`Trigger`]);
 //! - a handler that panics is logged with its key and counts as a retry; the
 //!   pool carries on;
@@ -97,6 +99,11 @@ fn settle<K>(
     let key = lease.key().clone();
     match outcome {
         WorkOutcome::Done => queue.forget(&key),
+        // The next pass of a wake is still the wake: its caller waits.
+        WorkOutcome::RequeueAfter(delay) if delay.is_zero() && lease.from_front_lane() => {
+            queue.forget(&key);
+            queue.add_front(key, Trigger::Timer);
+        }
         WorkOutcome::RequeueAfter(delay) => {
             queue.forget(&key);
             queue.add_after(key, delay, Trigger::Timer);
@@ -319,6 +326,47 @@ mod tests {
                 (secs(1), 1, Retry),
                 (secs(11), 0, Timer),
                 (secs(12), 1, Retry)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wake_that_asks_to_look_again_at_once_stays_ahead_of_the_backlog() {
+        let queue: Arc<WorkQueue<usize>> = Arc::new(WorkQueue::new(BackoffPolicy::default()));
+        const WAKE: usize = 5000;
+        for key in 0..1000 {
+            queue.add(key, Trigger::Resync);
+        }
+        queue.add(WAKE, Trigger::Api);
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let pool = tokio::spawn(run_workers(queue.clone(), 1, {
+            let (runs, queue) = (runs.clone(), queue.clone());
+            move |key, trigger| {
+                let (runs, queue) = (runs.clone(), queue.clone());
+                async move {
+                    let mut runs = runs.lock().unwrap();
+                    runs.push((key, trigger));
+                    if runs.len() == 1003 {
+                        queue.shutdown();
+                    }
+                    let wake_runs = runs.iter().filter(|(k, _)| *k == WAKE).count();
+                    if key == WAKE && wake_runs < 3 {
+                        WorkOutcome::RequeueAfter(Duration::ZERO)
+                    } else {
+                        WorkOutcome::Done
+                    }
+                }
+            }
+        }));
+        pool.await.unwrap();
+        let runs = runs.lock().unwrap();
+        assert_eq!(
+            runs[..4],
+            [
+                (WAKE, Trigger::Api),
+                (WAKE, Trigger::Timer),
+                (WAKE, Trigger::Timer),
+                (0, Trigger::Resync)
             ]
         );
     }

@@ -6,8 +6,11 @@
 //! it. Invariants:
 //! - every key has at most one [`Slot`], and a slot is pending in at most one
 //!   way: ready or delayed, never both;
-//! - `ready` holds exactly the keys that are pending-ready and not being
-//!   processed, each once, in the order they became due;
+//! - the two lanes of `ready` hold exactly the keys that are pending-ready
+//!   and not being processed, each once and in the lane its slot names (the
+//!   lane of its trigger, [`Lane::of`], unless added to a lane explicitly),
+//!   in the order they became due (or were moved to the front lane); `take`
+//!   empties the front lane first;
 //! - `timers` holds exactly the delayed keys, each once, under its slot's
 //!   `(deadline, seq)`;
 //! - a key being processed is never in `ready`; if it becomes due meanwhile it
@@ -16,7 +19,8 @@
 //!   ready in deadline order, so FIFO order is the order keys became due,
 //!   however late the queue was looked at;
 //! - a pending key carries the [`Trigger`] of the add that makes it due
-//!   first (the merge rule of [`Trigger`]'s module).
+//!   first, or of the immediate `Api` add that moved it to the front lane
+//!   (the merge rule of [`Trigger`]'s module).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
@@ -26,14 +30,92 @@ use tokio::time::Instant;
 
 use super::{QueueStats, Trigger};
 
+/// Which line a due key waits in. Keys with an API caller waiting on them
+/// (`ensure-running`) go to the front lane and are handed out before any
+/// bulk work (resyncs, row changes, events, timers, retries), so a wake is
+/// never queued behind a resync of the whole fleet (README "How it works").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lane {
+    /// Handed out first.
+    Front,
+    /// Everything else, first in, first out.
+    Bulk,
+}
+
+impl Lane {
+    /// The lane a key due because of `trigger` waits in.
+    pub(super) fn of(trigger: Trigger) -> Self {
+        match trigger {
+            Trigger::Api => Self::Front,
+            Trigger::RowChange
+            | Trigger::DockerEvent
+            | Trigger::Timer
+            | Trigger::Retry
+            | Trigger::Resync => Self::Bulk,
+        }
+    }
+}
+
+/// The due keys not being processed, each in the lane of its trigger.
+#[derive(Debug)]
+struct Lanes<K> {
+    /// Due keys with an API waiter.
+    front: VecDeque<K>,
+    /// Every other due key.
+    bulk: VecDeque<K>,
+}
+
+impl<K> Default for Lanes<K> {
+    fn default() -> Self {
+        Self {
+            front: VecDeque::new(),
+            bulk: VecDeque::new(),
+        }
+    }
+}
+
+impl<K> Lanes<K> {
+    /// Queues `key` at the back of `lane`.
+    fn push_back(&mut self, key: K, lane: Lane) {
+        match lane {
+            Lane::Front => self.front.push_back(key),
+            Lane::Bulk => self.bulk.push_back(key),
+        }
+    }
+
+    /// The first key of the front lane, else of the bulk lane.
+    fn pop_front(&mut self) -> Option<K> {
+        self.front.pop_front().or_else(|| self.bulk.pop_front())
+    }
+
+    fn len(&self) -> usize {
+        self.front.len() + self.bulk.len()
+    }
+
+    fn clear(&mut self) {
+        self.front.clear();
+        self.bulk.clear();
+    }
+
+    /// Every queued key, front lane first.
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = &K> {
+        self.front.iter().chain(self.bulk.iter())
+    }
+}
+
 /// How a key waits to be handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
     /// Not waiting.
     No,
-    /// Due since `since` because of `trigger`: in `ready`, or dirty while it
-    /// is processed.
-    Ready { since: Instant, trigger: Trigger },
+    /// Due since `since` because of `trigger`, in `lane`: in that lane of
+    /// `ready`, or dirty while it is processed.
+    Ready {
+        since: Instant,
+        trigger: Trigger,
+        lane: Lane,
+    },
     /// Waiting for `deadline`, set by `trigger`; `seq` makes its timer entry unique.
     Delayed {
         deadline: Instant,
@@ -75,8 +157,9 @@ pub(super) struct Effects {
 /// The answer to "give me a key".
 #[derive(Debug)]
 pub(super) enum Take<K> {
-    /// This is now being processed; it was queued because of the trigger.
-    Ready(K, Trigger),
+    /// This is now being processed; it was queued because of the trigger,
+    /// and waited in the lane.
+    Ready(K, Trigger, Lane),
     /// Nothing is ready; wake at this deadline (if any) or when notified.
     Wait(Option<Instant>),
     /// The queue is shut down.
@@ -87,7 +170,7 @@ pub(super) enum Take<K> {
 #[derive(Debug)]
 pub(super) struct QueueState<K> {
     slots: HashMap<K, Slot>,
-    ready: VecDeque<K>,
+    ready: Lanes<K>,
     timers: BTreeMap<(Instant, u64), K>,
     next_seq: u64,
     shut_down: bool,
@@ -97,16 +180,31 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
     pub(super) fn new() -> Self {
         Self {
             slots: HashMap::new(),
-            ready: VecDeque::new(),
+            ready: Lanes::default(),
             timers: BTreeMap::new(),
             next_seq: 0,
             shut_down: false,
         }
     }
 
-    /// Makes `key` due now because of `trigger`, unless it already is (then
-    /// it keeps its trigger). Cancels a pending delay (and takes its place).
+    /// Makes `key` due now because of `trigger`, in the lane of `trigger`;
+    /// see [`add_in`](Self::add_in).
     pub(super) fn add(&mut self, key: K, trigger: Trigger, now: Instant, fx: &mut Effects) {
+        self.add_in(key, trigger, Lane::of(trigger), now, fx);
+    }
+
+    /// Makes `key` due now in `lane` because of `trigger`, unless it already
+    /// is (then it keeps its trigger, unless `lane` is the front lane and its
+    /// own is not: then it moves to the front lane and takes `trigger`).
+    /// Cancels a pending delay (and takes its place).
+    pub(super) fn add_in(
+        &mut self,
+        key: K,
+        trigger: Trigger,
+        lane: Lane,
+        now: Instant,
+        fx: &mut Effects,
+    ) {
         if self.shut_down {
             return;
         }
@@ -116,12 +214,29 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
             processing_since: None,
         });
         match slot.pending {
+            Pending::Ready {
+                since,
+                lane: Lane::Bulk,
+                ..
+            } if lane == Lane::Front => {
+                slot.pending = Pending::Ready {
+                    since,
+                    trigger,
+                    lane,
+                };
+                if slot.processing_since.is_none() {
+                    // A linear search, but only for an API call whose user
+                    // already waits in the bulk lane (a wake during a resync).
+                    self.ready.bulk.retain(|k| *k != key);
+                    self.ready.front.push_back(key);
+                }
+            }
             Pending::Ready { .. } => {}
             Pending::Delayed { deadline, seq, .. } => {
                 self.timers.remove(&(deadline, seq));
-                make_ready(&mut self.ready, slot, key, now, trigger, fx);
+                make_ready(&mut self.ready, slot, key, now, trigger, lane, fx);
             }
-            Pending::No => make_ready(&mut self.ready, slot, key, now, trigger, fx),
+            Pending::No => make_ready(&mut self.ready, slot, key, now, trigger, lane, fx),
         }
     }
 
@@ -180,14 +295,19 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
                 debug_assert!(false, "a ready key has no slot");
                 continue;
             };
-            let Pending::Ready { since, trigger } = slot.pending else {
+            let Pending::Ready {
+                since,
+                trigger,
+                lane,
+            } = slot.pending
+            else {
                 debug_assert!(false, "a key in `ready` is not pending-ready");
                 continue;
             };
             slot.pending = Pending::No;
             slot.processing_since = Some(now);
             fx.handed_out = Some(now.saturating_duration_since(since));
-            return Take::Ready(key, trigger);
+            return Take::Ready(key, trigger, lane);
         }
         Take::Wait(self.timers.keys().next().map(|&(deadline, _)| deadline))
     }
@@ -203,14 +323,15 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
         };
         fx.finished = Some(now.saturating_duration_since(started));
         match slot.pending {
-            Pending::Ready { trigger, .. } => {
+            Pending::Ready { trigger, lane, .. } => {
                 // The wait that counts is the one behind other ready keys,
                 // not the one behind this key's own previous run.
                 slot.pending = Pending::Ready {
                     since: now,
                     trigger,
+                    lane,
                 };
-                self.ready.push_back(key.clone());
+                self.ready.push_back(key.clone(), lane);
                 fx.became_ready += 1;
             }
             Pending::Delayed { .. } => {}
@@ -271,7 +392,15 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
                 debug_assert!(false, "a timer's key is not delayed");
                 continue;
             };
-            make_ready(&mut self.ready, slot, key, deadline, trigger, fx);
+            make_ready(
+                &mut self.ready,
+                slot,
+                key,
+                deadline,
+                trigger,
+                Lane::of(trigger),
+                fx,
+            );
         }
     }
 
@@ -281,12 +410,16 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
         use std::collections::HashSet;
         let ready: HashSet<&K> = self.ready.iter().collect();
         assert_eq!(ready.len(), self.ready.len(), "a key is in `ready` twice");
+        let front: HashSet<&K> = self.ready.front.iter().collect();
         for (key, slot) in &self.slots {
             assert!(!slot.is_idle(), "an idle slot was kept");
             let in_ready = ready.contains(key);
             match slot.pending {
-                Pending::Ready { .. } => {
-                    assert_eq!(in_ready, slot.processing_since.is_none())
+                Pending::Ready { lane, .. } => {
+                    assert_eq!(in_ready, slot.processing_since.is_none());
+                    if in_ready {
+                        assert_eq!(front.contains(key), lane == Lane::Front);
+                    }
                 }
                 Pending::Delayed { deadline, seq, .. } => {
                     assert!(!in_ready);
@@ -300,20 +433,25 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
     }
 }
 
-/// Marks `slot` due since `since` because of `trigger`; queues it unless it
-/// is being processed.
+/// Marks `slot` due in `lane` since `since` because of `trigger`; queues it
+/// unless it is being processed.
 fn make_ready<K>(
-    ready: &mut VecDeque<K>,
+    ready: &mut Lanes<K>,
     slot: &mut Slot,
     key: K,
     since: Instant,
     trigger: Trigger,
+    lane: Lane,
     fx: &mut Effects,
 ) {
-    slot.pending = Pending::Ready { since, trigger };
+    slot.pending = Pending::Ready {
+        since,
+        trigger,
+        lane,
+    };
     fx.added += 1;
     if slot.processing_since.is_none() {
-        ready.push_back(key);
+        ready.push_back(key, lane);
         fx.became_ready += 1;
     }
 }
@@ -331,7 +469,7 @@ mod tests {
 
     fn take(state: &mut QueueState<&'static str>, now: Instant) -> Option<&'static str> {
         match state.take(now, &mut Effects::default()) {
-            Take::Ready(key, _) => Some(key),
+            Take::Ready(key, ..) => Some(key),
             Take::Wait(_) | Take::ShutDown => None,
         }
     }
@@ -358,7 +496,7 @@ mod tests {
         let mut fx = Effects::default();
         assert!(matches!(
             state.take(at(t0, 25), &mut fx),
-            Take::Ready("a", TIMER)
+            Take::Ready("a", TIMER, Lane::Bulk)
         ));
         assert_eq!(fx.handed_out, Some(Duration::from_millis(15)));
         assert_eq!(fx.added, 1);
@@ -384,7 +522,7 @@ mod tests {
         now: Instant,
     ) -> Option<(&'static str, Trigger)> {
         match state.take(now, &mut Effects::default()) {
-            Take::Ready(key, trigger) => Some((key, trigger)),
+            Take::Ready(key, trigger, _) => Some((key, trigger)),
             Take::Wait(_) | Take::ShutDown => None,
         }
     }
@@ -408,11 +546,12 @@ mod tests {
         state.add_at("now", at(t0, 30), Timer, t0, fx);
         state.add("now", Api, at(t0, 1), fx);
         state.check_invariants();
+        // `now`, due because of the API, waits in the front lane.
+        assert_eq!(take_with_trigger(&mut state, at(t0, 1)), Some(("now", Api)));
         assert_eq!(
             take_with_trigger(&mut state, at(t0, 1)),
             Some(("due", DockerEvent))
         );
-        assert_eq!(take_with_trigger(&mut state, at(t0, 1)), Some(("now", Api)));
         assert_eq!(take_with_trigger(&mut state, at(t0, 9)), None);
         assert_eq!(
             take_with_trigger(&mut state, at(t0, 10)),

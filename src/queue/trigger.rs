@@ -11,6 +11,10 @@
 //! a later or equal deadline changes nothing. This is the queue's own merge
 //! rule for deadlines ("the earliest deadline wins") applied to the reason,
 //! so the reason always names the add whose time the entry runs at.
+//!
+//! One exception, for the same reason: [`Trigger::Api`] entries wait in the
+//! queue's front lane, so an immediate `Api` add to an entry due for another
+//! reason moves it there and names it `Api`, the add it now runs for.
 
 use std::fmt;
 
@@ -31,6 +35,7 @@ pub enum Trigger {
     /// the event stream came back).
     Resync,
     /// An API call that changed the user's row (`PUT`, `ensure-running`).
+    /// Its caller may be waiting: it is handed out before every other trigger.
     Api,
 }
 
