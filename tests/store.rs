@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::collections::HashSet;
+
 use chrono::{TimeZone, Utc};
 use clawfleet::desired::{DesiredState, InvalidRow};
 use clawfleet::status::{ContainerStatus, Health, Phase};
@@ -264,6 +266,75 @@ async fn a_revision_committed_late_by_a_slow_transaction_is_found_by_asking_for_
         .unwrap();
     assert_eq!(late.len(), 1);
     assert_eq!((late[0].user_id.as_str(), late[0].revision), ("slow", gap));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_reads_one_snapshot_so_no_change_committed_while_it_reads_is_skipped() {
+    // Regression: a poll read upserts and deletions in two statements. An
+    // insert and a deletion committed between the two came back as just the
+    // deletion; the cursor moved past both, and on SQLite (no gaps asked for)
+    // the insert was never handed on.
+    const ROUNDS: usize = 400;
+    for backend in BOTH {
+        let db = TestDb::new(backend).await;
+        let store = db.store().await;
+        let doomed: Vec<String> = (0..ROUNDS).map(|i| format!("('d{i}')")).collect();
+        db.exec(&format!(
+            "INSERT INTO desired_containers (user_id) VALUES {}",
+            doomed.join(", ")
+        ))
+        .await;
+        let start = store
+            .desired_changes(0, &[], 100_000)
+            .await
+            .unwrap()
+            .last()
+            .unwrap()
+            .revision;
+        let mut conn = db.raw().await;
+        let writer = tokio::spawn(async move {
+            for i in 0..ROUNDS {
+                for (sql, user) in [
+                    (
+                        "INSERT INTO desired_containers (user_id) VALUES ($1)",
+                        format!("u{i}"),
+                    ),
+                    (
+                        "DELETE FROM desired_containers WHERE user_id = $1",
+                        format!("d{i}"),
+                    ),
+                ] {
+                    sqlx::query(sql)
+                        .bind(user)
+                        .execute(&mut conn)
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+        let (mut cursor, mut seen) = (start, HashSet::new());
+        let mut poll = async || {
+            for change in store.desired_changes(cursor, &[], 100_000).await.unwrap() {
+                cursor = cursor.max(change.revision);
+                seen.insert(change.user_id);
+            }
+        };
+        while !writer.is_finished() {
+            poll().await;
+        }
+        writer.await.unwrap();
+        poll().await;
+        let missed: Vec<String> = (0..ROUNDS)
+            .flat_map(|i| [format!("u{i}"), format!("d{i}")])
+            .filter(|user| !seen.contains(user))
+            .collect();
+        assert!(
+            missed.is_empty(),
+            "{backend:?}: a cursor-only poller never saw {} of {} changes: {missed:?}",
+            missed.len(),
+            2 * ROUNDS
+        );
+    }
 }
 
 #[tokio::test]

@@ -7,7 +7,9 @@
 //! triggers assign `revision`.
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, OnConflict, Order, Query, SelectStatement, SimpleExpr};
+use sea_orm::sea_query::{
+    Asterisk, Expr, IntoTableRef, OnConflict, Order, Query, SelectStatement, SimpleExpr, UnionType,
+};
 use sea_orm::{ConnectionTrait, DatabaseBackend, ExprTrait, QueryResult, Statement, Value};
 
 use clawfleet_entity::{desired_containers as desired, desired_deletions as deletions};
@@ -260,45 +262,44 @@ impl Store {
                 newer.or(Expr::col(column).is_in(also.iter().copied()))
             }
         };
-        let upserts = Query::select()
-            .columns(["user_id", "revision"])
-            .from(desired::Entity)
-            .and_where(filter("revision"))
-            .order_by("revision", Order::Asc)
-            .limit(limit)
-            .to_owned();
-        let deletes = Query::select()
-            .columns(["user_id", "revision"])
-            .from(deletions::Entity)
-            .and_where(filter("revision"))
-            .order_by("revision", Order::Asc)
-            .limit(limit)
-            .to_owned();
-        let read = |rows: Vec<QueryResult>, deleted: bool| -> Vec<DesiredChange> {
-            rows.iter()
-                .filter_map(|r| {
-                    Some(DesiredChange {
-                        user_id: r.try_get("", "user_id").ok()?,
-                        revision: r.try_get("", "revision").ok()?,
-                        deleted,
-                    })
-                })
-                .collect()
+        // One statement, so one snapshot: read in two, an insert and a
+        // deletion committed between the reads would come back as just the
+        // deletion, and the cursor would move past the insert for good.
+        let side = |table, deleted: bool| {
+            let page = Query::select()
+                .columns(["user_id", "revision"])
+                .expr_as(Expr::val(i32::from(deleted)), "deleted")
+                .from(table)
+                .and_where(filter("revision"))
+                .order_by("revision", Order::Asc)
+                .limit(limit)
+                .to_owned();
+            Query::select()
+                .column(Asterisk)
+                .from_subquery(page, if deleted { "d" } else { "u" })
+                .to_owned()
         };
-        let mut changes = read(
-            self.db
-                .query_all(&upserts)
-                .await
-                .map_err(StoreError::query("read of desired changes"))?,
-            false,
-        );
-        changes.extend(read(
-            self.db
-                .query_all(&deletes)
-                .await
-                .map_err(StoreError::query("read of desired deletions"))?,
-            true,
-        ));
+        let both = side(desired::Entity.into_table_ref(), false)
+            .union(
+                UnionType::All,
+                side(deletions::Entity.into_table_ref(), true),
+            )
+            .to_owned();
+        let rows = self
+            .db
+            .query_all(&both)
+            .await
+            .map_err(StoreError::query("read of desired changes"))?;
+        let mut changes: Vec<DesiredChange> = rows
+            .iter()
+            .filter_map(|r| {
+                Some(DesiredChange {
+                    user_id: r.try_get("", "user_id").ok()?,
+                    revision: r.try_get("", "revision").ok()?,
+                    deleted: r.try_get::<i32>("", "deleted").ok()? != 0,
+                })
+            })
+            .collect();
         changes.sort_by_key(|c| c.revision);
         // Each side was cut at `limit`; beyond the smaller cut the merge may miss rows.
         changes.truncate(limit as usize);
