@@ -318,6 +318,8 @@ pub struct RuntimeSettings {
     pub resync_period: Duration,
     /// Reconciles running at once.
     pub concurrency: usize,
+    /// Creates and starts of bulk work in flight at once.
+    pub engine_concurrency: usize,
     /// Folder for the key file and the SQLite database by default.
     pub data_dir: PathBuf,
     /// Log format.

@@ -30,14 +30,18 @@ use crate::events::{self, EventObserver};
 use crate::feed::{self, FeedOptions};
 use crate::progress::{Progress, ProgressSummary};
 use crate::queue::{
-    run_workers, BackoffPolicy, NoQueueObserver, QueueObserver, Trigger, WorkOutcome, WorkQueue,
+    run_workers, BackoffPolicy, Lane, NoQueueObserver, QueueObserver, Trigger, WorkOutcome,
+    WorkQueue,
 };
-use crate::reconcile::Reconciler;
+use crate::reconcile::{Priority, Reconciler};
 use crate::resync;
 use crate::store::Store;
 
 /// How often progress is logged while something changes.
 const PROGRESS_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// Reconciles running at once by default (`--concurrency`).
+pub const DEFAULT_CONCURRENCY: usize = 16;
 
 /// Settings of the loop around the reconciler.
 #[derive(Clone, Debug)]
@@ -61,7 +65,7 @@ pub struct ControllerOptions {
 impl Default for ControllerOptions {
     fn default() -> Self {
         Self {
-            concurrency: 16,
+            concurrency: DEFAULT_CONCURRENCY,
             resync_period: Duration::from_secs(300),
             feed: FeedOptions::default(),
             backoff: BackoffPolicy::default(),
@@ -260,13 +264,20 @@ impl<E: Engine> Controller<E> {
             run_workers(
                 queue.clone(),
                 options.concurrency,
-                move |user: String, trigger| {
+                move |user: String, trigger, lane| {
                     let reconciler = reconciler.clone();
                     let progress = progress.clone();
                     let observer = observer.clone();
                     async move {
-                        reconcile_one(&reconciler, &progress, observer.as_ref(), user, trigger)
-                            .await
+                        reconcile_one(
+                            &reconciler,
+                            &progress,
+                            observer.as_ref(),
+                            user,
+                            trigger,
+                            lane,
+                        )
+                        .await
                     }
                 },
             )
@@ -327,6 +338,7 @@ async fn reconcile_one<E: Engine>(
     observer: &dyn ReconcileObserver,
     user: String,
     trigger: Trigger,
+    lane: Lane,
 ) -> WorkOutcome {
     let span = tracing::info_span!(
         "reconcile",
@@ -338,7 +350,13 @@ async fn reconcile_one<E: Engine>(
     let started = std::time::Instant::now();
     // A panic is caught here, not only by the worker pool, so that it is
     // counted as the `panic` error kind.
-    let result = AssertUnwindSafe(reconciler.reconcile(&user).instrument(span.clone()))
+    // A key from the front lane is a wake: its caller waits.
+    let priority = match lane {
+        Lane::Front => Priority::Wake,
+        Lane::Bulk => Priority::Bulk,
+    };
+    let pass = reconciler.reconcile_as(&user, priority);
+    let result = AssertUnwindSafe(pass.instrument(span.clone()))
         .catch_unwind()
         .await;
     let seconds = started.elapsed().as_secs_f64();

@@ -134,6 +134,10 @@ fn cases() -> BTreeMap<&'static str, Case> {
         ("CLAWFLEET_STOP_TIMEOUT", list("30s", &["forever", HUGE])),
         ("CLAWFLEET_RESYNC_PERIOD", list("1m", &["soon", HUGE])),
         ("CLAWFLEET_CONCURRENCY", list("4", &["0", "1025", "x"])),
+        (
+            "CLAWFLEET_ENGINE_CONCURRENCY",
+            run("2", &["0", "1025", "x"]),
+        ),
         ("CLAWFLEET_LOG_FORMAT", list("json", &["xml"])),
         // Only the key file lives there when the database is named.
         (

@@ -4,7 +4,8 @@
 //! 1. Real engine, 100 users (`BENCH_USERS`): wall time from "rows inserted"
 //!    to "every container running", beside the same create+start calls
 //!    issued directly through bollard at the same concurrency (before and
-//!    after; the ratio is against their mean).
+//!    after; the ratio is against their mean). `BENCH_ONLY=converge` runs
+//!    this measure alone.
 //! 2. Docker event → action on the in-memory engine: crash → `start` issued,
 //!    p50/p99 over 500 spaced crashes (`BENCH_SAMPLES`) and one burst of a
 //!    fifth as many, in a fleet of 1,000 users (`BENCH_EVENT_USERS`).
@@ -67,7 +68,7 @@ struct Knobs {
     api_calls: usize,
     wake_samples: usize,
     wake_busy_users: usize,
-    /// `BENCH_ONLY`: `api` or `wake`, that measure alone.
+    /// `BENCH_ONLY`: `converge`, `api` or `wake`, that measure alone.
     only: Option<String>,
 }
 
@@ -358,9 +359,47 @@ async fn parent(k: Knobs) {
                 num(busy, 2)
             );
         }
+        Some("converge") => {
+            eprintln!(
+                "bench: converging {} users on the real engine (baseline first)…",
+                k.users
+            );
+            let real = real_engine::measure(k.users).await;
+            converge_rows(&mut table, &real);
+            table.print();
+            println!("bench: converge_ratio={}", num(real.ratio(), 2));
+        }
         _ => return all(k, table, wall).await,
     }
     eprintln!("bench: wall time {:.0} s", wall.elapsed().as_secs_f64());
+}
+
+/// Adds the real-engine convergence rows (measure 1).
+fn converge_rows(table: &mut Table, real: &real_engine::RealEngine) {
+    table.row(
+        format!(
+            "converge {} users, real engine: direct bollard create+start (baseline)",
+            real.users
+        ),
+        format!(
+            "{:.0} ms  (mean of {:.0} ms before, {:.0} ms after; concurrency {CONCURRENCY})",
+            real.baseline().as_secs_f64() * 1e3,
+            real.baselines[0].as_secs_f64() * 1e3,
+            real.baselines[1].as_secs_f64() * 1e3,
+        ),
+    );
+    table.checked(
+        format!(
+            "converge {} users, real engine: clawfleet rows → all running",
+            real.users
+        ),
+        format!(
+            "{:.0} ms  (ratio {:.2})",
+            real.controller.as_secs_f64() * 1e3,
+            real.ratio()
+        ),
+        Target::at_most("ratio ", real.ratio(), 1.1, ""),
+    );
 }
 
 /// Every measure.
@@ -407,29 +446,7 @@ async fn all(k: Knobs, mut table: Table, wall: Instant) {
         scale::measure(k.big_users, k.idle_secs)
     });
 
-    table.row(
-        format!(
-            "converge {} users, real engine: direct bollard create+start (baseline)",
-            real.users
-        ),
-        format!(
-            "{:.0} ms  (mean of {:.0} ms before, {:.0} ms after; concurrency {CONCURRENCY})",
-            real.baseline().as_secs_f64() * 1e3,
-            real.baselines[0].as_secs_f64() * 1e3,
-            real.baselines[1].as_secs_f64() * 1e3,
-        ),
-    );
-    table.checked(
-        format!(
-            "converge {} users, real engine: clawfleet rows → all running",
-            real.users
-        ),
-        format!(
-            "{:.0} ms  (ratio {ratio:.2})",
-            real.controller.as_secs_f64() * 1e3
-        ),
-        Target::at_most("ratio ", ratio, 1.1, ""),
-    );
+    converge_rows(&mut table, &real);
     let event_p99 = events.spaced.p99_ms();
     table.checked(
         format!(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clawfleet::config::PortRange;
 use clawfleet::docker::{shared_labels, ContainerFilter, DockerEngine, Engine};
 use clawfleet::ports::PortAllocator;
-use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
+use clawfleet::reconcile::Reconciler;
 use clawfleet::secrets::GatewayToken;
 use clawfleet::spec::DesiredSpec;
 use clawfleet::status::Phase;
@@ -162,7 +162,7 @@ pub async fn measure(users: usize) -> RealEngine {
             PortRange::new(ports.start(), ports.start() + users as u16 - 1).expect("range"),
             settings.publish_ip,
         ),
-        ReconcilerOptions::default(),
+        crate::support::reconciler_options(),
     );
     let controller = Running::start(&store, reconciler);
     until(

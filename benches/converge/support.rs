@@ -21,6 +21,19 @@ use sea_orm::{ConnectionTrait, TransactionTrait};
 pub const IMAGE: &str = "clawfleet-agent-stub:dev";
 /// Reconciles at once: the production default (`--concurrency`).
 pub const CONCURRENCY: usize = 16;
+
+/// The reconciler's options: the defaults, with `BENCH_ENGINE_CONCURRENCY`
+/// (when set) as `--engine-concurrency`.
+pub fn reconciler_options() -> ReconcilerOptions {
+    let mut options = ReconcilerOptions::default();
+    if let Some(n) = std::env::var("BENCH_ENGINE_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        options.engine_concurrency = n;
+    }
+    options
+}
 /// The port range of the in-memory simulations (one host port per running container).
 pub const SIM_PORTS: (u16, u16) = (10_000, 60_000);
 
@@ -115,7 +128,7 @@ pub fn sim_reconciler<E: Engine>(store: &Store, engine: Arc<E>, instance: &str) 
         settings.clone(),
         ring(),
         PortAllocator::new(ports, settings.publish_ip).without_probe(),
-        ReconcilerOptions::default(),
+        reconciler_options(),
     )
 }
 

@@ -30,7 +30,7 @@ use clawfleet::metrics::Metrics;
 use clawfleet::nudge::Nudge;
 use clawfleet::ports::PortAllocator;
 use clawfleet::probe::{GatewayProbe, ProbeKind, ATTEMPT_INTERVAL};
-use clawfleet::reconcile::{Reconciler, ReconcilerOptions};
+use clawfleet::reconcile::Reconciler;
 use clawfleet::secrets::GatewayToken;
 use clawfleet::spec::DesiredSpec;
 use clawfleet::status::Phase;
@@ -271,7 +271,7 @@ pub async fn measure(samples: usize, busy_users: usize) -> Result<Wake, String> 
             PortRange::new(ports.start(), ports.start() + own - 1).expect("range"),
             settings.publish_ip,
         ),
-        ReconcilerOptions::default(),
+        crate::support::reconciler_options(),
     );
     let controller = Running::start(&store, reconciler);
     let nudge = Arc::new(Nudge::new());

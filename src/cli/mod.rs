@@ -153,8 +153,12 @@ pub struct GlobalArgs {
     pub resync_period: Duration,
 
     /// Reconciles running at once
-    #[arg(long, env = "CLAWFLEET_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024), global = true, hide_env_values = true)]
+    #[arg(long, env = "CLAWFLEET_CONCURRENCY", default_value_t = crate::controller::DEFAULT_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=1024), global = true, hide_env_values = true)]
     pub concurrency: u16,
+
+    /// Creates and starts of bulk work in flight at once within a minute of a wake (otherwise up to --concurrency); a wake never waits for one
+    #[arg(long, env = "CLAWFLEET_ENGINE_CONCURRENCY", default_value_t = crate::reconcile::DEFAULT_ENGINE_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..=1024), global = true, hide_env_values = true)]
+    pub engine_concurrency: u16,
 
     /// Memory limit of each container (e.g. 512m, 2g) [default: none]
     #[arg(long, env = "CLAWFLEET_MEMORY_LIMIT", value_parser = parse_memory, global = true, hide_env_values = true)]
@@ -324,6 +328,7 @@ impl GlobalArgs {
             listen: self.listen,
             resync_period: self.resync_period,
             concurrency: usize::from(self.concurrency),
+            engine_concurrency: usize::from(self.engine_concurrency),
             data_dir: self.data_dir.clone(),
             log_format: self.log_format,
         }

@@ -294,6 +294,7 @@ pub async fn run(
         allowed_images = %settings.allowed_images,
         network_isolation = settings.network_isolation.as_str(),
         concurrency = runtime.concurrency,
+        engine_concurrency = runtime.engine_concurrency,
         "controller starting"
     );
 
@@ -353,6 +354,8 @@ pub async fn run(
         reconciler: ReconcilerOptions {
             orphan_grace: args.orphan_grace,
             needs_human_retry: args.failed_retry,
+            engine_concurrency: runtime.engine_concurrency,
+            engine_burst: runtime.concurrency,
             policy: crate::plan::Policy {
                 slow_retry: args.failed_retry,
                 ..Default::default()

@@ -64,7 +64,8 @@ pub use runner::{run_workers, WorkOutcome};
 pub use trigger::Trigger;
 
 use backoff::Backoffs;
-use state::{Effects, Lane, QueueState, Take};
+pub use state::Lane;
+use state::{Effects, QueueState, Take};
 
 /// Longest delay the queue schedules; longer ones are cut to it so that
 /// `now + delay` cannot overflow (tokio caps its own sleeps the same way).
@@ -83,6 +84,9 @@ struct Shared<K> {
     /// Wakes callers of `next`: `notify_one` per key that became ready,
     /// `notify_waiters` when they must recompute their deadline or stop.
     wakeup: Notify,
+    /// Wakes callers of `next_front` (`notify_waiters`) whenever a key
+    /// waits in the front lane after a change.
+    front_wakeup: Notify,
     observer: Arc<dyn QueueObserver>,
     /// Where `now` comes from.
     clock: Clock,
@@ -124,6 +128,7 @@ where
                 state: Mutex::new(QueueState::new()),
                 backoffs: Mutex::new(Backoffs::new(policy)),
                 wakeup: Notify::new(),
+                front_wakeup: Notify::new(),
                 observer,
                 clock,
             }),
@@ -178,28 +183,43 @@ where
     /// queue is shut down. Cancel-safe: a cancelled call takes no key and
     /// passes any wakeup it received on to another caller.
     pub async fn next(&self) -> Option<Lease<K>> {
+        self.next_of(false).await
+    }
+
+    /// Like [`next`](Self::next), but hands out keys of the front lane only
+    /// (for slots kept free for wakes while bulk work fills the others).
+    pub async fn next_front(&self) -> Option<Lease<K>> {
+        self.next_of(true).await
+    }
+
+    async fn next_of(&self, front_only: bool) -> Option<Lease<K>> {
+        let wakeup = if front_only {
+            &self.shared.front_wakeup
+        } else {
+            &self.shared.wakeup
+        };
         loop {
             // Registered before looking at the state, so a key that becomes
             // ready between the look and the wait still wakes us.
-            let notified = self.shared.wakeup.notified();
+            let notified = wakeup.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            let taken = self
-                .shared
-                .with_state(|state, now, fx| match state.take(now, fx) {
-                    Take::Ready(key, trigger, lane) => Take::Ready(
-                        Lease {
-                            key,
+            let taken =
+                self.shared
+                    .with_state(|state, now, fx| match state.take(now, fx, front_only) {
+                        Take::Ready(key, trigger, lane) => Take::Ready(
+                            Lease {
+                                key,
+                                trigger,
+                                lane,
+                                shared: Arc::clone(&self.shared),
+                            },
                             trigger,
                             lane,
-                            shared: Arc::clone(&self.shared),
-                        },
-                        trigger,
-                        lane,
-                    ),
-                    Take::Wait(deadline) => Take::Wait(deadline),
-                    Take::ShutDown => Take::ShutDown,
-                });
+                        ),
+                        Take::Wait(deadline) => Take::Wait(deadline),
+                        Take::ShutDown => Take::ShutDown,
+                    });
             match taken {
                 Take::Ready(lease, ..) => return Some(lease),
                 Take::ShutDown => return None,
@@ -220,6 +240,7 @@ where
     pub fn shutdown(&self) {
         lock(&self.shared.state).shut_down();
         self.shared.wakeup.notify_waiters();
+        self.shared.front_wakeup.notify_waiters();
     }
 
     /// True once [`shutdown`](Self::shutdown) was called.
@@ -240,12 +261,16 @@ impl<K: Clone + Eq + Hash> Shared<K> {
     /// observer what happened, with the lock released.
     fn with_state<R>(&self, f: impl FnOnce(&mut QueueState<K>, Instant, &mut Effects) -> R) -> R {
         let mut fx = Effects::default();
-        let result = {
+        let (result, front_waiting) = {
             let mut state = lock(&self.state);
             // Read under the lock so the state sees time move forward only.
-            f(&mut state, self.clock.now(), &mut fx)
+            let result = f(&mut state, self.clock.now(), &mut fx);
+            (result, state.front_waiting())
         };
         self.apply(fx);
+        if front_waiting {
+            self.front_wakeup.notify_waiters();
+        }
         result
     }
 
@@ -284,6 +309,11 @@ impl<K: Clone + Eq + Hash> Lease<K> {
     /// Why the key was queued (the trigger that made it due first).
     pub fn trigger(&self) -> Trigger {
         self.trigger
+    }
+
+    /// The lane the key waited in.
+    pub fn lane(&self) -> Lane {
+        self.lane
     }
 
     /// True when the key waited in the front lane (an API caller waits on it).

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use tokio::task::{Id, JoinError, JoinSet};
 
-use super::{Lease, Trigger, WorkQueue};
+use super::{Lane, Lease, Trigger, WorkQueue};
 
 /// What a handler wants done with its key next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,16 +44,18 @@ pub enum WorkOutcome {
 }
 
 /// Runs `handler` on the keys `queue` hands out, with the trigger each was
-/// queued for, at most `concurrency` at a time (a `concurrency` of 0 counts
-/// as 1), until the queue is shut down and the handlers in flight have
-/// finished.
+/// queued for and the lane it waited in, at most `concurrency` at a time (a
+/// `concurrency` of 0 counts as 1), plus up to `concurrency` more of the
+/// front lane while the others are all taken, so a wake never waits for a
+/// slot behind bulk work; until the queue is shut down and the handlers in
+/// flight have finished.
 ///
 /// Each handler runs as its own tokio task, so a panic is caught at its join
 /// handle instead of unwinding through the pool.
 pub async fn run_workers<K, F, Fut>(queue: Arc<WorkQueue<K>>, concurrency: usize, handler: F)
 where
     K: Clone + Eq + Hash + Send + Sync + fmt::Debug + 'static,
-    F: Fn(K, Trigger) -> Fut + Send + Sync + 'static,
+    F: Fn(K, Trigger, Lane) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = WorkOutcome> + Send + 'static,
 {
     let concurrency = concurrency.max(1);
@@ -69,16 +71,38 @@ where
             Some(joined) = running.join_next_with_id() => settle(&queue, &mut leases, joined),
             lease = queue.next(), if running.len() < concurrency => {
                 let Some(lease) = lease else { break };
-                let handler = Arc::clone(&handler);
-                let (key, trigger) = (lease.key().clone(), lease.trigger());
-                let id = running.spawn(async move { handler(key, trigger).await }).id();
-                leases.insert(id, lease);
+                spawn(&mut running, &mut leases, &handler, lease);
+            }
+            lease = queue.next_front(),
+                if (concurrency..2 * concurrency).contains(&running.len()) =>
+            {
+                let Some(lease) = lease else { break };
+                spawn(&mut running, &mut leases, &handler, lease);
             }
         }
     }
     while let Some(joined) = running.join_next_with_id().await {
         settle(&queue, &mut leases, joined);
     }
+}
+
+/// Runs `handler` on `lease`'s key as a task of `running`, keeping the lease.
+fn spawn<K, F, Fut>(
+    running: &mut JoinSet<WorkOutcome>,
+    leases: &mut HashMap<Id, Lease<K>>,
+    handler: &Arc<F>,
+    lease: Lease<K>,
+) where
+    K: Clone + Eq + Hash + Send + Sync + fmt::Debug + 'static,
+    F: Fn(K, Trigger, Lane) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = WorkOutcome> + Send + 'static,
+{
+    let handler = Arc::clone(handler);
+    let (key, trigger, lane) = (lease.key().clone(), lease.trigger(), lease.lane());
+    let id = running
+        .spawn(async move { handler(key, trigger, lane).await })
+        .id();
+    leases.insert(id, lease);
 }
 
 /// Applies a finished handler's outcome to its key, then releases the key.
@@ -175,7 +199,7 @@ mod tests {
         let hot_runs = Arc::new(AtomicUsize::new(0));
         let pool = tokio::spawn(run_workers(Arc::clone(&queue), 8, {
             let (per_key, all, hot_runs) = (per_key.clone(), all.clone(), hot_runs.clone());
-            move |key: u32, _: Trigger| {
+            move |key: u32, _: Trigger, _: Lane| {
                 let (per_key, all, hot_runs) = (per_key.clone(), all.clone(), hot_runs.clone());
                 async move {
                     let gauge = &per_key[key as usize];
@@ -228,7 +252,7 @@ mod tests {
         let start = Instant::now();
         let pool = tokio::spawn(run_workers(Arc::clone(&queue), 3, {
             let gauge = gauge.clone();
-            move |key: u32, _: Trigger| {
+            move |key: u32, _: Trigger, _: Lane| {
                 let (gauge, done_tx) = (gauge.clone(), done_tx.clone());
                 async move {
                     gauge.enter();
@@ -261,7 +285,7 @@ mod tests {
         let start = Instant::now();
         let pool = tokio::spawn(run_workers(Arc::clone(&queue), 2, {
             let (queue, calls) = (Arc::clone(&queue), Arc::clone(&calls));
-            move |key, trigger| {
+            move |key, trigger, _: Lane| {
                 calls
                     .lock()
                     .unwrap()
@@ -341,7 +365,7 @@ mod tests {
         let runs = Arc::new(Mutex::new(Vec::new()));
         let pool = tokio::spawn(run_workers(queue.clone(), 1, {
             let (runs, queue) = (runs.clone(), queue.clone());
-            move |key, trigger| {
+            move |key, trigger, _: Lane| {
                 let (runs, queue) = (runs.clone(), queue.clone());
                 async move {
                     let mut runs = runs.lock().unwrap();
@@ -403,7 +427,7 @@ mod tests {
         let start = Instant::now();
         let pool = tokio::spawn(run_workers(Arc::clone(&queue), 1, {
             let calls = Arc::clone(&calls);
-            move |key: &'static str, _: Trigger| {
+            move |key: &'static str, _: Trigger, _: Lane| {
                 let runs = {
                     let mut calls = calls.lock().unwrap();
                     let runs = calls.entry(key).or_default();
@@ -451,7 +475,7 @@ mod tests {
         let start = Instant::now();
         let pool = tokio::spawn(run_workers(Arc::clone(&queue), 2, {
             let finished = Arc::clone(&finished);
-            move |key: &'static str, _: Trigger| {
+            move |key: &'static str, _: Trigger, _: Lane| {
                 let (started_tx, finished) = (started_tx.clone(), Arc::clone(&finished));
                 async move {
                     started_tx.send(key).unwrap();
@@ -479,7 +503,7 @@ mod tests {
     async fn dropping_the_pool_aborts_its_handlers_and_releases_their_keys() {
         let queue = queue::<&'static str>();
         let (started_tx, mut started_rx) = mpsc::unbounded_channel();
-        let pool = tokio::spawn(run_workers(Arc::clone(&queue), 2, move |key, _| {
+        let pool = tokio::spawn(run_workers(Arc::clone(&queue), 2, move |key, _, _| {
             let started_tx = started_tx.clone();
             async move {
                 started_tx.send(key).unwrap();
@@ -492,5 +516,38 @@ mod tests {
         pool.abort();
         assert!(pool.await.unwrap_err().is_cancelled());
         assert_eq!(queue.stats().processing, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_runs_at_once_while_bulk_work_holds_every_slot_and_bulk_keys_wait() {
+        let queue = queue::<&'static str>();
+        let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+        let pool = tokio::spawn(run_workers(Arc::clone(&queue), 2, move |key, _, lane| {
+            let started_tx = started_tx.clone();
+            async move {
+                started_tx.send((key, lane)).unwrap();
+                // Bulk work holds its slot; a wake is over soon.
+                match lane {
+                    Lane::Bulk => std::future::pending::<WorkOutcome>().await,
+                    Lane::Front => WorkOutcome::Done,
+                }
+            }
+        }));
+        for key in ["b1", "b2", "b3"] {
+            queue.add(key, Trigger::Resync);
+        }
+        assert_eq!(started_rx.recv().await, Some(("b1", Lane::Bulk)));
+        assert_eq!(started_rx.recv().await, Some(("b2", Lane::Bulk)));
+        queue.add("wake", Trigger::Api);
+        assert_eq!(started_rx.recv().await, Some(("wake", Lane::Front)));
+        queue.add("again", Trigger::Api);
+        assert_eq!(started_rx.recv().await, Some(("again", Lane::Front)));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(
+            started_rx.try_recv().is_err(),
+            "b3 waits for a bulk slot: the wakes' slots are not for it"
+        );
+        assert_eq!(queue.stats().ready, 1);
+        pool.abort();
     }
 }

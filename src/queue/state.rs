@@ -35,7 +35,7 @@ use super::{QueueStats, Trigger};
 /// bulk work (resyncs, row changes, events, timers, retries), so a wake is
 /// never queued behind a resync of the whole fleet (README "How it works").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Lane {
+pub enum Lane {
     /// Handed out first.
     Front,
     /// Everything else, first in, first out.
@@ -83,9 +83,14 @@ impl<K> Lanes<K> {
         }
     }
 
-    /// The first key of the front lane, else of the bulk lane.
-    fn pop_front(&mut self) -> Option<K> {
-        self.front.pop_front().or_else(|| self.bulk.pop_front())
+    /// The first key of the front lane, else (unless `front_only`) of the
+    /// bulk lane.
+    fn pop_front(&mut self, front_only: bool) -> Option<K> {
+        match self.front.pop_front() {
+            Some(key) => Some(key),
+            None if front_only => None,
+            None => self.bulk.pop_front(),
+        }
     }
 
     fn len(&self) -> usize {
@@ -284,13 +289,14 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
         }
     }
 
-    /// Hands out the first ready key, marking it as being processed.
-    pub(super) fn take(&mut self, now: Instant, fx: &mut Effects) -> Take<K> {
+    /// Hands out the first ready key (with `front_only`, of the front lane),
+    /// marking it as being processed.
+    pub(super) fn take(&mut self, now: Instant, fx: &mut Effects, front_only: bool) -> Take<K> {
         if self.shut_down {
             return Take::ShutDown;
         }
         self.promote_due(now, fx);
-        while let Some(key) = self.ready.pop_front() {
+        while let Some(key) = self.ready.pop_front(front_only) {
             let Some(slot) = self.slots.get_mut(&key) else {
                 debug_assert!(false, "a ready key has no slot");
                 continue;
@@ -310,6 +316,11 @@ impl<K: Clone + Eq + Hash> QueueState<K> {
             return Take::Ready(key, trigger, lane);
         }
         Take::Wait(self.timers.keys().next().map(|&(deadline, _)| deadline))
+    }
+
+    /// True when a key waits in the front lane.
+    pub(super) fn front_waiting(&self) -> bool {
+        !self.ready.front.is_empty()
     }
 
     /// Ends the processing of `key`; a dirty key goes to the back of `ready`.
@@ -468,7 +479,7 @@ mod tests {
     }
 
     fn take(state: &mut QueueState<&'static str>, now: Instant) -> Option<&'static str> {
-        match state.take(now, &mut Effects::default()) {
+        match state.take(now, &mut Effects::default(), false) {
             Take::Ready(key, ..) => Some(key),
             Take::Wait(_) | Take::ShutDown => None,
         }
@@ -495,7 +506,7 @@ mod tests {
         state.add_at("a", at(t0, 10), TIMER, t0, &mut Effects::default());
         let mut fx = Effects::default();
         assert!(matches!(
-            state.take(at(t0, 25), &mut fx),
+            state.take(at(t0, 25), &mut fx, false),
             Take::Ready("a", TIMER, Lane::Bulk)
         ));
         assert_eq!(fx.handed_out, Some(Duration::from_millis(15)));
@@ -521,7 +532,7 @@ mod tests {
         state: &mut QueueState<&'static str>,
         now: Instant,
     ) -> Option<(&'static str, Trigger)> {
-        match state.take(now, &mut Effects::default()) {
+        match state.take(now, &mut Effects::default(), false) {
             Take::Ready(key, trigger, _) => Some((key, trigger)),
             Take::Wait(_) | Take::ShutDown => None,
         }

@@ -17,7 +17,7 @@ use crate::status::{ContainerStatus, Phase};
 
 use super::finish::set_phase;
 use super::observe::foreign_owner;
-use super::{Pass, ReconcileError, Reconciler};
+use super::{Pass, Priority, ReconcileError, Reconciler};
 
 impl<E: Engine> Reconciler<E> {
     /// Carries out `action` of `pass`, keeping `pass.current` and the status
@@ -51,11 +51,19 @@ impl<E: Engine> Reconciler<E> {
                 row.message = None;
                 self.write(row, previous, now).await?;
                 info!(container = %name, image = %spec.image, port = ?spec.host_port, "creating container");
-                let id = self.create(blueprint, row, name, now).await?;
+                let id = self
+                    .create(blueprint, row, name, now, pass.priority)
+                    .await?;
                 pass.current = self.engine.inspect_container(&id).await?;
                 if *start {
-                    self.start(&id, Some(blueprint.claim.host_port), row, now)
-                        .await?;
+                    self.start(
+                        &id,
+                        Some(blueprint.claim.host_port),
+                        row,
+                        now,
+                        pass.priority,
+                    )
+                    .await?;
                 }
             }
             Action::Recreate {
@@ -67,15 +75,23 @@ impl<E: Engine> Reconciler<E> {
                 set_phase(row, Phase::Creating, now);
                 self.write(row, previous, now).await?;
                 let next = blueprint.spec.replacement_name();
-                let new_id = self.create(blueprint, row, &next, now).await?;
+                let new_id = self
+                    .create(blueprint, row, &next, now, pass.priority)
+                    .await?;
                 // The new container exists: only now is the old one let go.
                 self.engine.stop_container(&current_id, timeout).await?;
                 self.engine.remove_container(&current_id).await?;
                 self.engine.rename_container(&new_id, name).await?;
                 pass.current = self.engine.inspect_container(&new_id).await?;
                 if *start {
-                    self.start(&new_id, Some(blueprint.claim.host_port), row, now)
-                        .await?;
+                    self.start(
+                        &new_id,
+                        Some(blueprint.claim.host_port),
+                        row,
+                        now,
+                        pass.priority,
+                    )
+                    .await?;
                 }
             }
             Action::Start { reason } => {
@@ -87,12 +103,14 @@ impl<E: Engine> Reconciler<E> {
                     info!(container = %name, "starting container");
                 }
                 // A container is only seen with a claimed port, so the row holds it.
-                self.start(&current_id, row.host_port, row, now).await?;
+                self.start(&current_id, row.host_port, row, now, pass.priority)
+                    .await?;
             }
             Action::Restart { reason } => {
                 info!(container = %name, reason = ?reason, restarts = row.restarts + 1, "restarting unhealthy container");
                 self.count_restart(user_id, row, now);
                 self.telemetry.restarted("unhealthy");
+                let _turn = self.turns.take(pass.priority).await;
                 self.engine.restart_container(&current_id, timeout).await?;
             }
             Action::Stop { reason } => {
@@ -133,6 +151,7 @@ impl<E: Engine> Reconciler<E> {
         row: &mut ContainerStatus,
         name: &str,
         now: chrono::DateTime<chrono::Utc>,
+        priority: Priority,
     ) -> Result<String, ReconcileError> {
         let spec = &blueprint.spec;
         let token = self
@@ -154,7 +173,10 @@ impl<E: Engine> Reconciler<E> {
             });
         }
         let container = spec.container_spec(&self.settings, &token, name, &network);
-        match self.engine.create_container(&container).await {
+        let turn = self.turns.take(priority).await;
+        let created = self.engine.create_container(&container).await;
+        drop(turn);
+        match created {
             Ok(id) => Ok(id),
             Err(EngineError::ImageNotFound { image, .. }) => {
                 info!(image = %image, "image not present; pulling");
@@ -162,6 +184,7 @@ impl<E: Engine> Reconciler<E> {
                 self.write(row, None, now).await?;
                 self.engine.pull_image(&image).await?;
                 row.message = None;
+                let _turn = self.turns.take(priority).await;
                 Ok(self.engine.create_container(&container).await?)
             }
             Err(e @ EngineError::Api { status: 404, .. }) => {
@@ -181,8 +204,12 @@ impl<E: Engine> Reconciler<E> {
         port: Option<u16>,
         row: &mut ContainerStatus,
         now: chrono::DateTime<chrono::Utc>,
+        priority: Priority,
     ) -> Result<(), ReconcileError> {
-        match self.engine.start_container(id).await {
+        let turn = self.turns.take(priority).await;
+        let started = self.engine.start_container(id).await;
+        drop(turn);
+        match started {
             Err(e @ EngineError::PortAllocated { .. }) => {
                 let busy = match &e {
                     EngineError::PortAllocated { port: Some(p), .. } => Some(*p),

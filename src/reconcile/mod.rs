@@ -28,6 +28,7 @@ mod observe;
 mod target;
 #[cfg(test)]
 mod testing;
+mod turns;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +47,7 @@ use crate::store::{DesiredRow, Store};
 
 pub use error::ReconcileError;
 use memory::{Blocked, Memories};
+pub use turns::{EngineTurns, Priority};
 
 /// `state` label values of `clawfleet_desired_containers`.
 pub const DESIRED_STATES: [&str; 4] = ["running", "stopped", "idle", "invalid"];
@@ -95,7 +97,16 @@ pub struct ReconcilerOptions {
     pub stable_after: Duration,
     /// Delay before re-looking at a user whose container needs a human.
     pub needs_human_retry: Duration,
+    /// Creates and starts of bulk work in flight at once within a minute of
+    /// a wake (wakes never wait for one; see [`EngineTurns`]).
+    pub engine_concurrency: usize,
+    /// Creates and starts of bulk work in flight at once otherwise (the
+    /// reconcile concurrency).
+    pub engine_burst: usize,
 }
+
+/// Default of [`ReconcilerOptions::engine_concurrency`] (`--engine-concurrency`).
+pub const DEFAULT_ENGINE_CONCURRENCY: usize = 4;
 
 impl Default for ReconcilerOptions {
     fn default() -> Self {
@@ -104,6 +115,8 @@ impl Default for ReconcilerOptions {
             orphan_grace: Duration::from_secs(300),
             stable_after: Duration::from_secs(600),
             needs_human_retry: Duration::from_secs(300),
+            engine_concurrency: DEFAULT_ENGINE_CONCURRENCY,
+            engine_burst: crate::controller::DEFAULT_CONCURRENCY,
         }
     }
 }
@@ -121,6 +134,7 @@ pub struct Reconciler<E: Engine> {
     memory: Memories,
     clock: Clock,
     telemetry: Arc<dyn Telemetry>,
+    turns: EngineTurns,
 }
 
 /// What one pass over one user reads once and carries from the target
@@ -139,6 +153,8 @@ struct Pass<'a> {
     current: Option<ObservedContainer>,
     /// The pass's one reading of the clock.
     now: DateTime<Utc>,
+    /// Whether an API caller waits for this pass.
+    priority: Priority,
 }
 
 impl<'a> Pass<'a> {
@@ -150,6 +166,7 @@ impl<'a> Pass<'a> {
         desired: Option<DesiredRow>,
         previous: Option<ContainerStatus>,
         now: DateTime<Utc>,
+        priority: Priority,
     ) -> Self {
         let mut row = previous
             .clone()
@@ -168,6 +185,7 @@ impl<'a> Pass<'a> {
             row,
             current: None,
             now,
+            priority,
         }
     }
 
@@ -205,12 +223,22 @@ impl<E: Engine> Reconciler<E> {
             memory: Memories::default(),
             clock: Clock::system(),
             telemetry: Arc::new(NoTelemetry),
+            turns: EngineTurns::new(
+                options.engine_concurrency,
+                options.engine_burst,
+                Clock::system(),
+            ),
         }
     }
 
     /// Reads the time from `clock` instead of the system clock (virtual
     /// time in tests; give the port allocator and the controller the same).
     pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.turns = EngineTurns::new(
+            self.options.engine_concurrency,
+            self.options.engine_burst,
+            clock,
+        );
         self.clock = clock;
         self
     }
@@ -236,14 +264,31 @@ impl<E: Engine> Reconciler<E> {
         &self.ports
     }
 
-    /// Reconciles `user_id` once.
+    /// Reconciles `user_id` once, as bulk work.
     pub async fn reconcile(&self, user_id: &str) -> Result<Outcome, ReconcileError> {
+        self.reconcile_as(user_id, Priority::Bulk).await
+    }
+
+    /// Reconciles `user_id` once; a [`Priority::Wake`] pass never waits for
+    /// a turn at the engine.
+    pub async fn reconcile_as(
+        &self,
+        user_id: &str,
+        priority: Priority,
+    ) -> Result<Outcome, ReconcileError> {
         let now = self.clock.wall();
         let desired = self.store.desired(user_id).await?;
         let previous = self.store.status(user_id).await?;
         let names = self.names(user_id, previous.as_ref()).await?;
         let found = self.observe(user_id, &names.container).await?;
-        let mut pass = Pass::begin(user_id, names.container.clone(), desired, previous, now);
+        let mut pass = Pass::begin(
+            user_id,
+            names.container.clone(),
+            desired,
+            previous,
+            now,
+            priority,
+        );
         // A restart counted in memory but never written is not lost.
         pass.row.restarts = self.memory.restarts_to_report(user_id, pass.row.restarts);
 

@@ -260,6 +260,7 @@ pub(super) fn pass(
         desired,
         previous,
         now(),
+        super::Priority::Bulk,
     )
 }
 
