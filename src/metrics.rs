@@ -19,7 +19,7 @@ use crate::controller::{Handle, ReconcileObserver};
 use crate::docker::{EngineEvent, EngineObserver, Op};
 use crate::events::EventObserver;
 use crate::queue::{QueueObserver, Trigger};
-use crate::reconcile::{Telemetry, DESIRED_STATES, RESTART_REASONS};
+use crate::reconcile::{Priority, Telemetry, DESIRED_STATES, RESTART_REASONS};
 use crate::status::Phase;
 
 /// `result` label values of `clawfleet_reconcile_total`.
@@ -94,6 +94,7 @@ pub struct Metrics {
     docker_requests_total: IntCounterVec,
     docker_request_duration: HistogramVec,
     container_start_duration: Histogram,
+    engine_turn_wait: HistogramVec,
     idle_stops_total: IntCounter,
     container_restarts_total: IntCounterVec,
     last_full_resync: Gauge,
@@ -212,6 +213,14 @@ impl Metrics {
                 "Time from a user first seen desired running and not running to its container seen running.",
                 WAIT,
             ))?,
+            engine_turn_wait: HistogramVec::new(
+                histogram(
+                    "clawfleet_engine_turn_wait_seconds",
+                    "Time a create or start waited for its turn at the engine, by priority (wake, bulk).",
+                    WAIT,
+                ),
+                &["priority"],
+            )?,
             idle_stops_total: IntCounter::with_opts(opts(
                 "clawfleet_idle_stops_total",
                 "Containers stopped at their idle deadline.",
@@ -271,6 +280,7 @@ impl Metrics {
         }
         m.registry
             .register(Box::new(m.docker_request_duration.clone()))?;
+        m.registry.register(Box::new(m.engine_turn_wait.clone()))?;
         for g in [
             &m.workqueue_depth,
             &m.workqueue_delayed,
@@ -295,6 +305,9 @@ impl Metrics {
         }
         for k in ERROR_KINDS {
             m.reconcile_errors_total.with_label_values(&[k]);
+        }
+        for p in Priority::ALL {
+            m.engine_turn_wait.with_label_values(&[p.as_str()]);
         }
         for t in Trigger::ALL {
             m.reconcile_triggers_total.with_label_values(&[t.as_str()]);
@@ -450,6 +463,11 @@ impl Telemetry for Metrics {
         self.container_restarts_total
             .with_label_values(&[reason])
             .inc();
+    }
+    fn engine_turn(&self, priority: Priority, waited: Duration) {
+        self.engine_turn_wait
+            .with_label_values(&[priority.as_str()])
+            .observe(waited.as_secs_f64());
     }
 }
 

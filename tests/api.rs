@@ -632,6 +632,12 @@ async fn ensure_running_answers_within_a_second_of_the_gateway_not_at_the_first_
         "ensure-running answered {:?} after the gateway did",
         answered - gateway_up
     );
+    // The ensure-running calls were wakes: their creates and starts took
+    // wake turns at the engine (README "Wakes are not slowed by bulk work").
+    // At least one: the feed may see a row before the API queues its user.
+    let metrics = support::fleet::scrape(api.controller.http_addr().await);
+    let wake_turns = metrics.get("clawfleet_engine_turn_wait_seconds_count{priority=\"wake\"}");
+    assert!(wake_turns >= Some(&1.0), "wake turns: {wake_turns:?}");
 }
 
 #[tokio::test]

@@ -136,7 +136,7 @@ fn cases() -> BTreeMap<&'static str, Case> {
         ("CLAWFLEET_CONCURRENCY", list("4", &["0", "1025", "x"])),
         (
             "CLAWFLEET_ENGINE_CONCURRENCY",
-            run("2", &["0", "1025", "x"]),
+            run("3", &["0", "1025", "x"]),
         ),
         ("CLAWFLEET_LOG_FORMAT", list("json", &["xml"])),
         // Only the key file lives there when the database is named.

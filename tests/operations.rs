@@ -110,6 +110,15 @@ async fn metrics_move_with_a_real_scenario_and_pass_promtool() {
     );
     assert_eq!(running["clawfleet_docker_event_stream_connected"], 1.0);
     assert!(running["clawfleet_container_start_duration_seconds_count"] >= 3.0);
+    // Rows, not API wakes: each create and start took a bulk turn.
+    assert!(
+        running["clawfleet_engine_turn_wait_seconds_count{priority=\"bulk\"}"] >= 6.0,
+        "a bulk turn per create and start"
+    );
+    assert_eq!(
+        running["clawfleet_engine_turn_wait_seconds_count{priority=\"wake\"}"],
+        0.0
+    );
     assert!(running["clawfleet_last_full_resync_timestamp_seconds"] > 1.7e9);
 
     docker(&["kill", &fx.name("m1")]).unwrap();

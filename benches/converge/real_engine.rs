@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clawfleet::config::PortRange;
-use clawfleet::docker::{shared_labels, ContainerFilter, DockerEngine, Engine};
+use clawfleet::docker::{ContainerFilter, DockerEngine, Engine};
 use clawfleet::ports::PortAllocator;
 use clawfleet::reconcile::Reconciler;
 use clawfleet::secrets::GatewayToken;
@@ -19,7 +19,7 @@ use clawfleet::status::Phase;
 use futures::StreamExt;
 
 use crate::support::{
-    insert_users, ring, settings, sqlite_store, until, Running, Wants, CONCURRENCY,
+    agents_network, insert_users, ring, settings, sqlite_store, until, Running, Wants, CONCURRENCY,
 };
 
 /// What the measure found.
@@ -106,15 +106,9 @@ pub async fn measure(users: usize) -> RealEngine {
     let network = format!("bench{pid}-net");
     let ports = PortRange::new(47000, 47000 + 2 * users as u16).expect("range");
     let settings = Arc::new(settings(&instance, &prefix, &network, ports));
-    let network_id = engine
-        .ensure_network(
-            &network,
-            &shared_labels(&instance),
-            &settings.network_isolation.network_options(),
-        )
+    let network_id = agents_network(engine.as_ref(), &settings)
         .await
-        .expect("network")
-        .id;
+        .expect("network");
 
     // Baseline: the same create+start calls, directly, at the same concurrency.
     let token = GatewayToken::generate().expect("token");

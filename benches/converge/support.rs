@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clawfleet::config::{ContainerSettings, PortRange};
 use clawfleet::controller::{Controller, ControllerOptions, Handle, Observers};
-use clawfleet::docker::{Confinement, Engine, ResourceLimits};
+use clawfleet::docker::{shared_labels, Confinement, Engine, EngineError, ResourceLimits};
 use clawfleet::image_ref::ImageRef;
 use clawfleet::isolation::NetworkIsolation;
 use clawfleet::ports::PortAllocator;
@@ -66,6 +66,22 @@ pub fn settings(
         confinement: Confinement::strict(),
         network_isolation: NetworkIsolation::Shared,
     }
+}
+
+/// Creates the agents' network of `settings` on `engine` (as the controller
+/// would) and returns its id.
+pub async fn agents_network(
+    engine: &impl Engine,
+    settings: &ContainerSettings,
+) -> Result<String, EngineError> {
+    Ok(engine
+        .ensure_network(
+            &settings.network,
+            &shared_labels(&settings.instance),
+            &settings.network_isolation.network_options(),
+        )
+        .await?
+        .id)
 }
 
 /// A migrated SQLite store in `dir`, as `clawfleet run` opens it.

@@ -23,7 +23,7 @@ use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use clawfleet::config::PortRange;
 use clawfleet::desired::DesiredState;
-use clawfleet::docker::{shared_labels, DockerEngine, Engine};
+use clawfleet::docker::{DockerEngine, Engine};
 use clawfleet::http::{router, ApiToken, AppState, Readiness, ReadinessReport};
 use clawfleet::image_ref::ImageRef;
 use clawfleet::metrics::Metrics;
@@ -39,7 +39,9 @@ use futures::future::BoxFuture;
 use tower::ServiceExt;
 
 use crate::real_engine::clean;
-use crate::support::{insert_users, ring, settings, sqlite_store, until, Running, Wants};
+use crate::support::{
+    agents_network, insert_users, ring, settings, sqlite_store, until, Running, Wants,
+};
 
 /// The agent image with a 30 s `HEALTHCHECK` interval.
 pub const SLOW_HEALTH_IMAGE: &str = "clawfleet-agent-stub:slow-health";
@@ -242,15 +244,9 @@ pub async fn measure(samples: usize, busy_users: usize) -> Result<Wake, String> 
     let mut settings = settings(&instance, &prefix, &network, ports);
     settings.image = ImageRef::parse(SLOW_HEALTH_IMAGE).expect("image");
     let settings = Arc::new(settings);
-    let network_id = engine
-        .ensure_network(
-            &network,
-            &shared_labels(&instance),
-            &settings.network_isolation.network_options(),
-        )
+    let network_id = agents_network(engine.as_ref(), &settings)
         .await
-        .map_err(|e| e.to_string())?
-        .id;
+        .map_err(|e| e.to_string())?;
     let probe = GatewayProbe::new(
         ProbeKind::Http {
             path: "/healthz".into(),

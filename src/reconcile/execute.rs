@@ -110,7 +110,7 @@ impl<E: Engine> Reconciler<E> {
                 info!(container = %name, reason = ?reason, restarts = row.restarts + 1, "restarting unhealthy container");
                 self.count_restart(user_id, row, now);
                 self.telemetry.restarted("unhealthy");
-                let _turn = self.turns.take(pass.priority).await;
+                let _turn = self.turn(pass.priority).await;
                 self.engine.restart_container(&current_id, timeout).await?;
             }
             Action::Stop { reason } => {
@@ -173,7 +173,7 @@ impl<E: Engine> Reconciler<E> {
             });
         }
         let container = spec.container_spec(&self.settings, &token, name, &network);
-        let turn = self.turns.take(priority).await;
+        let turn = self.turn(priority).await;
         let created = self.engine.create_container(&container).await;
         drop(turn);
         match created {
@@ -184,7 +184,7 @@ impl<E: Engine> Reconciler<E> {
                 self.write(row, None, now).await?;
                 self.engine.pull_image(&image).await?;
                 row.message = None;
-                let _turn = self.turns.take(priority).await;
+                let _turn = self.turn(priority).await;
                 Ok(self.engine.create_container(&container).await?)
             }
             Err(e @ EngineError::Api { status: 404, .. }) => {
@@ -206,7 +206,7 @@ impl<E: Engine> Reconciler<E> {
         now: chrono::DateTime<chrono::Utc>,
         priority: Priority,
     ) -> Result<(), ReconcileError> {
-        let turn = self.turns.take(priority).await;
+        let turn = self.turn(priority).await;
         let started = self.engine.start_container(id).await;
         drop(turn);
         match started {

@@ -64,6 +64,8 @@ pub trait Telemetry: Send + Sync {
     fn idle_stop(&self) {}
     /// A crashed (`crash`) or unhealthy (`unhealthy`) container was restarted.
     fn restarted(&self, _reason: &'static str) {}
+    /// A create or start of `priority` waited `waited` for its turn at the engine.
+    fn engine_turn(&self, _priority: Priority, _waited: Duration) {}
 }
 
 struct NoTelemetry;
@@ -106,7 +108,7 @@ pub struct ReconcilerOptions {
 }
 
 /// Default of [`ReconcilerOptions::engine_concurrency`] (`--engine-concurrency`).
-pub const DEFAULT_ENGINE_CONCURRENCY: usize = 4;
+pub const DEFAULT_ENGINE_CONCURRENCY: usize = 2;
 
 impl Default for ReconcilerOptions {
     fn default() -> Self {
@@ -262,6 +264,15 @@ impl<E: Engine> Reconciler<E> {
     /// The port allocator (users waiting for a port are woken through it).
     pub fn ports(&self) -> &PortAllocator {
         &self.ports
+    }
+
+    /// Waits for a turn at the engine for a create or start, and reports the wait.
+    async fn turn(&self, priority: Priority) -> turns::Turn<'_> {
+        let asked = self.clock.now();
+        let turn = self.turns.take(priority).await;
+        self.telemetry
+            .engine_turn(priority, self.clock.now().duration_since(asked));
+        turn
     }
 
     /// Reconciles `user_id` once, as bulk work.

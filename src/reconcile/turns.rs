@@ -41,6 +41,19 @@ pub enum Priority {
     Bulk,
 }
 
+impl Priority {
+    /// Every priority, for metric labels.
+    pub const ALL: [Self; 2] = [Self::Wake, Self::Bulk];
+
+    /// The `priority` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Wake => "wake",
+            Self::Bulk => "bulk",
+        }
+    }
+}
+
 /// The turns of one engine.
 #[derive(Debug)]
 pub struct EngineTurns {
