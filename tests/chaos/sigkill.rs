@@ -132,7 +132,10 @@ async fn sigkills_at_random_moments_while_fifty_users_converge_lose_nothing() {
             had_container.insert(c.user.clone());
         }
         for (user, status) in &rows {
-            if status.gateway_token.is_none() {
+            // A deleted user's status row stays until the controller gets to
+            // the deletion; its token is not the user's any more: re-inserted,
+            // the user is new, with a new token (README "container_status").
+            if status.gateway_token.is_none() || want.get(user) == Some(&Want::Deleted) {
                 continue;
             }
             let token = token_of(status);
@@ -204,6 +207,8 @@ async fn sigkills_at_random_moments_while_fifty_users_converge_lose_nothing() {
             if let Some(user) = deleted.choose(&mut rng) {
                 insert_users(&db, std::slice::from_ref(user)).await;
                 want.insert(user.clone(), Want::Running);
+                // New or kept, whichever the controller saw first.
+                tokens.remove(user);
                 changes.push(format!("re-insert {user:?}"));
             }
         }
