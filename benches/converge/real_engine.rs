@@ -159,13 +159,7 @@ pub async fn measure(users: usize) -> RealEngine {
         crate::support::reconciler_options(),
     );
     let controller = Running::start(&store, reconciler);
-    until(
-        "the controller's first (empty) sync",
-        Duration::from_secs(30),
-        Duration::from_millis(5),
-        || controller.handle.progress.synced(),
-    )
-    .await;
+    controller.first_sync().await;
     let started = Instant::now();
     insert_users(&store, 0, users, Wants::Running).await;
     until(

@@ -183,6 +183,17 @@ impl Running {
         Self { handle, stop, task }
     }
 
+    /// Waits for the controller's first sync (of an empty fleet: 30 s at most).
+    pub async fn first_sync(&self) {
+        until(
+            "the controller's first (empty) sync",
+            Duration::from_secs(30),
+            Duration::from_millis(5),
+            || self.handle.progress.synced(),
+        )
+        .await;
+    }
+
     /// Stops the controller and waits for it to finish.
     pub async fn stop(self) {
         let _ = self.stop.send(());

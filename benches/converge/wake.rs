@@ -39,9 +39,7 @@ use futures::future::BoxFuture;
 use tower::ServiceExt;
 
 use crate::real_engine::clean;
-use crate::support::{
-    agents_network, insert_users, ring, settings, sqlite_store, until, Running, Wants,
-};
+use crate::support::{agents_network, insert_users, ring, settings, sqlite_store, Running, Wants};
 
 /// The agent image with a 30 s `HEALTHCHECK` interval.
 pub const SLOW_HEALTH_IMAGE: &str = "clawfleet-agent-stub:slow-health";
@@ -290,13 +288,7 @@ pub async fn measure(samples: usize, busy_users: usize) -> Result<Wake, String> 
         store: api_store,
         nudge,
     };
-    until(
-        "the controller's first (empty) sync",
-        Duration::from_secs(30),
-        Duration::from_millis(5),
-        || controller.handle.progress.synced(),
-    )
-    .await;
+    controller.first_sync().await;
 
     let token = GatewayToken::generate().expect("token");
     let (mut start_baseline, mut quiet, mut create_baseline, mut new_user) =
