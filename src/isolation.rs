@@ -196,6 +196,8 @@ mod tests {
     fn network(options: &[(&str, &str)]) -> ObservedNetwork {
         ObservedNetwork {
             id: "n".to_owned(),
+            driver: "bridge".to_owned(),
+            attachable: true,
             options: options
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

@@ -99,8 +99,27 @@ pub struct Metrics {
     container_restarts_total: IntCounterVec,
     last_full_resync: Gauge,
     leader: IntGauge,
+    build_info: IntGaugeVec,
+    swarm_tasks: IntGaugeVec,
+    task_states: Mutex<Option<TaskStates>>,
     handle: Mutex<Option<Handle>>,
 }
+
+/// The task states `clawfleet_swarm_tasks` always reports (0 on the Docker backend).
+const SWARM_TASK_STATES: [&str; 9] = [
+    "pending",
+    "assigned",
+    "preparing",
+    "starting",
+    "running",
+    "complete",
+    "shutdown",
+    "failed",
+    "rejected",
+];
+
+/// Reads the Swarm backend's tasks by state at scrape time.
+type TaskStates = Box<dyn Fn() -> std::collections::BTreeMap<String, u64> + Send + Sync>;
 
 fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help)
@@ -237,17 +256,27 @@ impl Metrics {
                 "clawfleet_leader",
                 "1 when this process is the one reconciling.",
             ))?,
+            build_info: IntGaugeVec::new(
+                opts("clawfleet_build_info", "Build information; always 1."),
+                &["version", "backend"],
+            )?,
+            swarm_tasks: IntGaugeVec::new(
+                opts(
+                    "clawfleet_swarm_tasks",
+                    "Swarm backend: users' current tasks by Swarm task state, as last listed.",
+                ),
+                &["state"],
+            )?,
+            task_states: Mutex::new(None),
             handle: Mutex::new(None),
             registry,
         };
-        let build_info = IntGaugeVec::new(
-            opts("clawfleet_build_info", "Build information; always 1."),
-            &["version"],
-        )?;
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-        m.registry.register(Box::new(build_info))?;
+        m.set_backend("docker");
+        for state in SWARM_TASK_STATES {
+            m.swarm_tasks.with_label_values(&[state]).set(0);
+        }
+        m.registry.register(Box::new(m.build_info.clone()))?;
+        m.registry.register(Box::new(m.swarm_tasks.clone()))?;
         #[cfg(target_os = "linux")]
         m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -360,6 +389,22 @@ impl Metrics {
         }
     }
 
+    /// Sets the `backend` label of `clawfleet_build_info` (`docker` until told).
+    pub fn set_backend(&self, backend: &str) {
+        self.build_info.reset();
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), backend])
+            .set(1);
+    }
+
+    /// Reports `clawfleet_swarm_tasks` from `swarm`'s task watcher at each
+    /// scrape, and `backend="swarm"` in `clawfleet_build_info`.
+    pub fn watch_swarm_tasks(&self, swarm: crate::docker::SwarmEngine) {
+        self.set_backend("swarm");
+        *self.task_states.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Box::new(move || swarm.task_states()));
+    }
+
     /// Sets `clawfleet_leader`.
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
@@ -392,6 +437,22 @@ impl Metrics {
                 self.desired_containers
                     .with_label_values(&[state])
                     .set(n as i64);
+            }
+        }
+        if let Some(states) = self
+            .task_states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            self.swarm_tasks.reset();
+            for state in SWARM_TASK_STATES {
+                self.swarm_tasks.with_label_values(&[state]).set(0);
+            }
+            for (state, n) in states() {
+                self.swarm_tasks
+                    .with_label_values(&[state.as_str()])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
             }
         }
         let mut out = Vec::new();
@@ -507,7 +568,7 @@ mod tests {
             assert!(text.contains(line), "missing {line}\n{text}");
         }
         assert!(text.contains(&format!(
-            "clawfleet_build_info{{version=\"{}\"}} 1",
+            "clawfleet_build_info{{backend=\"docker\",version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
         )));
         assert!(text.contains("process_resident_memory_bytes"));

@@ -290,6 +290,12 @@ pub enum Action {
         /// Its id.
         id: String,
     },
+    /// Keep the canonical container on the cluster node holding its volume,
+    /// without restarting it (the Swarm backend; README "Running on Docker Swarm").
+    Pin {
+        /// The node's id.
+        node: String,
+    },
 }
 
 impl Action {
@@ -304,6 +310,7 @@ impl Action {
             Self::Restart { .. } => "restart",
             Self::Stop { .. } => "stop",
             Self::Remove { .. } => "remove",
+            Self::Pin { .. } => "pin",
         }
     }
 }
@@ -383,14 +390,35 @@ pub fn plan(target: &Target, observed: &Observed, now: DateTime<Utc>, policy: &P
         }
         Target::Absent { remove_after } => plan_absent(*remove_after, observed, now),
         Target::Present { intent, blueprint } => {
-            plan_present(&blueprint.spec.name, observed, || {
+            let plan = plan_present(&blueprint.spec.name, observed, || {
                 plan_canonical(*intent, blueprint, observed, now, policy)
-            })
+            });
+            pin_first(plan, blueprint, observed)
         }
         Target::Resting { intent, spec } => plan_present(&spec.name, observed, || {
             Plan::write(resting_phase(*intent), None)
         }),
     }
+}
+
+/// `plan` with a pin of the user's container to the node holding their
+/// volume first, when the target names that node and the container is not
+/// pinned there yet (a create or recreate carries the pin in its spec).
+fn pin_first(mut plan: Plan, blueprint: &Blueprint, observed: &Observed) -> Plan {
+    let Some(node) = &blueprint.spec.node else {
+        return plan;
+    };
+    let Some(c) = observed.canonical.as_ref().filter(|c| c.is_managed()) else {
+        return plan;
+    };
+    let carries_spec = plan
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::Create { .. } | Action::Recreate { .. }));
+    if c.placement.pinned.as_ref() != Some(node) && !carries_spec {
+        plan.actions.insert(0, Action::Pin { node: node.clone() });
+    }
+    plan
 }
 
 fn plan_absent(
@@ -476,6 +504,23 @@ fn plan_canonical(
             _ => Plan::write(resting, None),
         };
     };
+    if c.state == RunState::Pending {
+        // A Swarm task on its way (README "Running on Docker Swarm"): wait
+        // for it, saying why it does not run yet; the task watcher looks
+        // again when its state changes. A user no longer wanted running is
+        // stopped at once.
+        return match intent {
+            Intent::Running => Plan::write(Phase::Pending, c.placement.waiting.clone()),
+            Intent::Stopped | Intent::Idle => {
+                let reason = if intent == Intent::Idle {
+                    StopReason::Idle
+                } else {
+                    StopReason::Desired
+                };
+                Plan::write(resting, None).with(Action::Stop { reason })
+            }
+        };
+    }
     if matches!(c.state, RunState::Removing | RunState::Restarting) {
         let phase = observed.previous_phase.unwrap_or(Phase::Pending);
         return Plan::write(phase, None).requeue(policy.transient_poll);
@@ -568,10 +613,15 @@ fn plan_start(
     }
     let wait = backoff_left(observed, now, policy);
     if wait > Duration::ZERO {
+        let why = c
+            .placement
+            .waiting
+            .as_ref()
+            .map_or_else(String::new, |w| format!(" ({w})"));
         return Plan::write(
             Phase::Starting,
             Some(format!(
-                "container exited (code {}); restarting in {}s (back-off)",
+                "container exited (code {}){why}; restarting in {}s (back-off)",
                 exit_code.map_or("?".into(), |c| c.to_string()),
                 wait.as_secs().max(1)
             )),
@@ -635,6 +685,7 @@ mod tests {
             finished_at: (state == RunState::Exited).then(|| now() - secs(5)),
             host_port: Some(19000),
             env: BTreeMap::new(),
+            placement: Default::default(),
         }
     }
 

@@ -167,6 +167,9 @@ pub struct ContainerStatus {
     pub last_transition_at: DateTime<Utc>,
     /// When the row was last written.
     pub updated_at: DateTime<Utc>,
+    /// The cluster node holding the user's state volume, where the Swarm
+    /// backend pins them; `None` on the Docker backend and before a first run.
+    pub node: Option<String>,
 }
 
 impl ContainerStatus {
@@ -188,6 +191,7 @@ impl ContainerStatus {
             restarts: 0,
             last_transition_at: now,
             updated_at: now,
+            node: None,
         }
     }
 }

@@ -147,6 +147,10 @@ pub struct StatusView {
     /// When the phase last changed.
     #[serde(with = "rfc3339")]
     pub last_transition_at: DateTime<Utc>,
+    /// The Swarm node holding the user's state volume, where they are
+    /// pinned; `null` on the Docker backend and before a first run.
+    #[schema(required = true)]
+    pub node: Option<String>,
 }
 
 /// Where a user's gateway answers; each part `null` until known.
@@ -251,6 +255,7 @@ impl StatusView {
             observed_revision: s.observed_revision,
             message: s.message.clone(),
             last_transition_at: s.last_transition_at,
+            node: s.node.clone(),
         }
     }
 }
@@ -328,6 +333,7 @@ mod tests {
             restarts: 0,
             last_transition_at: now,
             updated_at: now,
+            node: None,
         }
     }
 

@@ -157,6 +157,21 @@ fn cases() -> BTreeMap<&'static str, Case> {
             "CLAWFLEET_NETWORK_ISOLATION",
             list("isolated", &["banana", "Isolated"]),
         ),
+        // The engine is a Swarm manager in CI (.ci/run).
+        ("CLAWFLEET_BACKEND", run("swarm", &["kubernetes", "Swarm"])),
+        ("CLAWFLEET_VOLUME_DRIVER", list("local", &["a b", ""])),
+        (
+            "CLAWFLEET_PLACEMENT",
+            list(
+                "node.labels.agents==true,node.role!=manager",
+                &["node.role", "==x"],
+            ),
+        ),
+        ("CLAWFLEET_SWARM_PUBLISH_MODE", list("host", &["mesh"])),
+        (
+            "CLAWFLEET_SWARM_TASK_POLL",
+            list("500ms", &["soon", "10ms", HUGE]),
+        ),
         ("CLAWFLEET_POLL_INTERVAL", run("100ms", &["soon", HUGE])),
         ("CLAWFLEET_ORPHAN_GRACE", run("1h", &["soon", HUGE])),
         ("CLAWFLEET_FAILED_RETRY", run("1m", &["soon", HUGE])),

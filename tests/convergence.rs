@@ -167,6 +167,7 @@ fn container(name: &str, labels: BTreeMap<String, String>) -> ContainerSpec {
         stop_timeout: std::time::Duration::from_secs(1),
         limits: ResourceLimits::default(),
         confinement: Confinement::strict(),
+        node: None,
     }
 }
 

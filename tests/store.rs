@@ -474,6 +474,7 @@ fn status(user: &str, port: Option<u16>) -> ContainerStatus {
         restarts: 2,
         last_transition_at: at,
         updated_at: at,
+        node: Some("node-1".into()),
     }
 }
 

@@ -45,6 +45,7 @@ pub(super) fn spec_in(instance: &str, user: &str) -> ContainerSpec {
         stop_timeout: STOP,
         limits: ResourceLimits::default(),
         confinement: Confinement::strict(),
+        node: None,
     }
 }
 

@@ -297,6 +297,8 @@ impl Engine for MemoryEngine {
                     let index = state.add_network(name, labels, options);
                     ObservedNetwork {
                         id: render_id(state.networks[index].key),
+                        driver: "bridge".to_owned(),
+                        attachable: true,
                         options: options.clone(),
                     }
                 }

@@ -39,6 +39,8 @@ impl State {
         let network = self.networks.iter().find(|n| n.record.name() == name)?;
         Some(ObservedNetwork {
             id: render_id(network.key),
+            driver: "bridge".to_owned(),
+            attachable: true,
             options: network.options.clone(),
         })
     }

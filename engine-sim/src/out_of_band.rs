@@ -68,6 +68,7 @@ impl MemoryEngine {
             stop_timeout: Duration::from_secs(10),
             limits: ResourceLimits::default(),
             confinement: Confinement::unconfined(),
+            node: None,
         };
         self.insert_container(&spec, running)
     }

@@ -177,6 +177,7 @@ impl State {
             finished_at: container.finished_at,
             host_port: container.publish.map(|(_, port)| port),
             env: container.env.clone(),
+            placement: Default::default(),
         }
     }
 

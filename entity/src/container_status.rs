@@ -35,6 +35,8 @@ pub struct Model {
     pub last_transition_at: DateTimeUtc,
     /// When the row was last written.
     pub updated_at: DateTimeUtc,
+    /// The cluster node holding the user's state volume (Swarm backend); null otherwise.
+    pub node: Option<String>,
 }
 
 /// No relations.

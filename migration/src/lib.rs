@@ -13,6 +13,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261129_000001_create_tables;
 mod m20261129_000002_leases_and_status_notify;
 mod m20261130_000003_revision_guard;
+mod m20261130_000004_status_node;
 
 /// The NOTIFY channel the PostgreSQL triggers signal on; the payload is the user id
 /// (empty when the id is too long for a notification payload).
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000001_create_tables::Migration),
             Box::new(m20261129_000002_leases_and_status_notify::Migration),
             Box::new(m20261130_000003_revision_guard::Migration),
+            Box::new(m20261130_000004_status_node::Migration),
         ]
     }
 }

@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use super::{CliError, GlobalArgs};
-use crate::config::{API_TOKEN_ENV, ENCRYPTION_KEYS_ENV};
-use crate::docker::{DockerEngine, Engine};
+use super::{Backend, CliError, GlobalArgs};
+use crate::config::{ContainerSettings, API_TOKEN_ENV, ENCRYPTION_KEYS_ENV};
+use crate::docker::{DockerEngine, Engine, SwarmEngine};
 use crate::image_ref::ImageRef;
+use crate::isolation::NetworkIsolation;
 use crate::secrets::{KeyRing, KeySource, SealedHeader, KEY_FILE_NAME};
 use crate::store::{is_postgres_url, redact_url, sqlite_file, Store};
 
@@ -330,6 +331,9 @@ pub async fn doctor(
                 "check the engine",
             )),
         }
+        if global.backend == Backend::Swarm {
+            swarm_checks(&mut checks, engine, global, &settings).await;
+        }
         if let Some(check) = takeover_check(engine, &global.name_prefix, store.as_ref()).await {
             checks.push(check);
         }
@@ -411,6 +415,65 @@ pub async fn doctor(
 }
 
 /// Connects to the database and checks its migrations.
+/// The Swarm backend's checks (README "Running on Docker Swarm"): the
+/// engine is a manager, some node can take a task, and the agents' network
+/// is (or will be) an attachable overlay.
+async fn swarm_checks(
+    checks: &mut Vec<Check>,
+    engine: &DockerEngine,
+    global: &GlobalArgs,
+    settings: &ContainerSettings,
+) {
+    let swarm = SwarmEngine::new(engine.clone(), global.swarm_options());
+    match within(swarm.nodes()).await {
+        Some(Ok(nodes)) => {
+            let usable = nodes.iter().filter(|n| n.unusable().is_none()).count();
+            let line = format!(
+                "Swarm manager at {}: {} node(s), {usable} ready and active",
+                global.docker_host,
+                nodes.len()
+            );
+            if usable == 0 {
+                checks.push(Check::fail(line, "no node can take a task: bring a node back or `docker node update --availability active`"));
+            } else {
+                checks.push(Check::pass(line));
+            }
+        }
+        Some(Err(e)) => checks.push(Check::fail(
+            format!("--backend swarm: {e}"),
+            "point DOCKER_HOST at a Swarm manager, or make this engine one with `docker swarm init --advertise-addr <address>`",
+        )),
+        None => checks.push(Check::fail(
+            "--backend swarm: the engine did not list nodes within 10s",
+            "check the manager",
+        )),
+    }
+    if settings.network_isolation == NetworkIsolation::Isolated {
+        checks.push(Check::fail(
+            "--network-isolation isolated is not possible on Swarm",
+            "overlay networks cannot disable traffic between agents; use shared, and reach agents through host_url",
+        ));
+    }
+    if let Some(Ok(Some(network))) = within(engine.inspect_network(&settings.network)).await {
+        if network.driver != "overlay" || !network.attachable {
+            checks.push(Check::fail(
+                format!(
+                    "network {} is a{} {} network; the Swarm backend needs an attachable overlay",
+                    settings.network,
+                    if network.attachable { "n attachable" } else { " non-attachable" },
+                    network.driver
+                ),
+                "remove it (after its containers) so clawfleet creates it, or pick another --network",
+            ));
+        } else {
+            checks.push(Check::pass(format!(
+                "network {} is an attachable overlay",
+                settings.network
+            )));
+        }
+    }
+}
+
 async fn store_check(
     checks: &mut Vec<Check>,
     global: &GlobalArgs,

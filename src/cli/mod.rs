@@ -23,7 +23,9 @@ use crate::config::{
     parse_name_prefix, parse_network, resolve_port_range, ContainerSettings, LogFormat, PortRange,
     RuntimeSettings, ENCRYPTION_KEYS_ENV, PORT_RANGE_START_ENV,
 };
-use crate::docker::{Confinement, LogLimits, ResourceLimits};
+use crate::docker::{
+    parse_constraint, Confinement, LogLimits, PublishMode, ResourceLimits, SwarmOptions,
+};
 use crate::image_ref::{ImageAllowList, ImageRef};
 use crate::isolation::{parse_cap_add, parse_log_size, CapAdd, NetworkIsolation};
 use crate::secrets::{self, SecretsError};
@@ -195,6 +197,40 @@ pub struct GlobalArgs {
     )]
     pub network_isolation: NetworkIsolation,
 
+    /// What runs the agents: docker (one engine, one container per user) or swarm (DOCKER_HOST is a Swarm manager; one service per user)
+    #[arg(
+        long,
+        env = "CLAWFLEET_BACKEND",
+        value_enum,
+        default_value = "docker",
+        global = true,
+        hide_env_values = true
+    )]
+    pub backend: Backend,
+
+    /// Swarm: a multi-host volume driver for the state volumes; unset, volumes are node-local and each user is pinned to the node of their first run
+    #[arg(long, env = "CLAWFLEET_VOLUME_DRIVER", value_parser = parse_volume_driver, global = true, hide_env_values = true)]
+    pub volume_driver: Option<String>,
+
+    /// Swarm: placement constraints every user's service gets, comma-separated (node.labels.agents==true,node.role==worker) [default: none]
+    #[arg(long, env = "CLAWFLEET_PLACEMENT", value_parser = parse_placement, global = true, hide_env_values = true)]
+    pub placement: Option<Placement>,
+
+    /// Swarm: how gateway ports are published: ingress (routing mesh, every node) or host (only the user's node; host_url names it)
+    #[arg(
+        long,
+        env = "CLAWFLEET_SWARM_PUBLISH_MODE",
+        value_enum,
+        default_value = "ingress",
+        global = true,
+        hide_env_values = true
+    )]
+    pub swarm_publish_mode: PublishMode,
+
+    /// Swarm: how often this instance's tasks are listed to see state changes (one list call each time)
+    #[arg(long, env = "CLAWFLEET_SWARM_TASK_POLL", default_value = "1s", value_parser = parse_task_poll, global = true, hide_env_values = true)]
+    pub swarm_task_poll: Duration,
+
     /// Log format
     #[arg(
         long,
@@ -320,6 +356,16 @@ impl GlobalArgs {
         })
     }
 
+    /// The Swarm backend's settings these flags describe.
+    pub fn swarm_options(&self) -> SwarmOptions {
+        SwarmOptions {
+            placement: self.placement.clone().unwrap_or_default().0,
+            volume_driver: self.volume_driver.clone(),
+            publish_mode: self.swarm_publish_mode,
+            task_poll: self.swarm_task_poll,
+        }
+    }
+
     /// The process settings these flags describe.
     pub fn runtime_settings(&self) -> RuntimeSettings {
         RuntimeSettings {
@@ -363,6 +409,59 @@ impl GlobalArgs {
             None => e.into(),
         })
     }
+}
+
+/// What runs the agents (README "Running on Docker Swarm").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// One Docker engine; a container per user.
+    #[default]
+    Docker,
+    /// A Docker Swarm (DOCKER_HOST is a manager); a service per user.
+    Swarm,
+}
+
+impl Backend {
+    /// The backend as written on the command line (and in `clawfleet_build_info`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Docker => "docker",
+            Self::Swarm => "swarm",
+        }
+    }
+}
+
+/// `--placement`: Swarm placement constraints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement(pub Vec<String>);
+
+fn parse_placement(text: &str) -> Result<Placement, String> {
+    text.split(',')
+        .filter(|c| !c.trim().is_empty())
+        .map(parse_constraint)
+        .collect::<Result<Vec<_>, _>>()
+        .map(Placement)
+}
+
+fn parse_volume_driver(text: &str) -> Result<String, String> {
+    let name = text.trim();
+    let plain = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':'));
+    if name.is_empty() || !plain {
+        return Err(format!(
+            "{text:?} is not a volume driver name (letters, digits, - _ . / :)"
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn parse_task_poll(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(60) {
+        return Err(format!("{text:?}: use between 100ms and 60s"));
+    }
+    Ok(d)
 }
 
 /// `clawfleet migrate`.

@@ -14,15 +14,18 @@ use clap::Args;
 use futures::future::BoxFuture;
 use tracing::{info, warn};
 
-use super::{CliError, GlobalArgs};
+use super::{Backend, CliError, GlobalArgs};
 use crate::clock::Clock;
-use crate::config::{parse_duration, parse_image, ContainerSettings, API_TOKEN_ENV};
+use crate::config::{
+    parse_duration, parse_image, ContainerSettings, RuntimeSettings, API_TOKEN_ENV,
+};
 use crate::controller::{Controller, ControllerOptions, Observers};
-use crate::docker::{DockerEngine, Engine, Instrumented};
+use crate::docker::{DockerEngine, Engine, Instrumented, SwarmEngine};
 use crate::feed::FeedOptions;
 use crate::heartbeat::Heartbeat;
 use crate::http::{self, ApiToken, AppState, Readiness, ReadinessReport};
 use crate::image_ref::ImageRef;
+use crate::isolation::NetworkIsolation;
 use crate::leader::{default_holder, Elector, SqliteLock};
 use crate::metrics::Metrics;
 use crate::nudge::Nudge;
@@ -277,7 +280,76 @@ pub async fn run(
         .await
         .map_err(|e| CliError::Config(e.to_string()))?;
     info!(engine = %version.version, api = %version.api_version, host = %runtime.docker_host, "docker engine reachable");
-    let engine = Arc::new(Instrumented::new(engine, metrics.clone()));
+    match global.backend {
+        Backend::Docker => {
+            let engine = Arc::new(Instrumented::new(engine, metrics.clone()));
+            serve(
+                engine,
+                Started {
+                    settings,
+                    runtime,
+                    keys,
+                    store,
+                    metrics,
+                },
+                args,
+            )
+            .await?;
+        }
+        Backend::Swarm => {
+            if settings.network_isolation == NetworkIsolation::Isolated {
+                return Err(CliError::Config(
+                    "--network-isolation isolated needs a bridge network; Swarm's overlay networks cannot disable traffic between agents (README \"Running on Docker Swarm\")".to_owned(),
+                ));
+            }
+            let swarm = SwarmEngine::new(engine, global.swarm_options());
+            let nodes = swarm
+                .manager_nodes()
+                .await
+                .map_err(|e| CliError::Config(e.to_string()))?;
+            info!(nodes = nodes, placement = ?swarm.options().placement, volume_driver = ?swarm.options().volume_driver, publish_mode = swarm.options().publish_mode.as_str(), "Swarm manager reachable");
+            metrics.watch_swarm_tasks(swarm.clone());
+            let engine = Arc::new(Instrumented::new(swarm, metrics.clone()));
+            serve(
+                engine,
+                Started {
+                    settings,
+                    runtime,
+                    keys,
+                    store,
+                    metrics,
+                },
+                args,
+            )
+            .await?;
+        }
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// What `run` has set up before it picks the backend.
+struct Started {
+    settings: ContainerSettings,
+    runtime: RuntimeSettings,
+    keys: KeyRing,
+    store: Store,
+    metrics: Arc<Metrics>,
+}
+
+/// Serves the API and reconciles on `engine` until SIGINT or SIGTERM.
+async fn serve<E: Engine>(
+    engine: Arc<E>,
+    started: Started,
+    args: &RunArgs,
+) -> Result<(), CliError> {
+    let Started {
+        settings,
+        runtime,
+        keys,
+        store,
+        metrics,
+    } = started;
     let api_token = std::env::var(API_TOKEN_ENV)
         .ok()
         .as_deref()
@@ -407,7 +479,6 @@ pub async fn run(
         Ok(Ok(Err(e))) => warn!(error = %e, "http listener failed"),
         _ => warn!("http listener did not close within 5s"),
     }
-    info!("stopped");
     Ok(())
 }
 

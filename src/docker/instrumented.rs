@@ -108,6 +108,28 @@ impl<E: Engine> Engine for Instrumented<E> {
             .await
     }
 
+    fn updates_in_place(&self) -> bool {
+        self.inner.updates_in_place()
+    }
+
+    async fn update_container(
+        &self,
+        id: &str,
+        spec: &ContainerSpec,
+    ) -> Result<String, EngineError> {
+        self.timed(Op::Update, self.inner.update_container(id, spec))
+            .await
+    }
+
+    fn pins_volumes(&self) -> bool {
+        self.inner.pins_volumes()
+    }
+
+    async fn pin_container(&self, id: &str, node: &str) -> Result<(), EngineError> {
+        self.timed(Op::Pin, self.inner.pin_container(id, node))
+            .await
+    }
+
     async fn ensure_volume(
         &self,
         name: &str,

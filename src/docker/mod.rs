@@ -21,6 +21,7 @@
 mod bollard;
 mod instrumented;
 mod op;
+mod swarm;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -36,6 +37,9 @@ use zeroize::Zeroizing;
 pub use bollard::DockerEngine;
 pub use instrumented::{EngineObserver, Instrumented};
 pub use op::Op;
+pub use swarm::{
+    parse_constraint, PublishMode, SwarmEngine, SwarmNode, SwarmOptions, DEFAULT_TASK_POLL,
+};
 
 /// Label marking every object clawfleet made.
 pub const LABEL_MANAGED: &str = "io.clawfleet.managed";
@@ -63,6 +67,10 @@ pub enum RunState {
     Exited,
     /// Dead: removal failed half-way.
     Dead,
+    /// A Swarm task on its way: scheduled, preparing or starting, or on a
+    /// node that is down (never on the Docker backend). [`Placement::waiting`]
+    /// says why.
+    Pending,
 }
 
 impl RunState {
@@ -128,6 +136,24 @@ pub struct ObservedContainer {
     /// The environment of its configuration. Every value is a
     /// [`SecretString`]: the engine does not say which one is a token.
     pub env: BTreeMap<String, SecretString>,
+    /// Where it runs, on a cluster; empty on the Docker backend.
+    pub placement: Placement,
+}
+
+/// Where a user's agent runs on a Swarm cluster (README "Running on Docker
+/// Swarm"), and why it is not running yet. All `None` on the Docker backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// The node its current task runs (or last ran) on.
+    pub node: Option<String>,
+    /// The address of [`Self::node`] when the user's port answers only
+    /// there (host publish mode), for `host_url`.
+    pub node_addr: Option<String>,
+    /// The node it is pinned to (a `node.id==` placement constraint).
+    pub pinned: Option<String>,
+    /// Why its task is not running: the task's state and error, or the
+    /// pinned node being down, for `container_status.message`.
+    pub waiting: Option<String>,
 }
 
 impl ObservedContainer {
@@ -359,6 +385,11 @@ pub struct ContainerSpec {
     pub limits: ResourceLimits,
     /// Capabilities, privileges and log rotation.
     pub confinement: Confinement,
+    /// The cluster node it must run on (the node holding its volume); only
+    /// engines whose volumes are node-local ([`Engine::pins_volumes`]) read
+    /// it. Not hashed: pinning a user never recreates their container.
+    #[serde(skip)]
+    pub node: Option<String>,
 }
 
 /// A network as inspected.
@@ -366,6 +397,10 @@ pub struct ContainerSpec {
 pub struct ObservedNetwork {
     /// Docker's id.
     pub id: String,
+    /// Its driver (`bridge`, `overlay`).
+    pub driver: String,
+    /// True when standalone containers may join it (always so for a bridge).
+    pub attachable: bool,
     /// The driver options it was created with.
     pub options: BTreeMap<String, String>,
 }
@@ -588,6 +623,46 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Pulls `image`; [`EngineError::ImageNotFound`] when it cannot be had.
     fn pull_image(&self, image: &str) -> impl Future<Output = Result<(), EngineError>> + Send;
+
+    /// True when [`Self::update_container`] replaces a container's
+    /// configuration in place (a Swarm service update), so a changed spec is
+    /// applied by one update instead of create, stop, remove and rename.
+    fn updates_in_place(&self) -> bool {
+        false
+    }
+
+    /// Gives the container `id` the whole of `spec`, in place; returns its
+    /// id. Only called when [`Self::updates_in_place`].
+    fn update_container(
+        &self,
+        id: &str,
+        spec: &ContainerSpec,
+    ) -> impl Future<Output = Result<String, EngineError>> + Send {
+        let refused = EngineError::Api {
+            op: "update",
+            target: id.to_owned(),
+            status: 501,
+            message: format!("this engine cannot update {} in place", spec.name),
+        };
+        async move { Err(refused) }
+    }
+
+    /// True when volumes live on one node of several, so a user must stay on
+    /// the node of their first run ([`Self::pin_container`]).
+    fn pins_volumes(&self) -> bool {
+        false
+    }
+
+    /// Keeps the container `id` on `node` from now on, without restarting
+    /// it. Only called when [`Self::pins_volumes`].
+    fn pin_container(
+        &self,
+        id: &str,
+        node: &str,
+    ) -> impl Future<Output = Result<(), EngineError>> + Send {
+        let _ = (id, node);
+        async { Ok(()) }
+    }
 
     /// Container events of managed containers of `filter.instance` from
     /// `since_nanos` on (or from now). The stream ends or yields an error when

@@ -39,11 +39,15 @@ pub enum Op {
     Pull,
     /// [`Engine::events`].
     Events,
+    /// [`Engine::update_container`].
+    Update,
+    /// [`Engine::pin_container`].
+    Pin,
 }
 
 impl Op {
     /// Every operation, in declaration order.
-    pub const ALL: [Op; 16] = [
+    pub const ALL: [Op; 18] = [
         Op::Version,
         Op::List,
         Op::Inspect,
@@ -60,6 +64,8 @@ impl Op {
         Op::ImagePresent,
         Op::Pull,
         Op::Events,
+        Op::Update,
+        Op::Pin,
     ];
 
     /// The operation's name in error messages (`start`, `volume create`, ...).
@@ -81,6 +87,8 @@ impl Op {
             Op::ImagePresent => "image inspect",
             Op::Pull => "pull",
             Op::Events => "events",
+            Op::Update => "update",
+            Op::Pin => "pin",
         }
     }
 }

@@ -74,6 +74,25 @@ impl<E: Engine> Reconciler<E> {
                 info!(container = %name, reason = ?reason, "recreating container");
                 set_phase(row, Phase::Creating, now);
                 self.write(row, previous, now).await?;
+                if self.engine.updates_in_place() {
+                    // One update of the whole spec (a Swarm service update,
+                    // stop-first): there is no second container to rename.
+                    let id = self
+                        .make(blueprint, row, name, Some(&current_id), now, pass.priority)
+                        .await?;
+                    pass.current = self.engine.inspect_container(&id).await?;
+                    if *start {
+                        self.start(
+                            &id,
+                            Some(blueprint.claim.host_port),
+                            row,
+                            now,
+                            pass.priority,
+                        )
+                        .await?;
+                    }
+                    return Ok(());
+                }
                 let next = blueprint.spec.replacement_name();
                 let new_id = self
                     .create(blueprint, row, &next, now, pass.priority)
@@ -122,6 +141,10 @@ impl<E: Engine> Reconciler<E> {
                     self.telemetry.idle_stop();
                 }
             }
+            Action::Pin { node } => {
+                info!(container = %name, node = %node, "pinning to the node holding its volume");
+                self.engine.pin_container(&current_id, node).await?;
+            }
             Action::Remove { id } => {
                 info!(container = %name, "removing container (volume kept)");
                 set_phase(row, Phase::Removing, now);
@@ -153,6 +176,21 @@ impl<E: Engine> Reconciler<E> {
         now: chrono::DateTime<chrono::Utc>,
         priority: Priority,
     ) -> Result<String, ReconcileError> {
+        self.make(blueprint, row, name, None, now, priority).await
+    }
+
+    /// Makes a container of `blueprint` named `name`: a new one, or, with
+    /// `replace`, the container `replace` updated in place (engines that
+    /// [update in place](Engine::updates_in_place)); pulls the image if missing.
+    async fn make(
+        &self,
+        blueprint: &Blueprint,
+        row: &mut ContainerStatus,
+        name: &str,
+        replace: Option<&str>,
+        now: chrono::DateTime<chrono::Utc>,
+        priority: Priority,
+    ) -> Result<String, ReconcileError> {
         let spec = &blueprint.spec;
         let token = self
             .keys
@@ -174,7 +212,10 @@ impl<E: Engine> Reconciler<E> {
         }
         let container = spec.container_spec(&self.settings, &token, name, &network);
         let turn = self.turn(priority).await;
-        let created = self.engine.create_container(&container).await;
+        let created = match replace {
+            Some(id) => self.engine.update_container(id, &container).await,
+            None => self.engine.create_container(&container).await,
+        };
         drop(turn);
         match created {
             Ok(id) => Ok(id),

@@ -80,7 +80,18 @@ impl<E: Engine> Reconciler<E> {
         };
         if let Some(spec) = target.spec() {
             row.url = current.as_ref().map(|_| spec.url());
-            row.host_url = spec.host_url(&self.settings);
+            // On Swarm in host publish mode the port answers only on the
+            // user's node (README "Running on Docker Swarm").
+            let node_addr = current
+                .as_ref()
+                .and_then(|c| c.placement.node_addr.as_deref());
+            row.host_url = match (node_addr.and_then(|a| a.parse().ok()), spec.host_port) {
+                (Some(std::net::IpAddr::V6(ip)), Some(port)) => {
+                    Some(format!("http://[{ip}]:{port}"))
+                }
+                (Some(ip), Some(port)) => Some(format!("http://{ip}:{port}")),
+                _ => spec.host_url(&self.settings),
+            };
         }
         self.write(&row, previous.as_ref(), now).await?;
 

@@ -81,15 +81,18 @@ impl<E: Engine> Reconciler<E> {
             });
         }
         let intent = intent_of(d, now);
+        let node = self.volume_node(&mut pass.row, canonical);
         let spec = |port| {
-            DesiredSpec::named(
+            let mut spec = DesiredSpec::named(
                 &self.settings,
                 names,
                 user_id,
                 &image,
                 d.restart_nonce,
                 port,
-            )
+            );
+            spec.node = node.clone();
+            spec
         };
         if intent != Intent::Running && canonical.is_none() {
             let port = pass.row.host_port.filter(|p| self.ports.usable(*p));
@@ -112,6 +115,26 @@ impl<E: Engine> Reconciler<E> {
             intent,
             blueprint: Arc::new(blueprint),
         })
+    }
+
+    /// The node holding the user's state volume, where an engine with
+    /// node-local volumes keeps them (README "Running on Docker Swarm"): the
+    /// one the status row recorded, else the one their agent runs on now,
+    /// recorded in `row` from this pass on. `None` on other engines.
+    fn volume_node(
+        &self,
+        row: &mut ContainerStatus,
+        canonical: Option<&ObservedContainer>,
+    ) -> Option<String> {
+        if !self.engine.pins_volumes() {
+            return None;
+        }
+        if row.node.is_none() {
+            row.node = canonical
+                .filter(|c| c.state == RunState::Running && c.is_managed())
+                .and_then(|c| c.placement.node.clone());
+        }
+        row.node.clone()
     }
 
     /// The user's sealed token, as the row to claim holds it: the one it

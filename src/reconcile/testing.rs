@@ -45,6 +45,7 @@ pub(super) fn container(state: RunState, started_at: DateTime<Utc>) -> ObservedC
         finished_at: None,
         host_port: None,
         env: BTreeMap::new(),
+        placement: Default::default(),
     }
 }
 
@@ -177,6 +178,8 @@ impl Engine for StubEngine {
     ) -> impl Future<Output = Answer<ObservedNetwork>> + Send {
         ok(ObservedNetwork {
             id: "net1".into(),
+            driver: "bridge".into(),
+            attachable: true,
             options: options.clone(),
         })
     }

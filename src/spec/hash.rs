@@ -113,6 +113,7 @@ mod tests {
             stop_timeout: Duration::from_secs(10),
             limits: ResourceLimits::default(),
             confinement: Confinement::strict(),
+            node: None,
         }
     }
 
@@ -145,6 +146,7 @@ mod tests {
                     no_new_privileges,
                     log,
                 },
+            node,
         } = base.clone();
         let with = |change: &dyn Fn(&mut ContainerSpec)| {
             let mut spec = base.clone();
@@ -233,6 +235,9 @@ mod tests {
         ];
         let hash = hash_of(&base, 0);
         assert_ne!(hash, hash_of(&base, 1), "restart nonce");
+        // The one field left out: a Swarm pin must never recreate a user.
+        let pinned = with(&|s| s.node = Some(format!("{}n1", node.clone().unwrap_or_default())));
+        assert_eq!(hash_of(&pinned, 0), hash, "the node pin is not hashed");
         for (field, changed) in cases {
             assert_ne!(changed, base, "{field}: the case changes nothing");
             assert_ne!(hash_of(&changed, 0), hash, "{field} escapes the hash");

@@ -44,6 +44,8 @@ pub(super) fn legacy_hash(
         stop_timeout,
         limits,
         confinement,
+        // A Swarm pin is never hashed: pinning recreates nothing.
+        node: _,
     } = template;
     let ResourceLimits {
         memory_bytes,

@@ -41,6 +41,9 @@ pub struct DesiredSpec {
     pub restart_nonce: i64,
     /// Hash of the container spec all of the above and the settings make.
     pub hash: SpecHash,
+    /// The cluster node holding the user's volume, once known (the Swarm
+    /// backend pins the user there); never part of the hash.
+    pub node: Option<String>,
 }
 
 impl DesiredSpec {
@@ -75,6 +78,7 @@ impl DesiredSpec {
             host_port,
             restart_nonce,
             hash: SpecHash::exact(String::new()),
+            node: None,
         };
         // The placeholder secret is never hashed: secrets hash as a marker.
         let template = spec.unlabelled_spec(
@@ -153,6 +157,7 @@ impl DesiredSpec {
             stop_timeout: settings.stop_timeout,
             limits: settings.limits,
             confinement: settings.confinement.clone(),
+            node: self.node.clone(),
         }
     }
 }

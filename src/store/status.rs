@@ -44,6 +44,7 @@ fn from_model(m: status::Model) -> ContainerStatus {
         restarts: m.restarts,
         last_transition_at: m.last_transition_at,
         updated_at: m.updated_at,
+        node: m.node,
         user_id: m.user_id,
     }
 }
@@ -179,6 +180,7 @@ impl Store {
             C::Restarts,
             C::LastTransitionAt,
             C::UpdatedAt,
+            C::Node,
         ];
         let insert = Query::insert()
             .into_table(status::Entity)
@@ -198,6 +200,7 @@ impl Store {
                 row.restarts.into(),
                 Expr::val(ts(row.last_transition_at)),
                 Expr::val(ts(now)),
+                row.node.clone().into(),
             ])
             .on_conflict(
                 OnConflict::column(C::UserId)

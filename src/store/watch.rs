@@ -30,7 +30,7 @@ pub enum StatusSnapshot {
     /// The first read has not finished yet.
     NotRead,
     /// The row as read (`None`: the user has no status row).
-    Read(Option<ContainerStatus>),
+    Read(Option<Box<ContainerStatus>>),
     /// The last read failed; the driver's text.
     Failed(String),
 }
@@ -136,7 +136,7 @@ async fn refresh(
 ) {
     loop {
         let snapshot = match store.status(&user_id).await {
-            Ok(status) => StatusSnapshot::Read(status),
+            Ok(status) => StatusSnapshot::Read(status.map(Box::new)),
             Err(e) => StatusSnapshot::Failed(e.to_string()),
         };
         watchers.reads.fetch_add(1, Ordering::Relaxed);

@@ -287,6 +287,7 @@ impl DockerFixture {
             stop_timeout: Duration::from_secs(10),
             limits: ResourceLimits::default(),
             confinement: Confinement::strict(),
+            node: None,
         }
     }
 
@@ -319,7 +320,15 @@ impl DockerFixture {
 
 impl Drop for DockerFixture {
     fn drop(&mut self) {
-        // Containers first: a volume or network in use cannot be removed.
+        // Swarm services first (the Swarm backend's tests), then their
+        // tasks' containers with the rest: a volume or network in use
+        // cannot be removed.
+        let services = self.labelled(&["service", "ls", "-q"]);
+        if !services.is_empty() {
+            let mut args = vec!["service", "rm"];
+            args.extend(services.iter().map(String::as_str));
+            let _ = docker(&args);
+        }
         let mut containers = self.owned_containers();
         containers.sort();
         containers.dedup();

@@ -61,6 +61,7 @@ async fn a_stream_that_breaks_after_its_first_event_backs_off_growing_delays() {
         stop_timeout: Duration::from_secs(10),
         limits: ResourceLimits::default(),
         confinement: Confinement::unconfined(),
+        node: None,
     };
     engine.insert_container(&spec, false).expect("insert");
     while flapping.reconnects.lock().unwrap().len() < 8 {

@@ -63,6 +63,7 @@ impl DockerEngine {
             docker,
             host,
             network_creation: Arc::default(),
+            overlay: false,
         };
         let docker = engine
             .docker

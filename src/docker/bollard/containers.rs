@@ -12,11 +12,12 @@ use chrono::{DateTime, Datelike, Utc};
 
 use super::{to_hash_map, REQUEST_TIMEOUT};
 use crate::docker::{
-    ContainerHealth, ContainerSpec, ContainerSummary, ObservedContainer, RunState, SecretString,
+    ContainerHealth, ContainerSpec, ContainerSummary, ObservedContainer, Placement, RunState,
+    SecretString,
 };
 
 /// Our summary of a listed container.
-pub(super) fn summary_from(container: BollardSummary) -> ContainerSummary {
+pub(in crate::docker) fn summary_from(container: BollardSummary) -> ContainerSummary {
     let names = container.names.unwrap_or_default();
     ContainerSummary {
         id: container.id.unwrap_or_default(),
@@ -28,7 +29,7 @@ pub(super) fn summary_from(container: BollardSummary) -> ContainerSummary {
 
 /// The container's own name among the names a list shows (link aliases are
 /// `/<other>/<alias>`), without the leading `/`.
-pub(super) fn primary_name(names: &[String]) -> String {
+pub(in crate::docker) fn primary_name(names: &[String]) -> String {
     let stripped = |n: &String| n.strip_prefix('/').unwrap_or(n).to_owned();
     names
         .iter()
@@ -39,7 +40,7 @@ pub(super) fn primary_name(names: &[String]) -> String {
 }
 
 /// Our view of an inspected container.
-pub(super) fn observed_from(inspect: ContainerInspectResponse) -> ObservedContainer {
+pub(in crate::docker) fn observed_from(inspect: ContainerInspectResponse) -> ObservedContainer {
     let name = inspect.name.unwrap_or_default();
     let config = inspect.config.unwrap_or_default();
     let state = inspect.state.unwrap_or_default();
@@ -60,12 +61,13 @@ pub(super) fn observed_from(inspect: ContainerInspectResponse) -> ObservedContai
         finished_at: state.finished_at.as_deref().and_then(docker_time),
         host_port: inspect.host_config.and_then(|hc| published_host_port(&hc)),
         env: env_map(config.env.unwrap_or_default()),
+        placement: Placement::default(),
     }
 }
 
 /// `KEY=value` entries as a map, every value kept secret; an entry without
 /// `=` is a variable without a value, and a later entry wins, as in Docker.
-pub(super) fn env_map(entries: Vec<String>) -> BTreeMap<String, SecretString> {
+pub(in crate::docker) fn env_map(entries: Vec<String>) -> BTreeMap<String, SecretString> {
     entries
         .into_iter()
         .map(|entry| match entry.split_once('=') {
@@ -77,7 +79,7 @@ pub(super) fn env_map(entries: Vec<String>) -> BTreeMap<String, SecretString> {
 
 /// The host port published in the container's configuration: a spec
 /// publishes one port; should several be bound, the lowest TCP port's.
-pub(super) fn published_host_port(host_config: &HostConfig) -> Option<u16> {
+pub(in crate::docker) fn published_host_port(host_config: &HostConfig) -> Option<u16> {
     host_config
         .port_bindings
         .as_ref()?
@@ -98,18 +100,18 @@ pub(super) fn published_host_port(host_config: &HostConfig) -> Option<u16> {
 }
 
 /// A Docker timestamp; Docker's zero time (`0001-01-01T00:00:00Z`) means never.
-pub(super) fn docker_time(text: &str) -> Option<DateTime<Utc>> {
+pub(in crate::docker) fn docker_time(text: &str) -> Option<DateTime<Utc>> {
     let time = DateTime::parse_from_rfc3339(text).ok()?.with_timezone(&Utc);
     (time.year() > 1).then_some(time)
 }
 
 /// `18789/tcp`, Docker's key for a container's TCP port.
-pub(super) fn tcp_port_key(port: u16) -> String {
+pub(in crate::docker) fn tcp_port_key(port: u16) -> String {
     format!("{port}/tcp")
 }
 
 /// The create request for `spec`.
-pub(super) fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+pub(in crate::docker) fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
     let port_key = tcp_port_key(spec.port);
     let confinement = &spec.confinement;
     let port_bindings = spec.publish.map(|(ip, port)| {
@@ -168,7 +170,7 @@ pub(super) fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
 }
 
 /// A duration as Docker's whole seconds, a started second counting as one.
-pub(super) fn whole_seconds_i32(duration: Duration) -> i32 {
+pub(in crate::docker) fn whole_seconds_i32(duration: Duration) -> i32 {
     let seconds = duration
         .as_secs()
         .saturating_add(u64::from(duration.subsec_nanos() > 0));
@@ -176,7 +178,7 @@ pub(super) fn whole_seconds_i32(duration: Duration) -> i32 {
 }
 
 /// The request timeout of a call the engine answers only after `grace_seconds`.
-pub(super) fn request_timeout_after(grace_seconds: i32) -> Duration {
+pub(in crate::docker) fn request_timeout_after(grace_seconds: i32) -> Duration {
     REQUEST_TIMEOUT + Duration::from_secs(u64::try_from(grace_seconds).unwrap_or(0))
 }
 

@@ -11,7 +11,7 @@ use crate::docker::{ContainerSpec, EngineError, EnvValue};
 pub(super) const REDACTED: &str = "<redacted>";
 
 /// Classifies a failure of `op` on `target` when no operation-specific reading applies.
-pub(super) fn classify(
+pub(in crate::docker) fn classify(
     host: &str,
     op: &'static str,
     target: &str,
@@ -53,7 +53,7 @@ pub(super) fn classify(
 }
 
 /// True for failures of the connection rather than refusals by the engine.
-pub(super) fn is_transport(err: &BollardError) -> bool {
+pub(in crate::docker) fn is_transport(err: &BollardError) -> bool {
     matches!(
         err,
         BollardError::HyperLegacyError { .. }
@@ -67,7 +67,11 @@ pub(super) fn is_transport(err: &BollardError) -> bool {
 
 /// A create failure: the name and image cases the caller acts on, with any
 /// secret of the spec scrubbed from what the engine said.
-pub(super) fn create_failed(host: &str, spec: &ContainerSpec, err: BollardError) -> EngineError {
+pub(in crate::docker) fn create_failed(
+    host: &str,
+    spec: &ContainerSpec,
+    err: BollardError,
+) -> EngineError {
     let err = match err {
         BollardError::DockerResponseServerError {
             status_code: 409, ..
@@ -124,12 +128,12 @@ pub(super) fn create_failed(host: &str, spec: &ContainerSpec, err: BollardError)
 }
 
 /// True for the engine's "No such image" answer.
-pub(super) fn is_missing_image(message: &str) -> bool {
+pub(in crate::docker) fn is_missing_image(message: &str) -> bool {
     message.to_ascii_lowercase().contains("no such image")
 }
 
 /// `message` with every environment value of `spec` that is a secret removed.
-pub(super) fn redact(spec: &ContainerSpec, message: String) -> String {
+pub(in crate::docker) fn redact(spec: &ContainerSpec, message: String) -> String {
     spec.env
         .iter()
         .filter(|(_, value)| matches!(value, EnvValue::Secret(_)))
@@ -145,7 +149,7 @@ pub(super) fn redact(spec: &ContainerSpec, message: String) -> String {
 /// allocated` when another container holds the port, and `... Error starting
 /// userland proxy: listen tcp4 127.0.0.1:19000: bind: address already in use`
 /// when another process does.
-pub(super) fn port_conflict(message: &str) -> Option<Option<u16>> {
+pub(in crate::docker) fn port_conflict(message: &str) -> Option<Option<u16>> {
     const SHAPES: [&str; 2] = [
         " failed: port is already allocated",
         ": bind: address already in use",
@@ -166,7 +170,7 @@ pub(super) fn port_conflict(message: &str) -> Option<Option<u16>> {
 
 /// An error and its sources, joined: the transport's cause ("connection
 /// refused") is usually only in the source chain.
-pub(super) fn error_chain(err: &dyn StdError) -> String {
+pub(in crate::docker) fn error_chain(err: &dyn StdError) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

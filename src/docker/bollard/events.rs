@@ -7,7 +7,7 @@ use super::filters::filter_matches;
 use crate::docker::{ContainerFilter, EngineEvent, LABEL_USER_ID};
 
 /// Nanoseconds since the epoch as Docker's `seconds.nanoseconds`.
-pub(super) fn docker_timestamp(nanos: i64) -> String {
+pub(in crate::docker) fn docker_timestamp(nanos: i64) -> String {
     const NANOS_PER_SECOND: i64 = 1_000_000_000;
     format!(
         "{}.{:09}",
@@ -18,7 +18,10 @@ pub(super) fn docker_timestamp(nanos: i64) -> String {
 
 /// Our event for an engine message, or `None` for one outside `filter` (the
 /// engine filtered already; this guards against a filter read differently).
-pub(super) fn event_from(filter: &ContainerFilter, message: EventMessage) -> Option<EngineEvent> {
+pub(in crate::docker) fn event_from(
+    filter: &ContainerFilter,
+    message: EventMessage,
+) -> Option<EngineEvent> {
     let actor = message.actor.unwrap_or_default();
     let attributes = actor.attributes.unwrap_or_default();
     if !filter_matches(filter, |key| attributes.get(key).map(String::as_str)) {

@@ -7,7 +7,7 @@ use crate::docker::{ContainerFilter, EngineError, LABEL_INSTANCE, LABEL_MANAGED,
 
 /// True for a plain Docker name (optionally with its leading `/`) or id: the
 /// only strings put into a request path.
-pub(super) fn is_object_ref(text: &str) -> bool {
+pub(in crate::docker) fn is_object_ref(text: &str) -> bool {
     let name = text.strip_prefix('/').unwrap_or(text);
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
@@ -15,7 +15,7 @@ pub(super) fn is_object_ref(text: &str) -> bool {
 }
 
 /// [`EngineError::NotFound`] for a string that cannot name a container.
-pub(super) fn check_object_ref(op: &'static str, id: &str) -> Result<(), EngineError> {
+pub(in crate::docker) fn check_object_ref(op: &'static str, id: &str) -> Result<(), EngineError> {
     if is_object_ref(id) {
         Ok(())
     } else {
@@ -27,7 +27,7 @@ pub(super) fn check_object_ref(op: &'static str, id: &str) -> Result<(), EngineE
 }
 
 /// The engine-side label filters of `filter`.
-pub(super) fn label_filters(filter: &ContainerFilter) -> HashMap<String, Vec<String>> {
+pub(in crate::docker) fn label_filters(filter: &ContainerFilter) -> HashMap<String, Vec<String>> {
     let mut labels = vec![
         format!("{LABEL_MANAGED}=true"),
         format!("{LABEL_INSTANCE}={}", filter.instance),
@@ -41,7 +41,7 @@ pub(super) fn label_filters(filter: &ContainerFilter) -> HashMap<String, Vec<Str
 /// The engine-side `name` filter for names containing `prefix`: the engine
 /// reads it as a regular expression, so anything but a plain name character
 /// is escaped. Unanchored, as engines differ on the leading `/`.
-pub(super) fn name_pattern(prefix: &str) -> String {
+pub(in crate::docker) fn name_pattern(prefix: &str) -> String {
     let mut pattern = String::new();
     for c in prefix.chars() {
         if !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-')) {
@@ -54,7 +54,7 @@ pub(super) fn name_pattern(prefix: &str) -> String {
 
 /// True when `labels` match `filter` exactly: the check that does not depend
 /// on how the engine parses its filter syntax.
-pub(super) fn filter_matches<'a>(
+pub(in crate::docker) fn filter_matches<'a>(
     filter: &ContainerFilter,
     mut label: impl FnMut(&str) -> Option<&'a str>,
 ) -> bool {

@@ -9,9 +9,9 @@ use crate::docker::{
     object_labels, Confinement, ContainerSpec, EnvValue, ResourceLimits, SecretString,
 };
 
-pub(super) const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+pub(in crate::docker) const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
-pub(super) fn spec() -> ContainerSpec {
+pub(in crate::docker) fn spec() -> ContainerSpec {
     ContainerSpec {
         name: "mosaic-user-1".to_owned(),
         image: "clawfleet-agent-stub:dev".to_owned(),
@@ -38,10 +38,11 @@ pub(super) fn spec() -> ContainerSpec {
             cap_add: vec!["CHOWN".to_owned()],
             ..Confinement::strict()
         },
+        node: None,
     }
 }
 
-pub(super) fn server_error(status_code: u16, message: &str) -> BollardError {
+pub(in crate::docker) fn server_error(status_code: u16, message: &str) -> BollardError {
     BollardError::DockerResponseServerError {
         status_code,
         message: message.to_owned(),

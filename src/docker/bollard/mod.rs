@@ -20,12 +20,12 @@
 //! whoever installs the log subscriber must cap `bollard` at `info`.
 
 mod connect;
-mod containers;
-mod errors;
-mod events;
-mod filters;
+pub(in crate::docker) mod containers;
+pub(in crate::docker) mod errors;
+pub(in crate::docker) mod events;
+pub(in crate::docker) mod filters;
 #[cfg(test)]
-mod fixtures;
+pub(in crate::docker) mod fixtures;
 mod images;
 mod networks;
 
@@ -71,12 +71,33 @@ pub struct DockerEngine {
     /// Makes network creation single-flight among this engine's clones;
     /// across processes, settling on the oldest network makes callers agree.
     network_creation: Arc<tokio::sync::Mutex<()>>,
+    /// Networks it creates are attachable Swarm overlays, not bridges.
+    overlay: bool,
 }
 
 impl DockerEngine {
+    /// This engine, creating the agents' network as an attachable overlay
+    /// (the Swarm backend's; README "Running on Docker Swarm").
+    pub fn with_overlay_networks(self) -> Self {
+        Self {
+            overlay: true,
+            ..self
+        }
+    }
+
+    /// The bollard client, for the Swarm backend's calls.
+    pub(in crate::docker) fn client(&self) -> &Docker {
+        &self.docker
+    }
+
     /// Classifies a failed call `op` on `target` by what went wrong, before
     /// any operation-specific reading of the engine's answer.
-    fn fail(&self, op: &'static str, target: &str, err: BollardError) -> EngineError {
+    pub(in crate::docker) fn fail(
+        &self,
+        op: &'static str,
+        target: &str,
+        err: BollardError,
+    ) -> EngineError {
         classify(&self.host, op, target, err)
     }
 }

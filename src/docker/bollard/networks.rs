@@ -119,7 +119,8 @@ impl DockerEngine {
     ) -> Result<Option<String>, EngineError> {
         let request = NetworkCreateRequest {
             name: name.to_owned(),
-            driver: Some("bridge".to_owned()),
+            driver: Some(if self.overlay { "overlay" } else { "bridge" }.to_owned()),
+            attachable: self.overlay.then_some(true),
             labels: Some(to_hash_map(labels)),
             options: (!options.is_empty()).then(|| to_hash_map(options)),
             ..Default::default()
@@ -166,7 +167,15 @@ pub(super) fn oldest_first(name: &str, networks: Vec<Network>) -> Vec<ObservedNe
         .filter_map(|n| {
             let created = n.created.as_deref().and_then(docker_time);
             let options = n.options.unwrap_or_default().into_iter().collect();
-            Some((created, ObservedNetwork { id: n.id?, options }))
+            let driver = n.driver.unwrap_or_default();
+            let attachable = n.attachable.unwrap_or(false) || driver == "bridge";
+            let network = ObservedNetwork {
+                id: n.id?,
+                driver,
+                attachable,
+                options,
+            };
+            Some((created, network))
         })
         .collect();
     // An unreadable creation time sorts last rather than winning.

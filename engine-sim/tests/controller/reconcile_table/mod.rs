@@ -357,5 +357,6 @@ pub(crate) fn made_by_hand(
         stop_timeout: Duration::from_secs(10),
         limits: clawfleet::docker::ResourceLimits::default(),
         confinement: clawfleet::docker::Confinement::unconfined(),
+        node: None,
     }
 }
