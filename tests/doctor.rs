@@ -373,3 +373,44 @@ async fn before_a_takeover_doctor_counts_unlabelled_containers_and_warns_while_u
     let line = line_of(&text, '✓', "to take over");
     assert!(line.contains("1 of 1 user(s) have a desired row"), "{line}");
 }
+
+#[tokio::test]
+async fn on_swarm_doctor_checks_the_manager_and_that_the_network_is_an_attachable_overlay() {
+    ensure_agent_image();
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.store().await;
+    let swarm = [("CLAWFLEET_BACKEND", "swarm")];
+    let (ok, text) = doctor(&db.url, &swarm);
+    assert!(ok, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("✓ Swarm manager at") && l.contains("ready and active")),
+        "the engine is a manager (.ci/run makes it one): {text}"
+    );
+
+    // A bridge network of the agents' name is refused on Swarm.
+    let network = format!("cf-doctor-bridge-{}", std::process::id());
+    docker(&[
+        "network",
+        "create",
+        "--label",
+        "io.clawfleet.test=doctor",
+        &network,
+    ])
+    .expect("create a bridge network");
+    let (ok, bridge) = doctor(&db.url, &[swarm[0], ("OPENCLAW_NETWORK", network.as_str())]);
+    let _ = docker(&["network", "rm", &network]);
+    assert!(!ok, "{bridge}");
+    assert!(
+        failed_line(&bridge, "attachable overlay").contains("bridge"),
+        "{bridge}"
+    );
+
+    // Overlays cannot disable traffic between agents.
+    let (ok, isolated) = doctor(
+        &db.url,
+        &[swarm[0], ("CLAWFLEET_NETWORK_ISOLATION", "isolated")],
+    );
+    assert!(!ok, "{isolated}");
+    failed_line(&isolated, "not possible on Swarm");
+}

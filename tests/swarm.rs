@@ -296,3 +296,26 @@ async fn a_controller_killed_mid_convergence_leaves_one_service_per_user_on_swar
         "one service per user, none lost, none doubled"
     );
 }
+
+#[tokio::test]
+async fn run_on_swarm_refuses_network_isolation_and_says_why() {
+    require_swarm_manager();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let fx = DockerFixture::new("swiso");
+    let mut controller = ControllerProcess::start(
+        &swarm_config(&db, &fx).with("CLAWFLEET_NETWORK_ISOLATION", "isolated"),
+    );
+    let status = eventually(LONG, "clawfleet run to exit", || {
+        let exited = controller.try_exit();
+        async move { exited }
+    })
+    .await;
+    assert!(!status.success());
+    assert!(
+        controller
+            .log()
+            .contains("overlay networks cannot disable traffic"),
+        "{}",
+        controller.log()
+    );
+}

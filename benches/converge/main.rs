@@ -27,11 +27,17 @@
 //!    gateway, and a wake while 200 (`BENCH_WAKE_BUSY_USERS`) others
 //!    converge; medians of 5 (`BENCH_WAKE_SAMPLES`, 0 to skip).
 //!    `BENCH_ONLY=wake` runs this measure alone.
+//! 7. The Swarm backend (`swarm`), when the engine is a Swarm manager: 100
+//!    users (`BENCH_USERS`) from rows to every task running, beside the same
+//!    services made directly through bollard at the same concurrency (before
+//!    and after), and the wake of a scaled-to-zero user. `BENCH_ONLY=swarm`
+//!    runs this measure alone.
 //!
 //! Prints one table (each number beside its target) and one summary line:
 //! `bench: converge_ratio=… resync_10k_ms=… rss_10k_mb=… event_p99_ms=…
 //! change_p99_ms_sqlite=… change_p99_ms_pg=… rss_100k_mb=… idle_cpu_pct_10k=…
-//! wake_ratio=… wake_new_ratio=… wake_busy_ratio=…`.
+//! wake_ratio=… wake_new_ratio=… wake_busy_ratio=… swarm_converge_ratio=…
+//! swarm_wake_ms=…`.
 //! Numbers, not assertions: nothing here fails because a target is missed.
 //! Progress goes to stderr.
 
@@ -44,6 +50,7 @@ mod recording;
 mod report;
 mod scale;
 mod support;
+mod swarm;
 mod wake;
 
 use std::time::Instant;
@@ -68,7 +75,7 @@ struct Knobs {
     api_calls: usize,
     wake_samples: usize,
     wake_busy_users: usize,
-    /// `BENCH_ONLY`: `converge`, `api` or `wake`, that measure alone.
+    /// `BENCH_ONLY`: `converge`, `api`, `wake` or `swarm`, that measure alone.
     only: Option<String>,
 }
 
@@ -359,6 +366,15 @@ async fn parent(k: Knobs) {
                 num(busy, 2)
             );
         }
+        Some("swarm") => {
+            let [ratio, wake] = swarm_rows(&mut table, &k).await;
+            table.print();
+            println!(
+                "bench: swarm_converge_ratio={} swarm_wake_ms={}",
+                num(ratio, 2),
+                num(wake, 0)
+            );
+        }
         Some("converge") => {
             eprintln!(
                 "bench: converging {} users on the real engine (baseline first)…",
@@ -372,6 +388,53 @@ async fn parent(k: Knobs) {
         _ => return all(k, table, wall).await,
     }
     eprintln!("bench: wall time {:.0} s", wall.elapsed().as_secs_f64());
+}
+
+/// Measures the Swarm backend and adds its rows (measure 7): the
+/// convergence ratio and the wake in ms, NaN when the engine is no manager.
+async fn swarm_rows(table: &mut Table, k: &Knobs) -> [f64; 2] {
+    if !swarm::available() {
+        eprintln!(
+            "bench: the engine is not a Swarm manager (docker swarm init); Swarm not measured"
+        );
+        table.row(
+            "Swarm backend".to_owned(),
+            "not measured: the engine is not a Swarm manager".to_owned(),
+        );
+        return [f64::NAN, f64::NAN];
+    }
+    let run = swarm::measure(k.users).await;
+    let c = &run.converge;
+    table.row(
+        format!(
+            "converge {} users, Swarm: direct bollard service create+scale (baseline)",
+            c.users
+        ),
+        format!(
+            "{:.0} ms  (mean of {:.0} ms before, {:.0} ms after; concurrency {CONCURRENCY})",
+            c.baseline().as_secs_f64() * 1e3,
+            c.baselines[0].as_secs_f64() * 1e3,
+            c.baselines[1].as_secs_f64() * 1e3,
+        ),
+    );
+    table.checked(
+        format!(
+            "converge {} users, Swarm: clawfleet rows → all tasks running",
+            c.users
+        ),
+        format!(
+            "{:.0} ms  (ratio {:.2})",
+            c.controller.as_secs_f64() * 1e3,
+            c.ratio()
+        ),
+        Target::at_most("ratio ", c.ratio(), 1.2, ""),
+    );
+    let wake_ms = run.wake.as_secs_f64() * 1e3;
+    table.row(
+        "wake a scaled-to-zero user, Swarm: row running → running, gateway answering".to_owned(),
+        format!("{wake_ms:.0} ms"),
+    );
+    [c.ratio(), wake_ms]
 }
 
 /// Adds the real-engine convergence rows (measure 1).
@@ -488,11 +551,13 @@ async fn all(k: Knobs, mut table: Table, wall: Instant) {
     }
     api_rows(&mut table, &k).await;
     let [wake, wake_new, wake_busy] = wake_rows(&mut table, &k).await;
+    let [swarm_ratio, swarm_wake] = swarm_rows(&mut table, &k).await;
     table.print();
     println!(
         "bench: converge_ratio={ratio:.2} resync_10k_ms={:.0} rss_10k_mb={:.1} event_p99_ms={} \
          change_p99_ms_sqlite={} change_p99_ms_pg={} rss_100k_mb={} idle_cpu_pct_10k={} \
-         wake_ratio={} wake_new_ratio={} wake_busy_ratio={}",
+         wake_ratio={} wake_new_ratio={} wake_busy_ratio={} swarm_converge_ratio={} \
+         swarm_wake_ms={}",
         sim.resync_ms,
         sim.rss_peak_mb,
         num(event_p99, 2),
@@ -503,6 +568,8 @@ async fn all(k: Knobs, mut table: Table, wall: Instant) {
         num(wake, 2),
         num(wake_new, 2),
         num(wake_busy, 2),
+        num(swarm_ratio, 2),
+        num(swarm_wake, 0),
     );
     eprintln!("bench: wall time {:.0} s", wall.elapsed().as_secs_f64());
 }

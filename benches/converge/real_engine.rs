@@ -11,15 +11,11 @@ use std::time::{Duration, Instant};
 
 use clawfleet::config::PortRange;
 use clawfleet::docker::{ContainerFilter, DockerEngine, Engine};
-use clawfleet::ports::PortAllocator;
-use clawfleet::reconcile::Reconciler;
-use clawfleet::secrets::GatewayToken;
-use clawfleet::spec::DesiredSpec;
 use clawfleet::status::Phase;
-use futures::StreamExt;
 
 use crate::support::{
-    agents_network, insert_users, ring, settings, sqlite_store, until, Running, Wants, CONCURRENCY,
+    agents_network, baseline_specs, bench_reconciler, create_and_start_all, insert_users, settings,
+    sqlite_store, until, Running, Wants,
 };
 
 /// What the measure found.
@@ -45,7 +41,7 @@ impl RealEngine {
     }
 }
 
-fn docker_cli(args: &[&str]) -> String {
+pub fn docker_cli(args: &[&str]) -> String {
     std::process::Command::new("docker")
         .args(args)
         .output()
@@ -111,33 +107,10 @@ pub async fn measure(users: usize) -> RealEngine {
         .expect("network");
 
     // Baseline: the same create+start calls, directly, at the same concurrency.
-    let token = GatewayToken::generate().expect("token");
-    let specs: Vec<_> = (0..users)
-        .map(|i| {
-            let user = format!("base{i}");
-            let desired = DesiredSpec::new(
-                &settings,
-                &user,
-                &settings.image,
-                0,
-                Some(ports.start() + users as u16 + i as u16),
-            );
-            desired.container_spec(&settings, &token, &desired.name, &network_id)
-        })
-        .collect();
+    let specs = baseline_specs(&settings, users, ports.start() + users as u16, &network_id);
     let baseline = || async {
         let started = Instant::now();
-        futures::stream::iter(specs.iter())
-            .map(|spec| {
-                let engine = engine.clone();
-                async move {
-                    let id = engine.create_container(spec).await.expect("create");
-                    engine.start_container(&id).await.expect("start");
-                }
-            })
-            .buffer_unordered(CONCURRENCY)
-            .collect::<Vec<()>>()
-            .await;
+        create_and_start_all(&engine, &specs).await;
         let elapsed = started.elapsed();
         remove_all(&engine, &instance).await;
         elapsed
@@ -147,17 +120,7 @@ pub async fn measure(users: usize) -> RealEngine {
     // The controller: rows in, every container running.
     let dir = tempfile::tempdir().expect("dir");
     let store = sqlite_store(&dir).await;
-    let reconciler = Reconciler::new(
-        store.clone(),
-        engine.clone(),
-        settings.clone(),
-        ring(),
-        PortAllocator::new(
-            PortRange::new(ports.start(), ports.start() + users as u16 - 1).expect("range"),
-            settings.publish_ip,
-        ),
-        crate::support::reconciler_options(),
-    );
+    let reconciler = bench_reconciler(&store, engine.clone(), settings.clone(), ports, users);
     let controller = Running::start(&store, reconciler);
     controller.first_sync().await;
     let started = Instant::now();

@@ -290,3 +290,69 @@ fn clock_ticks_per_second() -> f64 {
             .unwrap_or(100.0)
     })
 }
+
+/// The container specs of the direct baselines: users `base0`… with ports
+/// from `first_port` on, on the network `network_id`, one token for all.
+pub fn baseline_specs(
+    settings: &ContainerSettings,
+    users: usize,
+    first_port: u16,
+    network_id: &str,
+) -> Vec<clawfleet::docker::ContainerSpec> {
+    let token = clawfleet::secrets::GatewayToken::generate().expect("token");
+    (0..users)
+        .map(|i| {
+            let user = format!("base{i}");
+            let desired = clawfleet::spec::DesiredSpec::new(
+                settings,
+                &user,
+                &settings.image,
+                0,
+                Some(first_port + i as u16),
+            );
+            desired.container_spec(settings, &token, &desired.name, network_id)
+        })
+        .collect()
+}
+
+/// Creates and starts every one of `specs` directly, [`CONCURRENCY`] at once.
+pub async fn create_and_start_all<E: Engine>(
+    engine: &Arc<E>,
+    specs: &[clawfleet::docker::ContainerSpec],
+) {
+    use futures::StreamExt;
+    futures::stream::iter(specs)
+        .map(|spec| {
+            let engine = engine.clone();
+            async move {
+                let id = engine.create_container(spec).await.expect("create");
+                engine.start_container(&id).await.expect("start");
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// A reconciler on `engine` with the production defaults, handing out the
+/// first `users` ports of `ports`.
+pub fn bench_reconciler<E: Engine>(
+    store: &Store,
+    engine: Arc<E>,
+    settings: Arc<ContainerSettings>,
+    ports: PortRange,
+    users: usize,
+) -> Reconciler<E> {
+    let publish_ip = settings.publish_ip;
+    Reconciler::new(
+        store.clone(),
+        engine,
+        settings,
+        ring(),
+        PortAllocator::new(
+            PortRange::new(ports.start(), ports.start() + users as u16 - 1).expect("range"),
+            publish_ip,
+        ),
+        reconciler_options(),
+    )
+}

@@ -280,52 +280,49 @@ pub async fn run(
         .await
         .map_err(|e| CliError::Config(e.to_string()))?;
     info!(engine = %version.version, api = %version.api_version, host = %runtime.docker_host, "docker engine reachable");
+    let observer = metrics.clone();
+    let started = Started {
+        settings,
+        runtime,
+        keys,
+        store,
+        metrics,
+    };
     match global.backend {
         Backend::Docker => {
-            let engine = Arc::new(Instrumented::new(engine, metrics.clone()));
-            serve(
-                engine,
-                Started {
-                    settings,
-                    runtime,
-                    keys,
-                    store,
-                    metrics,
-                },
-                args,
-            )
-            .await?;
+            let engine = Arc::new(Instrumented::new(engine, observer));
+            serve(engine, started, args).await?;
         }
         Backend::Swarm => {
-            if settings.network_isolation == NetworkIsolation::Isolated {
-                return Err(CliError::Config(
-                    "--network-isolation isolated needs a bridge network; Swarm's overlay networks cannot disable traffic between agents (README \"Running on Docker Swarm\")".to_owned(),
-                ));
-            }
-            let swarm = SwarmEngine::new(engine, global.swarm_options());
-            let nodes = swarm
-                .manager_nodes()
-                .await
-                .map_err(|e| CliError::Config(e.to_string()))?;
-            info!(nodes = nodes, placement = ?swarm.options().placement, volume_driver = ?swarm.options().volume_driver, publish_mode = swarm.options().publish_mode.as_str(), "Swarm manager reachable");
-            metrics.watch_swarm_tasks(swarm.clone());
-            let engine = Arc::new(Instrumented::new(swarm, metrics.clone()));
-            serve(
-                engine,
-                Started {
-                    settings,
-                    runtime,
-                    keys,
-                    store,
-                    metrics,
-                },
-                args,
-            )
-            .await?;
+            let swarm = swarm_engine(engine, global, &started.settings).await?;
+            started.metrics.watch_swarm_tasks(swarm.clone());
+            serve(Arc::new(Instrumented::new(swarm, observer)), started, args).await?;
         }
     }
     info!("stopped");
     Ok(())
+}
+
+/// The Swarm backend on `engine`, once it is known to be a manager and
+/// the settings suit it (README "Running on Docker Swarm").
+async fn swarm_engine(
+    engine: DockerEngine,
+    global: &GlobalArgs,
+    settings: &ContainerSettings,
+) -> Result<SwarmEngine, CliError> {
+    if settings.network_isolation == NetworkIsolation::Isolated {
+        return Err(CliError::Config(
+            "--network-isolation isolated needs a bridge network; Swarm's overlay networks cannot disable traffic between agents (README \"Running on Docker Swarm\")".to_owned(),
+        ));
+    }
+    let swarm = SwarmEngine::new(engine, global.swarm_options());
+    let nodes = swarm
+        .manager_nodes()
+        .await
+        .map_err(|e| CliError::Config(e.to_string()))?;
+    let options = swarm.options();
+    info!(nodes, placement = ?options.placement, volume_driver = ?options.volume_driver, publish_mode = options.publish_mode.as_str(), "Swarm manager reachable");
+    Ok(swarm)
 }
 
 /// What `run` has set up before it picks the backend.

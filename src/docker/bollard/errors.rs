@@ -99,6 +99,11 @@ pub(in crate::docker) fn create_failed(
         },
         err => classify(host, "create", &spec.name, err),
     };
+    redacted(err, spec)
+}
+
+/// `err` with every secret of `spec` scrubbed from what the engine said.
+pub(in crate::docker) fn redacted(err: EngineError, spec: &ContainerSpec) -> EngineError {
     match err {
         EngineError::ImageNotFound { image, message } => EngineError::ImageNotFound {
             image,

@@ -38,7 +38,7 @@ use futures::stream::BoxStream;
 
 pub use options::{parse_constraint, PublishMode, SwarmOptions, DEFAULT_TASK_POLL};
 
-use super::bollard::errors::redact;
+use super::bollard::errors::redacted;
 use super::bollard::filters::{filter_matches, is_object_ref, label_filters, name_pattern};
 use super::{
     ContainerFilter, ContainerSpec, ContainerSummary, DockerEngine, Engine, EngineError,
@@ -484,24 +484,6 @@ impl Engine for SwarmEngine {
         _since_nanos: Option<i64>,
     ) -> BoxStream<'static, Result<EngineEvent, EngineError>> {
         watch::events(self.clone(), filter.clone())
-    }
-}
-
-/// `err` with any secret of `spec` removed from its message.
-fn redacted(err: EngineError, spec: &ContainerSpec) -> EngineError {
-    match err {
-        EngineError::Api {
-            op,
-            target,
-            status,
-            message,
-        } => EngineError::Api {
-            op,
-            target,
-            status,
-            message: redact(spec, message),
-        },
-        other => other,
     }
 }
 

@@ -291,10 +291,12 @@ fn published_port(service: &Service) -> Option<u16> {
 }
 
 /// What the task watcher compares between two lists: per user, the current
-/// task's id, state and error. A change nudges the user.
+/// task's id, state, desired state and error, and the state of its node
+/// (`node_state`: a node going down changes no task). A change nudges the user.
 pub(super) fn fingerprints(
     tasks: &[Task],
     user_of: impl Fn(&Task) -> Option<String>,
+    node_state: impl Fn(&str) -> String,
 ) -> BTreeMap<String, String> {
     let mut by_user: BTreeMap<String, Vec<Task>> = BTreeMap::new();
     for task in tasks {
@@ -308,13 +310,15 @@ pub(super) fn fingerprints(
             let live = tasks.iter().filter(|t| is_live(state_of(t))).count();
             let print = current_task(&tasks).map_or_else(String::new, |t| {
                 format!(
-                    "{}/{}/{}/{live}",
+                    "{}/{}/{:?}/{}/{live}/{}",
                     t.id.as_deref().unwrap_or_default(),
                     state_of(t),
+                    t.desired_state,
                     t.status
                         .as_ref()
                         .and_then(|s| s.err.as_deref())
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    node_state(t.node_id.as_deref().unwrap_or_default()),
                 )
             });
             (user, print)
@@ -502,8 +506,14 @@ mod tests {
     }
 
     #[test]
-    fn the_watcher_nudges_only_users_whose_current_task_changed() {
+    fn the_watcher_nudges_only_users_whose_current_task_or_its_node_changed() {
         let user = |t: &Task| t.id.as_ref().map(|id| id[..1].to_owned());
+        let ready = |_: &str| "ready".to_owned();
+        let later = [
+            task("a1", T0, "running", "running", "", 0),
+            task("b1", T0, "running", "running", "", 0),
+            task("d1", T0, "running", "new", "", 0),
+        ];
         let before = fingerprints(
             &[
                 task("a1", T0, "running", "running", "", 0),
@@ -511,18 +521,15 @@ mod tests {
                 task("c1", T0, "running", "running", "", 0),
             ],
             user,
+            ready,
         );
-        let after = fingerprints(
-            &[
-                task("a1", T0, "running", "running", "", 0),
-                task("b1", T0, "running", "running", "", 0),
-                task("d1", T0, "running", "new", "", 0),
-            ],
-            user,
-        );
+        let after = fingerprints(&later, user, ready);
         let mut changed = changed_users(&before, &after);
         changed.sort();
         assert_eq!(changed, ["b", "c", "d"]);
         assert_eq!(changed_users(&after, &after), Vec::<String>::new());
+        // A node going down changes none of its tasks, but nudges their users.
+        let down = fingerprints(&later, user, |_| "down".to_owned());
+        assert_eq!(changed_users(&after, &down).len(), 3);
     }
 }

@@ -1,7 +1,8 @@
 //! The nudges of the Swarm backend: task states are not evented across
 //! nodes, so a watcher lists this instance's tasks (one call, filtered by
-//! label) every `--swarm-task-poll` and nudges only the users whose current
-//! task changed since the last list; the manager's service events
+//! label) and the nodes (one more) every `--swarm-task-poll` and nudges only
+//! the users whose current task, or its node's state, changed since the
+//! last list; the manager's service events
 //! (`create`, `update`, `remove`) nudge their user at once and list again.
 //!
 //! What it last saw is kept by the engine, not the stream, so a stream that
@@ -73,7 +74,15 @@ impl SwarmEngine {
             .list_tasks(Some(options))
             .await
             .map_err(|err| self.fail("task list", &filter.instance, err))?;
-        let prints = fingerprints(&tasks, |t| user_of(filter, t));
+        // Nodes are listed too: a node going down changes none of its tasks.
+        let nodes = self.nodes().await?;
+        let node_state = |id: &str| {
+            nodes
+                .iter()
+                .find(|n| n.id == id)
+                .map_or_else(String::new, |n| format!("{}/{}", n.state, n.availability))
+        };
+        let prints = fingerprints(&tasks, |t| user_of(filter, t), node_state);
         let mut by_user: BTreeMap<String, Vec<Task>> = BTreeMap::new();
         let mut services = HashMap::new();
         for task in &tasks {
