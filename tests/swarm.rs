@@ -60,7 +60,7 @@ async fn the_main_scenario_runs_on_the_swarm_backend() {
     let controller = ControllerProcess::start(&swarm_config(&db, &fx));
     let addr = controller.http_addr().await;
 
-    for user in ["alice", "bob", "crash", "conf"] {
+    for user in ["alice", "bob", "crash", "conf", "sick"] {
         db.exec(&format!(
             "INSERT INTO desired_containers (user_id) VALUES ('{user}')"
         ))
@@ -151,6 +151,34 @@ async fn the_main_scenario_runs_on_the_swarm_backend() {
         s.restarts >= 1 && s.phase == Phase::Running
     })
     .await;
+
+    // A task Swarm kills as unhealthy is replaced, counted as an unhealthy restart.
+    let sick = wait_task_running(&store, "sick").await;
+    let sick_port = sick.host_port.unwrap();
+    eventually(LONG, "sick's gateway", || async {
+        gateway(sick_port, "GET", "/healthz", None)
+            .ok()
+            .filter(|(c, _)| *c == 200)
+    })
+    .await;
+    let (code, _) = gateway(sick_port, "POST", "/v1/unhealthy", Some(&token_of(&sick))).unwrap();
+    assert_eq!(code, 200);
+    wait_for_status(
+        &store,
+        "sick",
+        LONG,
+        "replaced after turning unhealthy",
+        |s| s.restarts >= 1 && s.phase == Phase::Running,
+    )
+    .await;
+    let unhealthy = eventually(LONG, "the unhealthy restart counted", || async {
+        scrape(addr)
+            .get("clawfleet_container_restarts_total{reason=\"unhealthy\"}")
+            .copied()
+            .filter(|n| *n >= 1.0)
+    })
+    .await;
+    assert!(unhealthy >= 1.0);
 
     // Exit 78 is a configuration error: failed, not restarted in a loop.
     let conf = wait_task_running(&store, "conf").await;
