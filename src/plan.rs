@@ -402,8 +402,12 @@ pub fn plan(target: &Target, observed: &Observed, now: DateTime<Utc>, policy: &P
 }
 
 /// `plan` with a pin of the user's container to the node holding their
-/// volume first, when the target names that node and the container is not
-/// pinned there yet (a create or recreate carries the pin in its spec).
+/// volume first, when the target names that node, the container is not
+/// pinned there yet, and the plan changes it in a way that could move it (a
+/// stop, start or restart). A converged user is left alone: a running task
+/// stays on its node, and pinning every user as they first come up would
+/// double the service updates of a fleet converging. A create or recreate
+/// carries the pin in its spec.
 fn pin_first(mut plan: Plan, blueprint: &Blueprint, observed: &Observed) -> Plan {
     let Some(node) = &blueprint.spec.node else {
         return plan;
@@ -415,7 +419,7 @@ fn pin_first(mut plan: Plan, blueprint: &Blueprint, observed: &Observed) -> Plan
         .actions
         .iter()
         .any(|a| matches!(a, Action::Create { .. } | Action::Recreate { .. }));
-    if c.placement.pinned.as_ref() != Some(node) && !carries_spec {
+    if c.placement.pinned.as_ref() != Some(node) && !carries_spec && !plan.actions.is_empty() {
         plan.actions.insert(0, Action::Pin { node: node.clone() });
     }
     plan
@@ -750,6 +754,98 @@ mod tests {
             StatusIntent::Write { message, .. } => message.clone(),
             StatusIntent::Delete => None,
         }
+    }
+
+    /// Alice's target pinned to `node`, with `intent`.
+    fn pinned_target(intent: Intent, node: &str) -> Target {
+        let mut spec = spec();
+        spec.node = Some(node.into());
+        Target::Present {
+            intent,
+            blueprint: blueprint_of(spec),
+        }
+    }
+
+    #[test]
+    fn a_swarm_task_on_its_way_waits_saying_why_unless_it_is_no_longer_wanted() {
+        let mut c = container(RunState::Pending);
+        c.placement.waiting = Some("node w1 (n1) is down; this user's volume lives there".into());
+        let waiting = run(
+            &present(Intent::Running),
+            &observed(Some(c.clone()), Some(Phase::Running)),
+        );
+        assert!(waiting.actions.is_empty(), "{waiting:?}");
+        assert_eq!(phase_of(&waiting), Phase::Pending);
+        assert_eq!(message_of(&waiting), c.placement.waiting);
+        assert_eq!(waiting.requeue_after, None, "the task watcher looks again");
+        for (intent, reason, phase) in [
+            (Intent::Stopped, StopReason::Desired, Phase::Stopped),
+            (Intent::Idle, StopReason::Idle, Phase::Idle),
+        ] {
+            let p = run(
+                &present(intent),
+                &observed(Some(c.clone()), Some(Phase::Pending)),
+            );
+            assert_eq!(p.actions, [Action::Stop { reason }]);
+            assert_eq!(phase_of(&p), phase);
+        }
+    }
+
+    #[test]
+    fn a_user_is_pinned_to_the_node_of_their_volume_before_anything_could_move_them() {
+        let running = container(RunState::Running);
+        // Converged: a running task stays where it is; nothing is sent.
+        let p = run(
+            &pinned_target(Intent::Running, "n1"),
+            &observed(Some(running.clone()), Some(Phase::Running)),
+        );
+        assert!(p.is_converged(), "{p:?}");
+        // A stop could let the next start land elsewhere: pinned first.
+        let p = run(
+            &pinned_target(Intent::Stopped, "n1"),
+            &observed(Some(running.clone()), Some(Phase::Running)),
+        );
+        assert_eq!(
+            p.actions,
+            [
+                Action::Pin { node: "n1".into() },
+                Action::Stop {
+                    reason: StopReason::Desired
+                }
+            ]
+        );
+        // Already pinned there: the stop alone.
+        let mut pinned = running.clone();
+        pinned.placement.pinned = Some("n1".into());
+        let p = run(
+            &pinned_target(Intent::Stopped, "n1"),
+            &observed(Some(pinned), Some(Phase::Running)),
+        );
+        assert_eq!(
+            p.actions,
+            [Action::Stop {
+                reason: StopReason::Desired
+            }]
+        );
+        // A recreate carries the pin in its spec.
+        let mut old = running;
+        old.labels = labels("another-hash");
+        let p = run(
+            &pinned_target(Intent::Running, "n1"),
+            &observed(Some(old), Some(Phase::Running)),
+        );
+        assert!(matches!(p.actions[..], [Action::Recreate { .. }]), "{p:?}");
+        // The Docker backend never names a node: never a pin.
+        let p = run(
+            &present(Intent::Stopped),
+            &observed(Some(container(RunState::Running)), Some(Phase::Running)),
+        );
+        assert_eq!(
+            p.actions,
+            [Action::Stop {
+                reason: StopReason::Desired
+            }]
+        );
     }
 
     #[test]

@@ -79,11 +79,7 @@ async fn the_main_scenario_runs_on_the_swarm_backend() {
         Some("alice")
     );
     let node = alice.node.clone().expect("node recorded");
-    eventually(LONG, "alice pinned to her node", || async {
-        service(&name, "{{json .Spec.TaskTemplate.Placement.Constraints}}")
-            .filter(|c| c.contains(&format!("node.id=={node}")))
-    })
-    .await;
+    let constraints = || service(&name, "{{json .Spec.TaskTemplate.Placement.Constraints}}");
     assert_eq!(
         alice.url.as_deref(),
         Some(format!("http://{name}:18789").as_str())
@@ -131,6 +127,12 @@ async fn the_main_scenario_runs_on_the_swarm_backend() {
         "the same service, updated in place"
     );
     assert_eq!(after.node.as_deref(), Some(node.as_str()));
+    // Pinned to her node by the update (before it, she only ran there).
+    assert!(
+        constraints().is_some_and(|c| c.contains(&format!("node.id=={node}"))),
+        "{:?}",
+        constraints()
+    );
 
     // A crash is restarted with back-off and counted.
     let crash = wait_task_running(&store, "crash").await;

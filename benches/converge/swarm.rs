@@ -89,9 +89,22 @@ fn clean(instance: &str, prefix: &str) {
     );
 }
 
-/// Waits until `engine`'s task watcher (kept polled here) counts `n`
-/// running tasks of `instance`.
-async fn until_tasks_running(engine: &SwarmEngine, instance: &str, n: usize) {
+/// Waits until a task watcher of its own, listing every 100 ms, counts `n`
+/// running tasks of `instance` (a fresh one each time: a watcher's counts
+/// outlive the services they counted).
+async fn until_tasks_running(
+    docker: &DockerEngine,
+    options: &SwarmOptions,
+    instance: &str,
+    n: usize,
+) {
+    let engine = SwarmEngine::new(
+        docker.clone(),
+        SwarmOptions {
+            task_poll: Duration::from_millis(100),
+            ..options.clone()
+        },
+    );
     let mut events = engine.events(
         &ContainerFilter {
             instance: instance.to_owned(),
@@ -119,14 +132,7 @@ pub async fn measure(users: usize) -> SwarmRun {
     };
     // The baseline's end is seen by a watcher listing every 100 ms; the
     // controller's watcher keeps the production default.
-    let watcher = SwarmEngine::new(
-        docker.clone(),
-        SwarmOptions {
-            task_poll: Duration::from_millis(100),
-            ..options.clone()
-        },
-    );
-    let engine = Arc::new(SwarmEngine::new(docker, options));
+    let engine = Arc::new(SwarmEngine::new(docker.clone(), options.clone()));
     let pid = std::process::id();
     let instance = format!("bench-sw-{pid}");
     let prefix = format!("benchsw{pid}-");
@@ -141,7 +147,7 @@ pub async fn measure(users: usize) -> SwarmRun {
     let baseline = || async {
         let started = Instant::now();
         create_and_start_all(&engine, &specs).await;
-        until_tasks_running(&watcher, &instance, users).await;
+        until_tasks_running(&docker, &options, &instance, users).await;
         let elapsed = started.elapsed();
         remove_all(&engine, &instance).await;
         elapsed

@@ -14,7 +14,11 @@
 //!   answers that the service moved on, it is read again and decided again,
 //!   never forced;
 //! - a stop or a removal returns once the task is gone, as `docker stop`
-//!   does, so a user's volume is never mounted by two tasks;
+//!   does, so a user's volume is never mounted by two tasks, and so a start
+//!   that follows never meets Swarm 20.10's race (a scale-up while the
+//!   scaled-down task is still being removed gets no task, ever);
+//! - a start returns once Swarm has made the task, and nudges it with a
+//!   `ForceUpdate` when it has not within 5 s;
 //! - volumes are created by the node that first runs the user's task (with
 //!   the user's labels), not by the manager.
 
@@ -42,18 +46,21 @@ use super::bollard::errors::redacted;
 use super::bollard::filters::{filter_matches, is_object_ref, label_filters, name_pattern};
 use super::{
     ContainerFilter, ContainerSpec, ContainerSummary, DockerEngine, Engine, EngineError,
-    EngineEvent, EngineVersion, ObservedContainer, ObservedNetwork, RunState,
+    EngineEvent, EngineVersion, ObservedContainer, ObservedNetwork, RunState, LABEL_INSTANCE,
+    LABEL_USER_ID,
 };
 use observe::NodeView;
 
 /// A node of the cluster: its id, hostname, address, state and availability.
 pub type SwarmNode = NodeView;
-use plan::ServiceState;
+use plan::{Change, ServiceState};
 
 /// How often a changed service is read again when Swarm says it moved on.
 const UPDATE_ATTEMPTS: usize = 5;
 /// How often a stop or removal looks whether the task is gone.
 const GONE_POLL: Duration = Duration::from_millis(200);
+/// How long a start waits for Swarm to make the task before nudging it.
+const TASK_APPEARS: Duration = Duration::from_secs(5);
 /// How long a stop or removal waits for the task to go beyond its grace period.
 const GONE_SLACK: Duration = Duration::from_secs(30);
 
@@ -138,17 +145,36 @@ impl SwarmEngine {
 
     async fn tasks_of(&self, service_id: &str) -> Result<Vec<Task>, EngineError> {
         let filters = HashMap::from([("service".to_owned(), vec![service_id.to_owned()])]);
-        let options = ListTasksOptionsBuilder::default().filters(&filters).build();
+        self.tasks_where(service_id, &filters).await
+    }
+
+    async fn tasks_where(
+        &self,
+        target: &str,
+        filters: &HashMap<String, Vec<String>>,
+    ) -> Result<Vec<Task>, EngineError> {
+        let options = ListTasksOptionsBuilder::default().filters(filters).build();
         self.engine
             .client()
             .list_tasks(Some(options))
             .await
-            .map_err(|err| self.fail("task list", service_id, err))
+            .map_err(|err| self.fail("task list", target, err))
     }
 
+    /// The node `id`: as the task watcher last listed it (its list is at
+    /// most one poll old, and a node's change nudges its users only after the
+    /// list is kept), else asked for.
     async fn node(&self, id: &str) -> Result<Option<NodeView>, EngineError> {
         if !is_object_ref(id) {
             return Ok(None);
+        }
+        let listed = self
+            .watched
+            .lock()
+            .ok()
+            .and_then(|seen| seen.nodes.iter().find(|n| n.id == id).cloned());
+        if let Some(node) = listed {
+            return Ok(Some(node));
         }
         match self.engine.client().inspect_node(id).await {
             Ok(node) => Ok(Some(NodeView::from_node(node))),
@@ -226,12 +252,17 @@ impl SwarmEngine {
             .map_err(|err| swarm_failed(self.fail(op, id, err)))
     }
 
-    /// Waits until no task of service `id` is live, at most `limit`.
-    async fn until_tasks_gone(&self, id: &str, limit: Duration) -> Result<(), EngineError> {
+    /// Waits until no task `filters` lists is live, at most `limit`.
+    async fn until_tasks_gone(
+        &self,
+        target: &str,
+        filters: &HashMap<String, Vec<String>>,
+        limit: Duration,
+    ) -> Result<(), EngineError> {
         let give_up = tokio::time::Instant::now() + limit;
         loop {
-            let tasks = self.tasks_of(id).await?;
-            if !watch::any_live(&tasks) || tokio::time::Instant::now() >= give_up {
+            let tasks = self.tasks_where(target, filters).await?;
+            if !watch::any_settling(&tasks) || tokio::time::Instant::now() >= give_up {
                 return Ok(());
             }
             tokio::time::sleep(GONE_POLL).await;
@@ -397,7 +428,24 @@ impl Engine for SwarmEngine {
         self.modify("service start", id, |current, state| {
             plan::start(state).map(|change| plan::changed(current, change))
         })
-        .await
+        .await?;
+        // Swarm makes the task asynchronously; returning once it exists
+        // keeps the next look from starting it again.
+        let give_up = tokio::time::Instant::now() + TASK_APPEARS;
+        loop {
+            if observe::current_task(&self.tasks_of(id).await?).is_some() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= give_up {
+                // No task after all: a service update makes the orchestrator look again.
+                return self
+                    .modify("service start", id, |current, _| {
+                        Some(plan::changed(current, Change::Redeploy))
+                    })
+                    .await;
+            }
+            tokio::time::sleep(GONE_POLL).await;
+        }
     }
 
     async fn stop_container(&self, id: &str, timeout: Duration) -> Result<(), EngineError> {
@@ -405,7 +453,9 @@ impl Engine for SwarmEngine {
             plan::stop(state).map(|change| plan::changed(current, change))
         })
         .await?;
-        self.until_tasks_gone(id, timeout + GONE_SLACK).await
+        let of_service = HashMap::from([("service".to_owned(), vec![id.to_owned()])]);
+        self.until_tasks_gone(id, &of_service, timeout + GONE_SLACK)
+            .await
     }
 
     async fn restart_container(&self, id: &str, _timeout: Duration) -> Result<(), EngineError> {
@@ -416,9 +466,9 @@ impl Engine for SwarmEngine {
     }
 
     async fn remove_container(&self, id: &str) -> Result<(), EngineError> {
-        if !is_object_ref(id) {
+        let Some(service) = self.service(id).await? else {
             return Ok(());
-        }
+        };
         match self.engine.client().delete_service(id).await {
             Ok(()) => {}
             Err(BollardError::DockerResponseServerError {
@@ -426,9 +476,24 @@ impl Engine for SwarmEngine {
             }) => return Ok(()),
             Err(err) => return Err(self.fail("service remove", id, err)),
         }
-        // A service's tasks outlive it briefly: wait, so a user made again
-        // at once never has two tasks on one volume.
-        self.until_tasks_gone(id, GONE_SLACK).await
+        // A service's tasks outlive it briefly, and are then listed only by
+        // the service's labels: wait, so a user made again at once never
+        // has two tasks on one volume.
+        let labels: BTreeMap<String, String> = service
+            .spec
+            .and_then(|s| s.labels)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let Some(user_id) = labels.get(LABEL_USER_ID) else {
+            return Ok(());
+        };
+        let filter = ContainerFilter {
+            instance: labels.get(LABEL_INSTANCE).cloned().unwrap_or_default(),
+            user_id: Some(user_id.clone()),
+        };
+        self.until_tasks_gone(id, &label_filters(&filter), GONE_SLACK)
+            .await
     }
 
     async fn rename_container(&self, id: &str, new_name: &str) -> Result<(), EngineError> {

@@ -14,6 +14,8 @@
 //!   with Swarm's state and error as the reason; ended is `exited` with its
 //!   exit code, but for one Swarm killed as unhealthy, which is running and
 //!   unhealthy so the plan replaces it as the Docker backend restarts one;
+//!   a replica without any task is `created`, so the plan starts it (and the
+//!   start sees that Swarm makes the task);
 //! - a task whose node is down or drained is `pending`, naming the node and
 //!   saying that the user's volume lives there.
 
@@ -156,8 +158,12 @@ fn run_state(
         };
     }
     let Some(task) = current else {
-        let why = node_down.unwrap_or_else(|| "waiting for Swarm to schedule a task".to_owned());
-        return (RunState::Pending, ContainerHealth::None, Some(why));
+        // A replica without a task: the pinned node is down, or Swarm has
+        // not made one (the start that asked for it makes sure it does).
+        return match node_down {
+            Some(why) => (RunState::Pending, ContainerHealth::None, Some(why)),
+            None => (RunState::Created, ContainerHealth::None, None),
+        };
     };
     let state = state_of(task);
     if let Some(why) = node_down.filter(|_| is_live(state)) {
@@ -291,8 +297,12 @@ fn published_port(service: &Service) -> Option<u16> {
 }
 
 /// What the task watcher compares between two lists: per user, the current
-/// task's id, state, desired state and error, and the state of its node
-/// (`node_state`: a node going down changes no task). A change nudges the user.
+/// task's id, the stage of its state, desired state and error, and the
+/// state of its node (`node_state`: a node going down changes no task). A
+/// change nudges the user. The steps between scheduled and running
+/// (assigned, accepted, preparing, ready, starting) are one stage: they
+/// change nothing the reconciler does, and a fleet starting at once would
+/// otherwise be reconciled once per step.
 pub(super) fn fingerprints(
     tasks: &[Task],
     user_of: impl Fn(&Task) -> Option<String>,
@@ -312,7 +322,7 @@ pub(super) fn fingerprints(
                 format!(
                     "{}/{}/{:?}/{}/{live}/{}",
                     t.id.as_deref().unwrap_or_default(),
-                    state_of(t),
+                    stage(state_of(t)),
                     t.desired_state,
                     t.status
                         .as_ref()
@@ -324,6 +334,18 @@ pub(super) fn fingerprints(
             (user, print)
         })
         .collect()
+}
+
+/// A task state as far as the reconciler's decision goes.
+fn stage(state: TaskState) -> String {
+    match state {
+        TaskState::ASSIGNED
+        | TaskState::ACCEPTED
+        | TaskState::PREPARING
+        | TaskState::READY
+        | TaskState::STARTING => "on its way".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 /// The users whose fingerprint differs between `before` and `after`
@@ -452,7 +474,7 @@ mod tests {
             ("on its way out", 0, vec![stopping.clone()], Some(&ready), RunState::Running, ContainerHealth::None, None),
             ("running", 1, vec![running.clone()], Some(&ready), RunState::Running, ContainerHealth::None, None),
             ("replaced, new one preparing", 1, vec![crashed.clone(), preparing.clone()], Some(&ready), RunState::Pending, ContainerHealth::None, Some("Swarm task preparing")),
-            ("no task yet", 1, vec![], None, RunState::Pending, ContainerHealth::None, Some("waiting for Swarm to schedule a task")),
+            ("a replica without a task", 1, vec![], None, RunState::Created, ContainerHealth::None, None),
             ("crashed", 1, vec![crashed.clone()], Some(&ready), RunState::Exited, ContainerHealth::None, Some("Swarm task failed: task: non-zero exit (1)")),
             ("configuration error", 1, vec![config.clone()], Some(&ready), RunState::Exited, ContainerHealth::None, Some("Swarm task failed: task: non-zero exit (78)")),
             ("killed unhealthy", 1, vec![unhealthy.clone()], Some(&ready), RunState::Running, ContainerHealth::Unhealthy, Some("Swarm task failed: task: non-zero exit (137): dockerexec: unhealthy container")),
@@ -528,6 +550,14 @@ mod tests {
         changed.sort();
         assert_eq!(changed, ["b", "c", "d"]);
         assert_eq!(changed_users(&after, &after), Vec::<String>::new());
+        // The steps of a start are one stage: no nudge between them.
+        let preparing = fingerprints(
+            &[task("b1", T0, "running", "preparing", "", 0)],
+            user,
+            ready,
+        );
+        let starting = fingerprints(&[task("b1", T0, "running", "starting", "", 0)], user, ready);
+        assert_eq!(changed_users(&preparing, &starting), Vec::<String>::new());
         // A node going down changes none of its tasks, but nudges their users.
         let down = fingerprints(&later, user, |_| "down".to_owned());
         assert_eq!(changed_users(&after, &down).len(), 3);

@@ -49,12 +49,17 @@ fn ended(state: TaskState) -> bool {
     )
 }
 
-/// What starting the agent asks: a replica, or a new task for one that ended.
+/// What starting the agent asks: a replica, or a new task for one that
+/// ended, or for a replica Swarm never made a task for.
 pub(super) fn start(state: ServiceState) -> Option<Change> {
     if state.replicas == 0 {
         return Some(Change::Scale(1));
     }
-    state.task.filter(|s| ended(*s)).map(|_| Change::Redeploy)
+    match state.task {
+        None => Some(Change::Redeploy),
+        Some(s) if ended(s) => Some(Change::Redeploy),
+        Some(_) => None,
+    }
 }
 
 /// What stopping the agent asks: no replica.
@@ -150,7 +155,7 @@ mod tests {
             ),
             (
                 state(1, None),
-                None,
+                Some(Change::Redeploy),
                 Some(Change::Scale(0)),
                 Change::Redeploy,
             ),

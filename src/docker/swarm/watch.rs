@@ -30,13 +30,18 @@ pub(super) struct Seen {
     services: HashMap<String, String>,
     /// Current tasks by state.
     pub(super) states: BTreeMap<String, u64>,
+    /// The nodes as last listed (a reconcile's inspect reads them here).
+    pub(super) nodes: Vec<super::SwarmNode>,
 }
 
-/// True when any of `tasks` runs or is on its way to.
-pub(super) fn any_live(tasks: &[Task]) -> bool {
-    tasks
-        .iter()
-        .any(|t| t.status.as_ref().and_then(|s| s.state).is_some_and(is_live))
+/// True when any of `tasks` runs or is on its way to, or is still being
+/// removed: Swarm (20.10) never adds a task to a slot whose scaled-down task
+/// is still there, so a scale-up sent then would leave the service without one.
+pub(super) fn any_settling(tasks: &[Task]) -> bool {
+    tasks.iter().any(|t| {
+        t.status.as_ref().and_then(|s| s.state).is_some_and(is_live)
+            || t.desired_state == Some(bollard::models::TaskState::REMOVE)
+    })
 }
 
 /// The user a task belongs to: the user label its container carries, when
@@ -113,6 +118,7 @@ impl SwarmEngine {
         seen.prints = prints;
         seen.services.extend(services);
         seen.states = states;
+        seen.nodes = nodes;
         Ok(events)
     }
 
