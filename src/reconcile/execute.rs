@@ -51,20 +51,7 @@ impl<E: Engine> Reconciler<E> {
                 row.message = None;
                 self.write(row, previous, now).await?;
                 info!(container = %name, image = %spec.image, port = ?spec.host_port, "creating container");
-                let id = self
-                    .create(blueprint, row, name, now, pass.priority)
-                    .await?;
-                pass.current = self.engine.inspect_container(&id).await?;
-                if *start {
-                    self.start(
-                        &id,
-                        Some(blueprint.claim.host_port),
-                        row,
-                        now,
-                        pass.priority,
-                    )
-                    .await?;
-                }
+                self.make_and_start(blueprint, None, *start, pass).await?;
             }
             Action::Recreate {
                 blueprint,
@@ -77,21 +64,8 @@ impl<E: Engine> Reconciler<E> {
                 if self.engine.updates_in_place() {
                     // One update of the whole spec (a Swarm service update,
                     // stop-first): there is no second container to rename.
-                    let id = self
-                        .make(blueprint, row, name, Some(&current_id), now, pass.priority)
-                        .await?;
-                    pass.current = self.engine.inspect_container(&id).await?;
-                    if *start {
-                        self.start(
-                            &id,
-                            Some(blueprint.claim.host_port),
-                            row,
-                            now,
-                            pass.priority,
-                        )
-                        .await?;
-                    }
-                    return Ok(());
+                    let replace = Some(current_id.as_str());
+                    return self.make_and_start(blueprint, replace, *start, pass).await;
                 }
                 let next = blueprint.spec.replacement_name();
                 let new_id = self
@@ -165,6 +139,28 @@ impl<E: Engine> Reconciler<E> {
     ) {
         row.restarts += 1;
         self.memory.count_restart(user_id, row.restarts, now);
+    }
+
+    /// Makes the canonical container of `pass` from `blueprint`
+    /// ([`Self::make`]; in place of `replace` when given), keeps it in
+    /// `pass.current`, and starts it when `start`.
+    async fn make_and_start(
+        &self,
+        blueprint: &Blueprint,
+        replace: Option<&str>,
+        start: bool,
+        pass: &mut Pass<'_>,
+    ) -> Result<(), ReconcileError> {
+        let (now, priority) = (pass.now, pass.priority);
+        let id = self
+            .make(blueprint, &mut pass.row, &pass.name, replace, now, priority)
+            .await?;
+        pass.current = self.engine.inspect_container(&id).await?;
+        if start {
+            let port = Some(blueprint.claim.host_port);
+            self.start(&id, port, &mut pass.row, now, priority).await?;
+        }
+        Ok(())
     }
 
     /// Creates a container of `blueprint` named `name`, pulling the image if missing.

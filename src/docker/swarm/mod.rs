@@ -143,6 +143,25 @@ impl SwarmEngine {
         }
     }
 
+    /// The services `filters` lists (the engine's filters only narrow;
+    /// the caller checks exactly), as summaries.
+    async fn services_where(
+        &self,
+        target: &str,
+        filters: &HashMap<String, Vec<String>>,
+    ) -> Result<impl Iterator<Item = ContainerSummary>, EngineError> {
+        let options = ListServicesOptionsBuilder::default()
+            .filters(filters)
+            .build();
+        let services = self
+            .engine
+            .client()
+            .list_services(Some(options))
+            .await
+            .map_err(|err| self.fail("service list", target, err))?;
+        Ok(services.into_iter().map(summary))
+    }
+
     async fn tasks_of(&self, service_id: &str) -> Result<Vec<Task>, EngineError> {
         let filters = HashMap::from([("service".to_owned(), vec![service_id.to_owned()])]);
         self.tasks_where(service_id, &filters).await
@@ -323,18 +342,10 @@ impl Engine for SwarmEngine {
         &self,
         filter: &ContainerFilter,
     ) -> Result<Vec<ContainerSummary>, EngineError> {
-        let options = ListServicesOptionsBuilder::default()
-            .filters(&label_filters(filter))
-            .build();
         let services = self
-            .engine
-            .client()
-            .list_services(Some(options))
-            .await
-            .map_err(|err| self.fail("service list", &filter.instance, err))?;
+            .services_where(&filter.instance, &label_filters(filter))
+            .await?;
         Ok(services
-            .into_iter()
-            .map(summary)
             .filter(|c| filter_matches(filter, |key| c.labels.get(key).map(String::as_str)))
             .collect())
     }
@@ -344,20 +355,8 @@ impl Engine for SwarmEngine {
         prefix: &str,
     ) -> Result<Vec<ContainerSummary>, EngineError> {
         let filters = HashMap::from([("name".to_owned(), vec![name_pattern(prefix)])]);
-        let options = ListServicesOptionsBuilder::default()
-            .filters(&filters)
-            .build();
-        let services = self
-            .engine
-            .client()
-            .list_services(Some(options))
-            .await
-            .map_err(|err| self.fail("service list", prefix, err))?;
-        Ok(services
-            .into_iter()
-            .map(summary)
-            .filter(|c| c.name.starts_with(prefix))
-            .collect())
+        let services = self.services_where(prefix, &filters).await?;
+        Ok(services.filter(|c| c.name.starts_with(prefix)).collect())
     }
 
     async fn inspect_container(
